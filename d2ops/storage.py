@@ -1,0 +1,755 @@
+"""Datasets and weights on S3 or MinIO: parallel, cached, atomic transfers.
+
+Training data and pretrained weights reach the pipeline from object storage. This module
+moves them between a bucket and a local directory so that:
+
+* a re-run with unchanged data costs one listing and no bytes (cache keyed by ETag and size),
+* an interrupted run never leaves a truncated file under its final name (temp file + rename),
+* transient network and 5xx errors are retried, and a wrong bucket, key or credential
+  fails at once with a message that says what to check,
+* every transfer reports a dataset identity (a hash of the manifest) that experiments can
+  record to say exactly which data they saw.
+
+URI forms (see :func:`parse_s3_uri`)::
+
+    s3://127.0.0.1:9000/bucket/prefix   MinIO or any S3-compatible endpoint (path-style)
+    s3://bucket/prefix                  AWS S3
+
+Credentials are never taken from URIs, arguments or project config files: boto3's own chain
+(``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ...) comes first, then the
+matching entry of ``sdk.aws.s3.credentials`` in clearml.conf, read by ClearML's own loader.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache, partial
+from hashlib import sha256
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+
+import boto3
+import botocore.exceptions as bce
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+logger = logging.getLogger(__name__)
+
+CACHE_INDEX_NAME = ".d2ops-manifest.json"
+"""Per-destination cache index: ``{relative key: {"etag": ..., "size": ...}}``."""
+
+BOTO_MAX_ATTEMPTS = 5
+"""botocore's per-request retries ("standard" mode: connection errors, 5xx, throttling)."""
+RETRY_ATTEMPTS = 4
+RETRY_BASE_DELAY_S = 0.5
+"""Object-level retries (0.5 s, 1 s, 2 s) on top of botocore's per-request retries; they also
+cover a connection that breaks while a body is streaming, which botocore does not retry."""
+
+_CHUNK_BYTES = 1 << 20
+_LARGE_UPLOAD_BYTES = 64 << 20
+_MULTIPART = TransferConfig(multipart_threshold=_LARGE_UPLOAD_BYTES, max_concurrency=4)
+_HOST_PORT = re.compile(r"^[A-Za-z0-9.\-]+:\d{1,5}$")
+_PART_FILE = re.compile(r"^\..+\.[0-9a-f]{12}\.part$")
+_RETRYABLE_CODES = frozenset(
+    {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling", "ThrottlingException"}
+)
+_DENIED_CODES = frozenset(
+    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "403"}
+)
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+T = TypeVar("T")
+
+
+class StorageError(RuntimeError):
+    """A transfer failed for a reason the user can fix; the message names the URI and what to check.
+
+    Messages never contain credentials.
+    """
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """Where an object or prefix lives: bucket and key prefix, plus the endpoint for non-AWS stores."""
+
+    bucket: str
+    prefix: str
+    endpoint_url: str | None
+    host: str | None
+    secure: bool
+
+    def uri(self) -> str:
+        """The ``s3://`` URI this location was parsed from (normalised)."""
+        root = f"{self.host}/{self.bucket}" if self.host else self.bucket
+        return f"s3://{root}/{self.prefix}"
+
+
+@dataclass
+class ObjectInfo:
+    """One object of a transfer: its key relative to the URI's prefix, ETag (unquoted) and size."""
+
+    key: str
+    etag: str
+    size: int
+
+
+@dataclass
+class TransferStats:
+    """What a transfer did, plus the manifest and identity of the data it covers."""
+
+    files_total: int
+    files_transferred: int
+    files_skipped: int
+    bytes_transferred: int
+    manifest: list[ObjectInfo] = field(default_factory=list)
+    identity: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form, ready for JSON or for ClearML's ``connect``/artifact APIs."""
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- URIs and config
+
+
+def is_s3_uri(s: str) -> bool:
+    """True for ``s3://...`` strings; everything else is treated as a local path."""
+    return s.lower().startswith("s3://")
+
+
+def parse_s3_uri(uri: str, *, secure: bool | None = None) -> S3Location:
+    """Split an ``s3://`` URI into bucket, prefix and endpoint.
+
+    * ``s3://host:port/bucket/prefix``: an S3-compatible endpoint (MinIO, moto), path-style.
+    * ``s3://bucket/prefix``: AWS S3.
+    * ``s3://minio.example.com/bucket/prefix`` (a host *without* a port) is ambiguous, since
+      bucket names may contain dots. It is read as an endpoint only if ``minio.example.com``
+      is the ``host`` of an ``sdk.aws.s3.credentials`` entry in clearml.conf; otherwise it is
+      an AWS bucket. ClearML itself needs the port there, so prefer writing it.
+
+    ``secure`` (https) is resolved as: the argument, else the matching clearml.conf entry's
+    ``secure``, else env ``D2OPS_S3_SECURE``, else False for endpoints and True for AWS.
+    """
+    if not is_s3_uri(uri):
+        raise StorageError(f"not an s3:// URI: {uri!r}")
+    first, _, rest = uri[len("s3://") :].partition("/")
+    if "@" in first:
+        raise StorageError("S3 URIs must not carry credentials (user@host); put them in the environment")
+    if not first:
+        raise StorageError(f"no bucket in {uri!r}: expected s3://bucket/prefix or s3://host:port/bucket/prefix")
+
+    is_endpoint = bool(_HOST_PORT.match(first)) or (
+        "." in first and bool(rest) and _credentials_entry(host=first) is not None
+    )
+    if not is_endpoint:
+        return S3Location(
+            bucket=first,
+            prefix=rest.lstrip("/"),
+            endpoint_url=None,
+            host=None,
+            secure=_resolve_secure(secure, _credentials_entry(bucket=first), default=True),
+        )
+
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"no bucket in {uri!r}: expected s3://{first}/bucket/prefix")
+    use_tls = _resolve_secure(secure, _credentials_entry(host=first), default=False)
+    return S3Location(
+        bucket=bucket,
+        prefix=prefix.lstrip("/"),
+        endpoint_url=f"{'https' if use_tls else 'http'}://{first}",
+        host=first,
+        secure=use_tls,
+    )
+
+
+def _resolve_secure(explicit: bool | None, entry: dict[str, Any] | None, *, default: bool) -> bool:
+    if explicit is not None:
+        return explicit
+    if entry is not None and entry.get("secure") is not None:
+        return bool(entry["secure"])
+    env = os.environ.get("D2OPS_S3_SECURE", "").strip().lower()
+    if env in _TRUE:
+        return True
+    if env in _FALSE:
+        return False
+    if env:
+        raise StorageError(f"D2OPS_S3_SECURE={env!r} is not a boolean: use 1/true or 0/false")
+    return default
+
+
+@lru_cache(maxsize=1)
+def _clearml_credentials() -> tuple[dict[str, Any], ...]:
+    """The ``sdk.aws.s3.credentials`` entries of clearml.conf, or () without ClearML or a config.
+
+    Read once per process through ClearML's own loader, so ``CLEARML_CONFIG_FILE`` and the usual
+    search paths apply exactly as they do for ClearML itself.
+    """
+    try:
+        from clearml.config import config_obj
+    except ImportError:
+        return ()
+    try:
+        entries = config_obj.get("sdk.aws.s3.credentials", []) or []
+    except Exception as exc:  # a malformed clearml.conf must not break transfers that do not need it
+        logger.warning("could not read sdk.aws.s3.credentials from clearml.conf: %s", type(exc).__name__)
+        return ()
+    return tuple(dict(entry) for entry in entries)
+
+
+def _normalise_host(host: str) -> str:
+    return re.sub(r"^https?://", "", str(host).strip()).rstrip("/").lower()
+
+
+def _credentials_entry(*, host: str | None = None, bucket: str | None = None) -> dict[str, Any] | None:
+    """The clearml.conf credentials entry for an endpoint host, or for an AWS bucket (no host)."""
+    for entry in _clearml_credentials():
+        entry_host = entry.get("host")
+        if host is not None and entry_host and _normalise_host(entry_host) == _normalise_host(host):
+            return entry
+        if bucket is not None and not entry_host and entry.get("bucket") == bucket:
+            return entry
+    return None
+
+
+def _env_has_credentials() -> bool:
+    env = os.environ
+    keys = env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")
+    return bool(env.get("AWS_PROFILE") or keys)
+
+
+def make_s3_client(loc: S3Location, *, max_pool_connections: int = 32) -> S3Client:
+    """A boto3 S3 client for ``loc``, safe to share between threads.
+
+    Credentials: boto3's chain when the environment provides them, else the clearml.conf
+    entry matching the host (endpoints) or bucket (AWS). Checksums are only sent or validated
+    when an operation requires them: boto3 >= 1.36 defaults otherwise, which some
+    S3-compatible stores reject.
+    """
+    entry = _credentials_entry(host=loc.host) if loc.host else _credentials_entry(bucket=loc.bucket)
+    kwargs: dict[str, Any] = {}
+    if entry is not None and not _env_has_credentials() and entry.get("key") and entry.get("secret"):
+        kwargs["aws_access_key_id"] = str(entry["key"])
+        kwargs["aws_secret_access_key"] = str(entry["secret"])
+        if entry.get("token"):
+            kwargs["aws_session_token"] = str(entry["token"])
+    region = (entry or {}).get("region") or os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION"))
+    if loc.host and not region:
+        region = "us-east-1"  # S3-compatible stores ignore it, but SigV4 needs one
+    config = Config(
+        s3={"addressing_style": "path"} if loc.host else {},
+        retries={"max_attempts": BOTO_MAX_ATTEMPTS, "mode": "standard"},
+        max_pool_connections=max_pool_connections,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        connect_timeout=10,
+        read_timeout=60,
+    )
+    session = boto3.session.Session()
+    return session.client(
+        "s3",
+        endpoint_url=loc.endpoint_url,
+        region_name=region or None,
+        use_ssl=loc.secure,
+        config=config,
+        **kwargs,
+    )
+
+
+def dataset_identity(manifest: list[ObjectInfo]) -> str:
+    """sha256 hex over the sorted (key, etag, size) triples: equal data, equal identity."""
+    rows = sorted((info.key, info.etag, info.size) for info in manifest)
+    return sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- errors and retries
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, bce.ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or error.get("Code", "") in _RETRYABLE_CODES
+    return isinstance(
+        exc, bce.ConnectionError | bce.HTTPClientError | bce.IncompleteReadError | _TruncatedTransfer
+    )
+
+
+def _with_retries(fn: Callable[[], T], what: str) -> T:
+    """Call ``fn`` up to RETRY_ATTEMPTS times, backing off on transient errors only."""
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == RETRY_ATTEMPTS or not _is_retryable(exc):
+                raise
+            delay = RETRY_BASE_DELAY_S * 2 ** (attempt - 1)
+            logger.warning("%s: %s (attempt %d/%d), retrying in %.1fs",
+                           what, type(exc).__name__, attempt, RETRY_ATTEMPTS, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _as_storage_error(exc: BaseException, uri: str, loc: S3Location) -> StorageError:
+    """Translate a boto/network error into a StorageError that says what to check."""
+    if isinstance(exc, StorageError):
+        return exc
+    where = f"host '{loc.host}'" if loc.host else f"bucket '{loc.bucket}'"
+    creds_hint = (
+        "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment, "
+        f"or the sdk.aws.s3.credentials entry for {where} in clearml.conf)"
+    )
+    if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
+        return StorageError(f"no S3 credentials for {uri}: {creds_hint}")
+    if isinstance(exc, bce.ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in _DENIED_CODES or status == 403:
+            return StorageError(f"access denied to {uri} ({code or status}): {creds_hint}, "
+                                f"and that they may access bucket '{loc.bucket}'")
+        if code == "NoSuchBucket":
+            endpoint = loc.endpoint_url or "AWS"
+            return StorageError(f"bucket '{loc.bucket}' does not exist at {endpoint}: "
+                                f"check the bucket name and host:port in {uri}")
+        if code in {"NoSuchKey", "404"} or status == 404:
+            return StorageError(f"no object at {uri}: check the bucket and prefix")
+        return StorageError(f"S3 request for {uri} failed ({code or status}): {exc}")
+    if isinstance(exc, bce.ConnectionError | bce.HTTPClientError):
+        endpoint = loc.endpoint_url or "AWS S3"
+        return StorageError(f"cannot reach {endpoint} for {uri} after {RETRY_ATTEMPTS} attempts "
+                            f"({type(exc).__name__}): check host:port, http vs https "
+                            "(secure / D2OPS_S3_SECURE) and that the server is running")
+    return StorageError(f"transfer of {uri} failed: {type(exc).__name__}: {exc}")
+
+
+class _TruncatedTransfer(OSError):
+    """The body ended before Content-Length bytes arrived; retried like a network error."""
+
+
+# --------------------------------------------------------------------------- progress and files
+
+
+class _Progress:
+    """A thread-safe byte counter behind one tqdm bar (hidden when ``enabled`` is False or no TTY)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self._lock = threading.Lock()
+        self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                         disable=None if enabled else True, leave=False)
+
+    def update(self, n: int) -> None:
+        with self._lock:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _copy_stream(body: Any, fh: BinaryIO, on_bytes: Callable[[int], None]) -> int:
+    """Copy a response body into ``fh`` in chunks; returns the bytes written."""
+    written = 0
+    for chunk in body.iter_chunks(_CHUNK_BYTES):
+        fh.write(chunk)
+        written += len(chunk)
+        on_bytes(len(chunk))
+    return written
+
+
+def _temp_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{secrets.token_hex(6)}.part")
+
+
+def _safe_relative(key: str) -> PurePosixPath:
+    """A key as a relative path that cannot escape the destination directory."""
+    rel = PurePosixPath(key)
+    if not key or rel.is_absolute() or ".." in rel.parts or "\\" in key:
+        raise StorageError(f"refusing to write object key {key!r} outside the destination directory")
+    return rel
+
+
+def _read_index(dest: Path) -> dict[str, dict[str, Any]]:
+    path = dest / CACHE_INDEX_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        logger.warning("ignoring unreadable cache index %s; everything will be fetched again", path)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_index(dest: Path, index: dict[str, dict[str, Any]]) -> None:
+    """Replace the cache index atomically, so a crash leaves the old or the new one, never half."""
+    path = dest / CACHE_INDEX_NAME
+    tmp = _temp_path(path)
+    try:
+        tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- download
+
+
+@dataclass(frozen=True)
+class _Remote:
+    key: str  # full object key
+    info: ObjectInfo  # key relative to the URI's prefix
+
+
+def _list_remote(client: S3Client, loc: S3Location) -> tuple[list[_Remote], bool]:
+    """All objects under ``loc`` and whether the URI names a single object rather than a prefix."""
+    prefix = loc.prefix
+    list_prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+    remotes: list[_Remote] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=list_prefix):
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            rel = key[len(list_prefix):]
+            if key.endswith("/") or rel == CACHE_INDEX_NAME:
+                continue  # folder markers; a stray cache index uploaded with a dataset
+            remotes.append(_Remote(key, ObjectInfo(rel, obj["ETag"].strip('"'), obj["Size"])))
+    if remotes or not prefix or prefix.endswith("/"):
+        return remotes, False
+    try:
+        head = client.head_object(Bucket=loc.bucket, Key=prefix)
+    except bce.ClientError as exc:
+        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            return [], False
+        raise
+    name = PurePosixPath(prefix).name
+    return [_Remote(prefix, ObjectInfo(name, head["ETag"].strip('"'), head["ContentLength"]))], True
+
+
+def _is_cached(info: ObjectInfo, target: Path, index: dict[str, dict[str, Any]]) -> bool:
+    entry = index.get(info.key)
+    if not entry or entry.get("etag") != info.etag or entry.get("size") != info.size:
+        return False
+    try:
+        return target.is_file() and target.stat().st_size == info.size
+    except OSError:
+        return False
+
+
+def _fetch_once(
+    client: S3Client, bucket: str, remote: _Remote, target: Path, progress: _Progress
+) -> ObjectInfo:
+    """Download one object to a temp file next to ``target``, then rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(target)
+    counted = 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal counted
+        counted += n
+        progress.update(n)
+
+    try:
+        with open(tmp, "xb") as fh:
+            response = client.get_object(Bucket=bucket, Key=remote.key)
+            expected = response["ContentLength"]
+            written = _copy_stream(response["Body"], fh, on_bytes)
+        if written != expected:
+            raise _TruncatedTransfer(f"got {written} of {expected} bytes")
+        os.replace(tmp, target)
+    except BaseException:
+        progress.update(-counted)
+        tmp.unlink(missing_ok=True)
+        raise
+    return ObjectInfo(remote.info.key, response.get("ETag", remote.info.etag).strip('"'), written)
+
+
+def _download_s3(uri: str, dest: Path, workers: int, progress: bool) -> tuple[TransferStats, Path]:
+    started = time.perf_counter()
+    loc = parse_s3_uri(uri)
+    client = make_s3_client(loc, max_pool_connections=max(workers, 10))
+    try:
+        remotes, single = _with_retries(lambda: _list_remote(client, loc), f"list {loc.uri()}")
+    except Exception as exc:
+        raise _as_storage_error(exc, loc.uri(), loc) from exc
+    if not remotes:
+        raise StorageError(f"no objects under {loc.uri()} — check the bucket and prefix")
+
+    dest.mkdir(parents=True, exist_ok=True)
+    old_index = _read_index(dest)
+    index = {key: entry for key, entry in old_index.items() if (dest / key).is_file()}
+    manifest: list[ObjectInfo] = []
+    todo: list[tuple[_Remote, Path]] = []
+    for remote in remotes:
+        target = dest / _safe_relative(remote.info.key)
+        if _is_cached(remote.info, target, index):
+            manifest.append(remote.info)
+        else:
+            todo.append((remote, target))
+
+    fetched: list[ObjectInfo] = []
+    bar = _Progress(sum(remote.info.size for remote, _ in todo), f"download {loc.bucket}", progress)
+    jobs = [(r.key, partial(_fetch_once, client, loc.bucket, r, target, bar)) for r, target in todo]
+    try:
+        failure = _run_parallel(jobs, workers, fetched)
+    finally:  # also on Ctrl-C: record what did arrive, and only that
+        bar.close()
+        for info in fetched:
+            index[info.key] = {"etag": info.etag, "size": info.size}
+        _write_index(dest, index)
+    if failure is not None:
+        key, error = failure
+        raise _as_storage_error(error, _key_uri(loc, key), loc) from error
+
+    manifest.extend(fetched)
+    manifest.sort(key=lambda info: info.key)
+    stats = TransferStats(
+        files_total=len(remotes),
+        files_transferred=len(fetched),
+        files_skipped=len(remotes) - len(fetched),
+        bytes_transferred=sum(info.size for info in fetched),
+        manifest=manifest,
+        identity=dataset_identity(manifest),
+        seconds=time.perf_counter() - started,
+    )
+    logger.info("download %s -> %s: %d fetched, %d cached, %d bytes in %.2fs", loc.uri(), dest,
+                stats.files_transferred, stats.files_skipped, stats.bytes_transferred, stats.seconds)
+    return stats, (dest / remotes[0].info.key) if single else dest
+
+
+def _key_uri(loc: S3Location, key: str) -> str:
+    """The URI of one object (full key) at ``loc``'s endpoint, for messages."""
+    return S3Location(loc.bucket, key, loc.endpoint_url, loc.host, loc.secure).uri()
+
+
+def _run_parallel(
+    jobs: Sequence[tuple[str, Callable[[], ObjectInfo]]], workers: int, done: list[ObjectInfo]
+) -> tuple[str, BaseException] | None:
+    """Run (key, job) pairs ``workers`` at a time, each with retries, appending results to ``done``.
+
+    On the first hard failure the jobs not yet started are cancelled (those running finish,
+    atomically); the failure is returned with its key. Ctrl-C cancels the same way.
+    """
+    if not jobs:
+        return None
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="d2ops-s3")
+    failure: tuple[str, BaseException] | None = None
+    try:
+        futures = {pool.submit(_with_retries, job, f"transfer {name}"): name for name, job in jobs}
+        for future in as_completed(futures):
+            if future.cancelled():
+                continue
+            exc = future.exception()
+            if exc is None:
+                done.append(future.result())
+            elif failure is None:
+                failure = (futures[future], exc)
+                for other in futures:
+                    other.cancel()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return failure
+
+
+def _local_stats(path: Path) -> TransferStats:
+    """Stats for data that is already local: nothing is copied.
+
+    The identity uses ``f"{size}-{mtime_ns}"`` as a cheap stand-in for an ETag, so touching a
+    file changes it; hashing every byte of a large dataset on each run would cost more than
+    the run.
+    """
+    started = time.perf_counter()
+    if not path.exists():
+        raise StorageError(f"local path {path} does not exist: check the path, or use an s3:// URI")
+    files = [path] if path.is_file() else sorted(_iter_files(path))
+    manifest = []
+    for file in files:
+        stat = file.stat()
+        key = file.name if file == path else file.relative_to(path).as_posix()
+        manifest.append(ObjectInfo(key, f"{stat.st_size}-{stat.st_mtime_ns}", stat.st_size))
+    return TransferStats(
+        files_total=len(manifest),
+        files_transferred=0,
+        files_skipped=len(manifest),
+        bytes_transferred=0,
+        manifest=manifest,
+        identity=dataset_identity(manifest),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _iter_files(root: Path) -> Iterator[Path]:
+    """Regular files under ``root``, without our cache index and stray temp files."""
+    for path in root.rglob("*"):
+        if path.is_file() and path.name != CACHE_INDEX_NAME and not _PART_FILE.match(path.name):
+            yield path
+
+
+def download(uri_or_path: str, dest: Path, *, workers: int = 16, progress: bool = True) -> TransferStats:
+    """Make the data at ``uri_or_path`` available locally and say what it is.
+
+    * ``s3://`` prefix: every object below it is fetched into ``dest`` (keys become relative
+      paths), ``workers`` at a time. Objects whose local copy matches the ETag and size in
+      ``dest/.d2ops-manifest.json`` are skipped, so unchanged data costs only a listing.
+    * ``s3://`` single object (the exact key exists and is not a prefix): fetched into
+      ``dest/<basename>``.
+    * a local path: nothing is copied (``files_transferred == 0``) and ``dest`` is ignored;
+      the stats describe the local files. Use :func:`resolve_local` to get the directory to
+      read from in either case.
+
+    Each object is written to a temp file beside its target and renamed into place, so an
+    interrupted run never leaves a truncated file under the final name (the rename is atomic
+    against interruption, not fsynced against power loss). Local files that no longer exist
+    remotely are left alone: use a fresh ``dest`` for a prefix whose objects were deleted.
+
+    Raises:
+        StorageError: nothing under the URI, bucket missing, access denied, endpoint
+            unreachable after retries, or a local path that does not exist.
+    """
+    return _download(uri_or_path, dest, workers=workers, progress=progress)[0]
+
+
+def resolve_local(uri_or_path: str, dest: Path, *, workers: int = 16, progress: bool = True) -> Path:
+    """The local path to read ``uri_or_path`` from: the path itself, or its copy under ``dest``.
+
+    For an S3 prefix that is ``dest``; for a single S3 object, ``dest/<basename>``.
+    """
+    return _download(uri_or_path, dest, workers=workers, progress=progress)[1]
+
+
+def _download(uri_or_path: str, dest: Path, *, workers: int, progress: bool) -> tuple[TransferStats, Path]:
+    if is_s3_uri(uri_or_path):
+        return _download_s3(uri_or_path, Path(dest), workers, progress)
+    local = Path(uri_or_path.removeprefix("file://")).expanduser()
+    return _local_stats(local), local
+
+
+# --------------------------------------------------------------------------- upload
+
+
+def _ensure_bucket(client: S3Client, loc: S3Location, create: bool) -> None:
+    try:
+        client.head_bucket(Bucket=loc.bucket)
+        return
+    except bce.ClientError as exc:
+        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+            raise
+    if not create:
+        raise StorageError(f"bucket '{loc.bucket}' does not exist at {loc.endpoint_url or 'AWS'}: "
+                           f"create it, check the name in {loc.uri()}, or pass create_bucket=True")
+    region = client.meta.region_name
+    if region and region != "us-east-1":
+        client.create_bucket(Bucket=loc.bucket,
+                             CreateBucketConfiguration={"LocationConstraint": region})  # type: ignore[typeddict-item]
+    else:
+        client.create_bucket(Bucket=loc.bucket)
+    logger.info("created bucket %s at %s", loc.bucket, loc.endpoint_url or "AWS")
+
+
+def _put_once(
+    client: S3Client, bucket: str, key: str, rel: str, path: Path, progress: _Progress
+) -> ObjectInfo:
+    """Upload one file: a single PUT for ordinary files, multipart (s3transfer) for large ones."""
+    size = path.stat().st_size
+    if size < _LARGE_UPLOAD_BYTES:
+        with open(path, "rb") as fh:
+            response = client.put_object(Bucket=bucket, Key=key, Body=fh)
+        progress.update(size)
+        return ObjectInfo(rel, response["ETag"].strip('"'), size)
+    counted = 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal counted
+        counted += n
+        progress.update(n)
+
+    try:
+        client.upload_file(str(path), bucket, key, Callback=on_bytes, Config=_MULTIPART)
+    except BaseException:
+        progress.update(-counted)
+        raise
+    head = client.head_object(Bucket=bucket, Key=key)
+    return ObjectInfo(rel, head["ETag"].strip('"'), size)
+
+
+def upload(
+    local: Path,
+    uri: str,
+    *,
+    workers: int = 16,
+    progress: bool = True,
+    create_bucket: bool = False,
+) -> TransferStats:
+    """Upload a file, or a directory recursively, under the URI's prefix.
+
+    A directory's files keep their relative paths below the prefix. A single file goes to
+    ``prefix/<name>`` when the prefix is empty or ends in ``/``, else to the prefix itself.
+    Every file is sent (no skipping). ``create_bucket`` creates a missing bucket, which is
+    handy for a local demo endpoint; otherwise a missing bucket is an error.
+
+    Raises:
+        StorageError: nothing to upload, bucket missing, access denied, endpoint unreachable.
+    """
+    started = time.perf_counter()
+    local = Path(local)
+    loc = parse_s3_uri(uri)
+    if not local.exists():
+        raise StorageError(f"nothing to upload: {local} does not exist")
+    into_folder = not loc.prefix or loc.prefix.endswith("/")
+    base = loc.prefix if into_folder else loc.prefix + "/"
+    if local.is_file():
+        key = base + local.name if into_folder else loc.prefix
+        jobs = [(key, PurePosixPath(key).name, local)]
+    else:
+        jobs = [(base + p.relative_to(local).as_posix(), p.relative_to(local).as_posix(), p)
+                for p in sorted(_iter_files(local))]
+    if not jobs:
+        raise StorageError(f"nothing to upload: {local} holds no files")
+
+    client = make_s3_client(loc, max_pool_connections=max(workers, 10))
+    try:
+        _with_retries(lambda: _ensure_bucket(client, loc, create_bucket), f"bucket {loc.bucket}")
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise _as_storage_error(exc, loc.uri(), loc) from exc
+
+    bar = _Progress(sum(path.stat().st_size for _, _, path in jobs), f"upload {loc.bucket}", progress)
+    manifest: list[ObjectInfo] = []
+    try:
+        failure = _run_parallel(
+            [(key, partial(_put_once, client, loc.bucket, key, rel, path, bar)) for key, rel, path in jobs],
+            workers,
+            manifest,
+        )
+    finally:
+        bar.close()
+    if failure is not None:
+        key, error = failure
+        raise _as_storage_error(error, _key_uri(loc, key), loc) from error
+
+    manifest.sort(key=lambda info: info.key)
+    stats = TransferStats(
+        files_total=len(jobs),
+        files_transferred=len(manifest),
+        files_skipped=0,
+        bytes_transferred=sum(info.size for info in manifest),
+        manifest=manifest,
+        identity=dataset_identity(manifest),
+        seconds=time.perf_counter() - started,
+    )
+    logger.info("upload %s -> %s: %d files, %d bytes in %.2fs", local, loc.uri(),
+                stats.files_transferred, stats.bytes_transferred, stats.seconds)
+    return stats
