@@ -1,0 +1,36 @@
+# d2ops: `make demo` runs the whole pipeline offline; `make test` runs the test suite.
+# Both create .venv (Python 3.11, torch, detectron2, this package) on first use.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test test-fast bench lint typecheck clean setup
+
+$(VENV)/.ready: pyproject.toml scripts/bootstrap.sh
+	VENV=$(VENV) bash scripts/bootstrap.sh
+	touch $@
+
+setup: $(VENV)/.ready
+
+demo: $(VENV)/.ready
+	$(PY) -m d2ops demo --config configs/demo.yaml --out outputs/demo
+
+test: $(VENV)/.ready
+	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.ready
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(VENV)/.ready
+	$(PY) bench/bench_s3.py --json bench/results.json
+	$(PY) bench/bench_train.py --json bench/results.json
+
+lint: $(VENV)/.ready
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check d2ops
+
+typecheck: $(VENV)/.ready
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf outputs .pytest_cache .mypy_cache .ruff_cache

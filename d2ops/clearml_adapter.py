@@ -1,0 +1,247 @@
+"""The one place that talks to ClearML: step sessions, the reporter, artifacts and the model registry.
+
+Every step runs inside :func:`open_step`, in one of three modes:
+- ``offline``: no server; the session is written to ``<CLEARML_CACHE_DIR>/offline/<task id>/`` (and a zip)
+  that ``Task.import_offline_session`` can later replay into a server;
+- ``local``: a server, the step runs in this process;
+- ``remote``: the step is enqueued with ``execute_remotely`` and continues on a clearml-agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from d2ops.reporting import Reporter
+
+__all__ = [
+    "ClearMLReporter",
+    "Mode",
+    "StepRun",
+    "enable_offline",
+    "open_step",
+    "register_model",
+]
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["offline", "local", "remote"]
+
+_TASK_TYPES = {
+    "download": "data_processing",
+    "train": "training",
+    "evaluate": "testing",
+    "infer": "inference",
+    "register": "custom",
+}
+
+
+def enable_offline(cache_dir: Path | None = None) -> None:
+    """Switch ClearML to offline mode (optionally moving its cache, where sessions are stored).
+
+    Also turns off ClearML's reporter subprocess (the ``sdk.development.report_use_subprocess``
+    setting): in offline mode its shutdown handshake makes every ``Task.close`` wait 10 s, and
+    a second session in the same process wait minutes. Reports are then written by a thread.
+    """
+    if cache_dir is not None:
+        os.environ["CLEARML_CACHE_DIR"] = str(Path(cache_dir).resolve())
+    from clearml import Task
+
+    Task.set_offline(True)
+    Task._report_subprocess_enabled = False  # type: ignore[assignment]
+
+
+class ClearMLReporter(Reporter):
+    """A :class:`Reporter` writing to a ClearML task's logger, artifacts and configuration."""
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+        self.logger = task.get_logger()
+
+    def scalar(self, title: str, series: str, value: float, iteration: int) -> None:
+        self.logger.report_scalar(title, series, value=float(value), iteration=int(iteration))
+
+    def single_value(self, name: str, value: float) -> None:
+        self.logger.report_single_value(name, float(value))
+
+    def curve(
+        self,
+        title: str,
+        series: str,
+        xs: Sequence[float],
+        ys: Sequence[float],
+        *,
+        xlabel: str = "",
+        ylabel: str = "",
+    ) -> None:
+        points = np.column_stack([np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)])
+        self.logger.report_scatter2d(
+            title, series, scatter=points, iteration=0, xaxis=xlabel, yaxis=ylabel, mode="lines"
+        )
+
+    def confusion_matrix(self, title: str, matrix: np.ndarray, labels: Sequence[str]) -> None:
+        self.logger.report_confusion_matrix(
+            title,
+            "counts",
+            matrix=np.asarray(matrix),
+            iteration=0,
+            xaxis="predicted",
+            yaxis="ground truth",
+            xlabels=list(labels),
+            ylabels=list(labels),
+        )
+
+    def image(self, title: str, series: str, image: np.ndarray, iteration: int = 0) -> None:
+        self.logger.report_image(title, series, iteration=iteration, image=image)
+
+    def artifact(self, name: str, obj: Path | dict[str, Any]) -> None:
+        payload = str(obj) if isinstance(obj, Path) else obj
+        self.task.upload_artifact(name, artifact_object=payload, wait_on_upload=True)
+
+    def configuration(self, name: str, text: str, description: str = "") -> None:
+        self.task.set_configuration_object(name=name, config_text=text, config_type="yaml", description=description)
+
+
+@dataclass
+class StepRun:
+    """A running step: its ClearML task, reporter and (possibly UI-overridden) parameters."""
+
+    name: str
+    task: Any
+    reporter: ClearMLReporter
+    params: dict[str, Any]
+    mode: Mode
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def session_folder(self) -> str | None:
+        """The offline session folder (``None`` when connected to a server)."""
+        if self.mode != "offline":
+            return None
+        return str(self.task.get_offline_mode_folder())
+
+    def publish(self, files: dict[str, Path]) -> dict[str, str]:
+        """Upload output files as artifacts; returns name -> URL (a local path in offline mode)."""
+        for name, path in files.items():
+            self.reporter.artifact(name, Path(path))
+            self.artifacts[name] = str(self.task.artifacts[name].url)
+        return self.artifacts
+
+
+@contextmanager
+def open_step(
+    step: str,
+    params: dict[str, Any],
+    *,
+    project: str,
+    mode: Mode,
+    queue: str | None = None,
+    docker_image: str | None = None,
+    docker_args: str = "",
+    output_uri: str | None = None,
+    tags: Sequence[str] = (),
+) -> Iterator[StepRun]:
+    """Open a ClearML task for a step: init, connect parameters, optionally go remote, close.
+
+    In ``remote`` mode this process enqueues the task and exits; the same script then runs on
+    the agent, where ``Task.init`` attaches to the enqueued task and ``connect`` returns the
+    parameters as edited in the UI or overridden by the pipeline.
+    """
+    from clearml import Task
+
+    if mode == "offline":
+        enable_offline()
+    task: Any = Task.init(
+        project_name=project,
+        task_name=step,
+        task_type=_TASK_TYPES.get(step, "custom"),
+        tags=list(tags),
+        reuse_last_task_id=False,
+        auto_connect_frameworks=False,
+        auto_connect_arg_parser=False,
+        auto_resource_monitoring=mode != "offline",
+        output_uri=output_uri,
+    )
+    connected = task.connect(dict(params), name="General")
+    if mode == "remote" and Task.running_locally():
+        if not queue:
+            raise ValueError(f"--remote needs a queue for step {step!r} (--queue or clearml.queues.{step})")
+        if docker_image:
+            task.set_base_docker(docker_image=docker_image, docker_arguments=docker_args or None)
+        task.execute_remotely(queue_name=queue, exit_process=True)
+    run = StepRun(step, task, ClearMLReporter(task), dict(connected), mode)
+    try:
+        yield run
+    except BaseException as err:
+        log.error("step %s failed: %s", step, err)
+        _mark_failed(task, err)
+        raise
+    finally:
+        task.close()
+
+
+def _mark_failed(task: Any, err: BaseException) -> None:
+    try:
+        task.mark_failed(status_reason=f"{type(err).__name__}: {err}"[:250], force=True)
+    except Exception:  # offline sessions cannot always change status; the error is re-raised anyway
+        log.debug("could not mark task failed", exc_info=True)
+
+
+def register_model(
+    run: StepRun,
+    bundle_zip: Path,
+    *,
+    name: str,
+    tags: Sequence[str],
+    labels: Sequence[str],
+    metadata: dict[str, Any],
+    publish: bool,
+) -> dict[str, Any]:
+    """Register a bundle as a ClearML OutputModel with label enumeration, tags and metadata.
+
+    Offline workaround: ClearML (1.18 to 2.1.12) raises ``AttributeError: 'DummyModel' object has
+    no attribute 'locked'`` from ``OutputModel.update_weights`` in offline mode, because its
+    published-check reads a field the offline stand-in model lacks. We give the stand-in that
+    field (unlocked) so ClearML's own offline path runs: the weights are copied into the session
+    and the model is listed in its ``offline_output_models``, which ``Task.import_offline_session``
+    registers on a server later. Publishing needs a server, so offline it is recorded, not done.
+    """
+    from clearml import OutputModel
+
+    model = OutputModel(
+        task=run.task,
+        name=name,
+        tags=list(tags),
+        label_enumeration={label: i + 1 for i, label in enumerate(labels)},
+        framework="PyTorch",
+        comment=f"detectron2 bundle; gate {'passed' if publish else 'failed'}",
+    )
+    if run.mode == "offline":
+        base: Any = model._get_base_model()
+        if not hasattr(base, "locked"):
+            base.locked = False
+    model.update_weights(weights_filename=str(bundle_zip), auto_delete_file=False, is_package=True, async_enable=False)
+    if run.mode != "offline":
+        for key, value in metadata.items():
+            model.set_metadata(key, str(value), v_type="str")
+        if publish:
+            model.publish()
+    record = {
+        "name": name,
+        "id": model.id,
+        "tags": list(tags),
+        "labels": list(labels),
+        "metadata": metadata,
+        "published": bool(publish and run.mode != "offline"),
+        "publish_requested": publish,
+        "mode": run.mode,
+    }
+    run.reporter.artifact("model_registration", record)
+    return record

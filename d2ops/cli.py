@@ -1,0 +1,119 @@
+"""Command-line entry points: ``d2ops demo``, ``d2ops pipeline`` and ``d2ops step``.
+
+tasks/*.py and pipelines/*.py are thin wrappers over :func:`step_main` and :func:`pipeline_main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from d2ops.config import ConfigError, load_config
+from d2ops.steps import STEP_INPUTS, STEPS
+
+__all__ = ["main", "pipeline_main", "step_main"]
+
+log = logging.getLogger("d2ops")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
+    parser.add_argument("--config", default=default_config, required=default_config is None, help="experiment YAML")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set solver.max_iter=500 (repeatable)",
+    )
+    parser.add_argument("--dataset-uri", help="shortcut for --set data.source=URI")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    return [*args.overrides, *([f"data.source={args.dataset_uri}"] if args.dataset_uri else [])]
+
+
+def _fail(err: BaseException) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+def step_main(step: str, argv: Sequence[str] | None = None) -> int:
+    """Run one pipeline step as a ClearML task (offline, here with a server, or on a queue)."""
+    from d2ops.pipeline import run_step, step_parameters
+
+    parser = argparse.ArgumentParser(prog=f"tasks/{step}.py", description=f"d2ops {step} step")
+    _add_config_args(parser)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--offline", action="store_true", help="no ClearML server: keep an offline session")
+    mode.add_argument("--remote", action="store_true", help="enqueue on a ClearML queue (execute_remotely)")
+    parser.add_argument("--queue", help="queue for --remote (default: clearml.queues.<step> of the config)")
+    for name in STEP_INPUTS[step]:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default="", help=f"input: {name} (URI or path)")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    inputs = {name: getattr(args, name) for name in STEP_INPUTS[step]}
+    try:
+        load_config(args.config, _overrides(args))  # fail before any ClearML task is created
+        result = run_step(
+            step,
+            step_parameters(step, args.config, _overrides(args), inputs),
+            mode="offline" if args.offline else "remote" if args.remote else "local",
+            queue=args.queue,
+        )
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        return _fail(err)
+    print(json.dumps({"step": step, "task_id": result.task_id, "artifacts": result.artifacts}, indent=2))
+    return 0
+
+
+def pipeline_main(argv: Sequence[str] | None = None) -> int:
+    """Run the whole pipeline: --offline (no server), --local (server, local steps) or on queues."""
+    from d2ops.pipeline import build_controller, run_offline, start_controller
+
+    parser = argparse.ArgumentParser(prog="pipelines/run_pipeline.py", description="d2ops training pipeline")
+    _add_config_args(parser, "configs/demo.yaml")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--offline", action="store_true", help="no ClearML server, no agents (embedded default)")
+    mode.add_argument("--local", action="store_true", help="a ClearML server; steps run as local processes")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    overrides = _overrides(args)
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.offline:
+            run = run_offline(args.config, overrides)
+            print(json.dumps(run.sessions, indent=2))
+            return 0
+        pipe = build_controller(args.config, overrides, cfg)
+        start_controller(pipe, "local" if args.local else "remote", cfg.clearml.queues.controller)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        return _fail(err)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``d2ops <command>``: demo | pipeline | step <name>."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = "demo | pipeline | step {" + ",".join(STEPS) + "}"
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(f"usage: d2ops {commands} [options]")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "demo":
+        from d2ops.demo import demo_main
+
+        return demo_main(rest)
+    if command == "pipeline":
+        return pipeline_main(rest)
+    if command == "step" and rest and rest[0] in STEPS:
+        return step_main(rest[0], rest[1:])
+    print(f"unknown command {' '.join(argv[:2])!r}; usage: d2ops {commands}", file=sys.stderr)
+    return 2

@@ -1,0 +1,301 @@
+"""The experiment config: one YAML file, validated into a typed schema at load time.
+
+The schema is deliberately strict (unknown keys are errors) so that a typo in a config
+fails before any data is fetched or GPU time is spent. The detectron2 part stays in
+detectron2's own vocabulary: ``model.overrides`` holds detectron2 keys verbatim.
+
+Credentials never live here: S3 keys come from the environment or clearml.conf.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "ExperimentConfig",
+    "apply_overrides",
+    "config_hash",
+    "load_config",
+]
+
+# Names that must never be stored in a config (they would end up as ClearML hyperparameters).
+_SECRET_WORDS = ("secret", "password", "access_key", "token", "credential")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+SplitRole = Literal["train", "val", "test"]
+
+
+def _default_splits() -> dict[SplitRole, str]:
+    return {"train": "train", "val": "valid", "test": "test"}
+
+
+class DataConfig(_Strict):
+    """Where the dataset lives and how it is laid out."""
+
+    source: str = Field(description="s3://host:port/bucket/prefix, s3://bucket/prefix or a local folder")
+    format: Literal["coco", "via"] = "coco"
+    annotation_file: str = Field(
+        default="_annotations.coco.json",
+        description="annotation file in each split folder (_annotations.coco.json, via_region_data.json)",
+    )
+    splits: dict[SplitRole, str] = Field(
+        default_factory=_default_splits,
+        description="split role -> sub-folder of the dataset root",
+    )
+    class_names: list[str] | None = Field(
+        default=None, description="VIA only: the class list (single-class datasets name their one class)"
+    )
+    label_attribute: str | None = Field(
+        default=None, description="VIA only: the region attribute holding the class name; null = single class"
+    )
+    cache_dir: str = Field(default="outputs/cache/datasets", description="local download cache")
+
+    @model_validator(mode="after")
+    def _check_splits(self) -> DataConfig:
+        if "train" not in self.splits or "val" not in self.splits:
+            raise ValueError("data.splits must name at least 'train' and 'val' folders")
+        if self.format == "via" and not self.class_names:
+            raise ValueError("data.class_names is required for format 'via' (e.g. [balloon])")
+        return self
+
+
+class ModelConfig(_Strict):
+    """The detectron2 architecture, its initial weights and detectron2-key overrides."""
+
+    zoo_config: str | None = Field(
+        default=None, description="detectron2 model-zoo config, e.g. COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"
+    )
+    config_file: str | None = Field(default=None, description="a detectron2 config file (local path or s3://)")
+    weights: str | None = Field(default=None, description="initial weights: s3://..., a local path, or null")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="detectron2 keys, e.g. MODEL.RESNETS.DEPTH: 18")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if bool(self.zoo_config) == bool(self.config_file):
+            raise ValueError("set exactly one of model.zoo_config or model.config_file")
+        return self
+
+    @field_validator("overrides")
+    @classmethod
+    def _detectron2_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            head = key.split(".")[0]
+            if not head or head != head.upper():
+                raise ValueError(
+                    f"model.overrides key {key!r} is not a detectron2 key (upper case, e.g. MODEL.RPN.NMS_THRESH)"
+                )
+        return value
+
+
+class SolverConfig(_Strict):
+    """Optimisation settings, mapped onto detectron2's SOLVER/DATALOADER/TEST keys."""
+
+    max_iter: int = Field(default=1000, gt=0)
+    ims_per_batch: int = Field(default=4, gt=0)
+    base_lr: float = Field(default=0.0025, gt=0)
+    warmup_iters: int = Field(default=100, ge=0)
+    steps: list[int] = Field(default_factory=list, description="iterations at which the lr drops by 10x")
+    checkpoint_period: int = Field(default=500, gt=0)
+    eval_period: int = Field(default=0, ge=0, description="periodic evaluation on val; 0 = only at the end")
+    num_workers: int = Field(default=2, ge=0)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _steps_inside(self) -> SolverConfig:
+        bad = [s for s in self.steps if not 0 < s < self.max_iter]
+        if bad:
+            raise ValueError(f"solver.steps {bad} must lie strictly between 0 and solver.max_iter ({self.max_iter})")
+        return self
+
+
+class EvalConfig(_Strict):
+    """How the evaluate step scores a model."""
+
+    score_threshold: float = Field(default=0.5, ge=0, le=1, description="for precision/recall/F-beta")
+    iou_threshold: float = Field(default=0.5, gt=0, lt=1, description="match IoU for precision/recall/F-beta")
+    f_beta: float = Field(default=2.0, gt=0)
+    split: Literal["val", "test"] = "test"
+
+
+class InferenceConfig(_Strict):
+    """Batch inference over a folder or S3 prefix."""
+
+    source: str | None = Field(default=None, description="folder or s3:// prefix; null = the eval split's images")
+    score_threshold: float = Field(default=0.5, ge=0, le=1)
+    debug_images: int = Field(default=8, ge=0, description="how many raw/drawn image pairs to report")
+
+
+class QualityGate(_Strict):
+    metric: str = Field(default="bbox.AP50", description="a key of the evaluation metrics, e.g. bbox.AP50 or f2")
+    min_value: float = 0.0
+
+
+class RegistryConfig(_Strict):
+    model_name: str = "d2ops-detector"
+    tags: list[str] = Field(default_factory=list)
+    quality_gate: QualityGate = Field(default_factory=QualityGate)
+
+
+warnings.filterwarnings("ignore", message='Field name "register" in "QueuesConfig"', category=UserWarning)
+
+
+class QueuesConfig(_Strict):
+    """One queue per step; ``controller`` runs the PipelineController itself."""
+
+    controller: str = "services"
+    download: str = "cpu"
+    train: str = "gpu"
+    evaluate: str = "gpu"
+    infer: str = "gpu"
+    register: str = "cpu"
+
+
+class ClearMLConfig(_Strict):
+    project: str = "d2ops"
+    queues: QueuesConfig = Field(default_factory=QueuesConfig)
+    docker_image: str = "d2ops/detectron2:latest"
+    docker_args: str = Field(default="", description="extra docker arguments; never put credentials here")
+    output_uri: str | None = Field(default=None, description="where checkpoints and models go (s3://..., path)")
+
+    @field_validator("docker_args")
+    @classmethod
+    def _no_secrets(cls, value: str) -> str:
+        lowered = value.lower()
+        if any(word in lowered for word in _SECRET_WORDS):
+            raise ValueError(
+                "clearml.docker_args must not carry credentials (ClearML shows them in the UI); "
+                "configure them in the agent's clearml.conf or an env file on the worker"
+            )
+        return value
+
+
+class RuntimeConfig(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = "outputs/run"
+
+
+class ExperimentConfig(_Strict):
+    """A whole experiment: the single source of truth for every step."""
+
+    name: str = "experiment"
+    data: DataConfig
+    model: ModelConfig
+    solver: SolverConfig = Field(default_factory=SolverConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    clearml: ClearMLConfig = Field(default_factory=ClearMLConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key (check the spelling; see configs/demo.yaml for every key)")
+        elif kind == "literal_error":
+            allowed = item.get("ctx", {}).get("expected", "")
+            lines.append(f"  - {key}: got {item.get('input')!r}, allowed: {allowed}")
+        elif kind == "missing":
+            lines.append(f"  - {key}: required key is missing")
+        else:
+            msg = item["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {key}: {msg} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict; detectron2 keys under model.overrides stay one key."""
+    parts = dotted.split(".")
+    if parts[:2] == ["model", "overrides"] and len(parts) > 2:
+        tree.setdefault("model", {}).setdefault("overrides", {})[".".join(parts[2:])] = value
+        return
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to a raw config dict."""
+    result = copy.deepcopy(raw)
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set solver.max_iter=500")
+        _set_dotted(result, key.strip(), yaml.safe_load(text) if text.strip() else None)
+    return result
+
+
+def _reject_secrets(tree: Any, path: str = "") -> None:
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            dotted = f"{path}.{key}" if path else str(key)
+            if any(word in str(key).lower() for word in _SECRET_WORDS):
+                raise ConfigError(
+                    f"{dotted}: credentials are not allowed in a config (it becomes ClearML hyperparameters); "
+                    "use the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or clearml.conf"
+                )
+            _reject_secrets(value, dotted)
+
+
+def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    """Validate a raw config dict into an :class:`ExperimentConfig`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping of sections")
+    _reject_secrets(raw)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a raw dict, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (configs/ holds the shipped ones)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load, override and validate an experiment config."""
+    return parse_config(apply_overrides(read_config_file(path), overrides), str(path))
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """A short stable hash of the config, for lineage metadata."""
+    blob = json.dumps(cfg.to_dict(), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,217 @@
+"""Datasets: a synthetic COCO generator for demos and tests, and detectron2 registration.
+
+Two on-disk layouts are supported, one folder per split:
+- ``coco``: Roboflow-style, ``<split>/_annotations.coco.json`` with the images beside it;
+- ``via``: VGG Image Annotator, ``<split>/via_region_data.json`` (the detectron2 balloon tutorial).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from d2ops.config import DataConfig
+
+__all__ = [
+    "SHAPE_CLASSES",
+    "RegisteredDataset",
+    "generate_shapes_dataset",
+    "load_via_dicts",
+    "register_splits",
+]
+
+log = logging.getLogger(__name__)
+
+SHAPE_CLASSES = ("square", "circle", "triangle")
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], color: tuple[int, ...]) -> None:
+    x0, y0, x1, y1 = box
+    if kind == "square":
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=color)
+    elif kind == "circle":
+        draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=color)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=color)
+
+
+def _overlaps(box: tuple[int, int, int, int], others: list[tuple[int, int, int, int]]) -> bool:
+    x0, y0, x1, y1 = box
+    return any(not (x1 <= a0 or a1 <= x0 or y1 <= b0 or b1 <= y0) for a0, b0, a1, b1 in others)
+
+
+def _background(rng: random.Random, size: int) -> Image.Image:
+    """A smooth random gradient with mild noise, so shapes sit on a non-trivial background."""
+    c0 = np.array([rng.randint(0, 120) for _ in range(3)], dtype=np.float32)
+    c1 = np.array([rng.randint(0, 120) for _ in range(3)], dtype=np.float32)
+    t = np.linspace(0, 1, size, dtype=np.float32)[None, :, None]
+    grad = c0 * (1 - t) + c1 * t
+    img = np.repeat(grad, size, axis=0)
+    noise = np.random.default_rng(rng.randint(0, 2**31)).normal(0, 6, img.shape)
+    return Image.fromarray(np.clip(img + noise, 0, 255).astype(np.uint8))
+
+
+def _make_split(root: Path, split: str, count: int, size: int, rng: random.Random, start_id: int) -> None:
+    split_dir = root / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    ann_id = start_id
+    for i in range(count):
+        img = _background(rng, size)
+        draw = ImageDraw.Draw(img)
+        boxes: list[tuple[int, int, int, int]] = []
+        for _ in range(rng.randint(1, 3)):
+            for _attempt in range(20):
+                side = rng.randint(size // 5, size // 2)
+                x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
+                box = (x0, y0, x0 + side, y0 + side)
+                if not _overlaps(box, boxes):
+                    break
+            else:
+                continue
+            boxes.append(box)
+            cls = rng.randrange(len(SHAPE_CLASSES))
+            color = tuple(rng.randint(150, 255) for _ in range(3))
+            _draw_shape(draw, SHAPE_CLASSES[cls], box, color)
+            annotations.append(
+                {
+                    "id": ann_id,
+                    "image_id": start_id + i,
+                    "category_id": cls + 1,
+                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                    "area": (box[2] - box[0]) * (box[3] - box[1]),
+                    "iscrowd": 0,
+                }
+            )
+            ann_id += 1
+        name = f"{split}_{i:04d}.jpg"
+        img.save(split_dir / name, quality=92)
+        images.append({"id": start_id + i, "file_name": name, "width": size, "height": size})
+    coco = {
+        "info": {"description": "d2ops synthetic shapes", "version": "1"},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": k + 1, "name": n, "supercategory": "shape"} for k, n in enumerate(SHAPE_CLASSES)],
+    }
+    (split_dir / "_annotations.coco.json").write_text(json.dumps(coco))
+
+
+def generate_shapes_dataset(
+    root: str | Path,
+    *,
+    counts: dict[str, int] | None = None,
+    image_size: int = 128,
+    seed: int = 0,
+) -> Path:
+    """Write a small synthetic COCO dataset (squares, circles, triangles on gradients).
+
+    The layout is Roboflow's: ``train/``, ``valid/``, ``test/`` each with ``_annotations.coco.json``.
+    """
+    root = Path(root)
+    counts = counts or {"train": 60, "valid": 12, "test": 20}
+    rng = random.Random(seed)
+    for offset, (split, count) in enumerate(counts.items()):
+        _make_split(root, split, count, image_size, rng, start_id=1 + offset * 100_000)
+    log.info("wrote synthetic dataset to %s (%s)", root, counts)
+    return root
+
+
+def load_via_dicts(
+    split_dir: Path, annotation_file: str, class_names: list[str], label_attribute: str | None
+) -> list[dict]:
+    """Convert a VIA polygon file into detectron2 dataset dicts (boxes plus polygon masks)."""
+    from detectron2.structures import BoxMode
+
+    entries: dict[str, Any] = json.loads((split_dir / annotation_file).read_text())
+    records = []
+    for idx, entry in enumerate(entries.values()):
+        path = split_dir / entry["filename"]
+        with Image.open(path) as img:
+            width, height = img.size
+        regions = entry["regions"].values() if isinstance(entry["regions"], dict) else entry["regions"]
+        objs = []
+        for region in regions:
+            shape = region["shape_attributes"]
+            if shape["name"] == "rect":
+                x, y, w, h = shape["x"], shape["y"], shape["width"], shape["height"]
+                xs, ys = [x, x + w, x + w, x], [y, y, y + h, y + h]
+            else:
+                xs, ys = shape["all_points_x"], shape["all_points_y"]
+            poly = [float(v) + 0.5 for xy in zip(xs, ys, strict=True) for v in xy]
+            label = region.get("region_attributes", {}).get(label_attribute) if label_attribute else class_names[0]
+            objs.append(
+                {
+                    "bbox": [min(xs), min(ys), max(xs), max(ys)],
+                    "bbox_mode": BoxMode.XYXY_ABS,
+                    "segmentation": [poly],
+                    "category_id": class_names.index(label),
+                }
+            )
+        records.append({"file_name": str(path), "image_id": idx, "height": height, "width": width, "annotations": objs})
+    return records
+
+
+@dataclass(frozen=True)
+class RegisteredDataset:
+    """The detectron2 catalog names of a dataset's splits and its class list."""
+
+    names: dict[str, str]
+    class_names: list[str]
+    json_files: dict[str, str]
+
+    def name(self, role: str) -> str:
+        if role not in self.names:
+            raise KeyError(f"dataset split {role!r} is not configured; known: {sorted(self.names)}")
+        return self.names[role]
+
+
+def _coco_class_names(json_file: Path) -> list[str]:
+    cats = json.loads(json_file.read_text())["categories"]
+    return [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
+
+
+def register_splits(root: Path, data: DataConfig, prefix: str = "d2ops") -> RegisteredDataset:
+    """Register every configured split in detectron2's DatasetCatalog (idempotently).
+
+    COCO splits go through detectron2's own ``register_coco_instances`` so its COCOEvaluator
+    can use the original JSON; VIA splits are converted by :func:`load_via_dicts`.
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    names: dict[str, str] = {}
+    json_files: dict[str, str] = {}
+    class_names: list[str] = list(data.class_names or [])
+    for role, folder in data.splits.items():
+        split_dir = root / folder
+        if not split_dir.is_dir():
+            continue
+        digest = hashlib.sha1(str(split_dir.resolve()).encode()).hexdigest()[:10]
+        name = names[role] = f"{prefix}_{role}_{digest}"
+        json_files[role] = str(split_dir / data.annotation_file)
+        if data.format == "coco" and not class_names:
+            class_names = _coco_class_names(split_dir / data.annotation_file)
+        if name in DatasetCatalog.list():
+            continue
+        if data.format == "coco":
+            register_coco_instances(name, {}, json_files[role], str(split_dir))
+        else:
+            assert data.class_names is not None  # guaranteed by DataConfig validation
+            DatasetCatalog.register(
+                name, partial(load_via_dicts, split_dir, data.annotation_file, data.class_names, data.label_attribute)
+            )
+            MetadataCatalog.get(name).set(thing_classes=list(data.class_names), evaluator_type="coco")
+    for name in names.values():
+        meta = MetadataCatalog.get(name)
+        if not meta.get("thing_classes"):
+            meta.set(thing_classes=class_names)
+    return RegisteredDataset(names=names, class_names=class_names, json_files=json_files)

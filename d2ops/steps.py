@@ -1,0 +1,281 @@
+"""The pipeline's steps as library functions, shared by tasks/*.py and every pipeline mode.
+
+Each step takes a :class:`StepContext` (the config, its input URIs, a work folder, a reporter)
+and returns a :class:`StepOutput` (files to publish as artifacts, plus plain values). Inputs are
+URIs: a local path, an ``s3://`` URI, or a ClearML artifact URL, so the same function runs in
+one process offline and on separate agents in a cluster.
+
+The wiring between steps (which output feeds which input) is :data:`STEP_INPUTS`; both the
+offline runner and the PipelineController are built from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from d2ops import storage
+from d2ops.config import ExperimentConfig, config_hash
+from d2ops.reporting import Reporter
+
+__all__ = [
+    "STEPS",
+    "STEP_FUNCTIONS",
+    "STEP_INPUTS",
+    "StepContext",
+    "StepOutput",
+    "fetch",
+]
+
+log = logging.getLogger(__name__)
+
+STEPS = ("download", "train", "evaluate", "infer", "register")
+
+#: step -> {input name: (producing step, artifact name)}
+STEP_INPUTS: dict[str, dict[str, tuple[str, str]]] = {
+    "download": {},
+    "train": {"dataset_manifest": ("download", "dataset_manifest")},
+    "evaluate": {"weights": ("train", "weights"), "d2_config": ("train", "d2_config")},
+    "infer": {"weights": ("train", "weights"), "d2_config": ("train", "d2_config")},
+    "register": {
+        "weights": ("train", "weights"),
+        "d2_config": ("train", "d2_config"),
+        "labels": ("train", "labels"),
+        "metrics": ("evaluate", "metrics"),
+        "dataset_manifest": ("download", "dataset_manifest"),
+    },
+}
+
+ModelRegistrar = Callable[..., dict[str, Any]]
+
+
+@dataclass
+class StepContext:
+    """Everything a step needs; nothing in here depends on where it runs."""
+
+    cfg: ExperimentConfig
+    workdir: Path
+    inputs: dict[str, str] = field(default_factory=dict)
+    reporter: Reporter = field(default_factory=Reporter)
+    register_model: ModelRegistrar | None = None
+
+    def input_path(self, name: str) -> Path:
+        if not self.inputs.get(name):
+            raise ValueError(f"step input {name!r} is missing; it is produced by an earlier pipeline step")
+        return fetch(self.inputs[name], self.workdir / "inputs" / name)
+
+
+@dataclass
+class StepOutput:
+    files: dict[str, Path] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def fetch(uri: str, dest: Path) -> Path:
+    """A local path for ``uri``: local paths as-is, ``s3://`` via the cached downloader,
+    anything else (a ClearML fileserver URL) through ClearML's StorageManager."""
+    if storage.is_s3_uri(uri):
+        return storage.resolve_local(uri, dest, progress=False)
+    if "://" not in uri or uri.startswith("file://"):
+        path = Path(uri.removeprefix("file://"))
+        if not path.exists():
+            raise FileNotFoundError(f"input {uri} does not exist")
+        return path
+    from clearml import StorageManager
+
+    local = StorageManager.get_local_copy(uri)
+    if not local:
+        raise FileNotFoundError(f"could not fetch {uri} (check the ClearML fileserver and credentials)")
+    return Path(local)
+
+
+def _dataset_cache(cfg: ExperimentConfig) -> Path:
+    """The local download folder of an S3 dataset, one per source URI."""
+    name = cfg.data.source.removeprefix("s3://").strip("/").replace("/", "_").replace(":", "_")
+    return Path(cfg.data.cache_dir) / name
+
+
+def dataset_dir(ctx: StepContext) -> Path:
+    """The dataset's local folder: downloaded (cached by ETag) when it is on S3."""
+    return storage.resolve_local(ctx.cfg.data.source, _dataset_cache(ctx.cfg))
+
+
+def _validated_dataset(ctx: StepContext) -> tuple[Path, dict[str, Any]]:
+    from d2ops.validation import validate_dataset
+
+    root = dataset_dir(ctx)
+    data = ctx.cfg.data
+    summaries = validate_dataset(
+        root,
+        data.format,
+        {str(role): folder for role, folder in data.splits.items()},
+        data.annotation_file,
+        label_attribute=data.label_attribute,
+        class_names=data.class_names,
+    )
+    return root, {role: s.to_dict() for role, s in summaries.items()}
+
+
+def run_download(ctx: StepContext) -> StepOutput:
+    """Fetch the dataset (and remote initial weights), validate it, and record its identity."""
+    source = ctx.cfg.data.source
+    stats = storage.download(source, _dataset_cache(ctx.cfg))
+    manifest: dict[str, Any] = {"source": source, **stats.to_dict()}
+    _, summaries = _validated_dataset(ctx)
+    if ctx.cfg.model.weights and storage.is_s3_uri(ctx.cfg.model.weights):
+        fetch(ctx.cfg.model.weights, ctx.workdir / "weights")
+    manifest["splits"] = summaries
+    path = ctx.workdir / "dataset_manifest.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=2, default=str))
+    for role, summary in summaries.items():
+        ctx.reporter.single_value(f"data/{role}_images", summary["images"])
+    return StepOutput(
+        files={"dataset_manifest": path},
+        values={"identity": manifest.get("identity"), "bytes_transferred": manifest.get("bytes_transferred")},
+    )
+
+
+def _initial_weights(ctx: StepContext) -> str | None:
+    weights = ctx.cfg.model.weights
+    if not weights:
+        return None
+    return str(fetch(weights, ctx.workdir / "weights"))
+
+
+def run_train(ctx: StepContext) -> StepOutput:
+    """Train on the train split, evaluating periodically on val."""
+    from d2ops.datasets import register_splits
+    from d2ops.training import train
+
+    root, _ = _validated_dataset(ctx)
+    dataset = register_splits(root, ctx.cfg.data)
+    result = train(
+        ctx.cfg,
+        dataset,
+        ctx.workdir / "train",
+        weights=_initial_weights(ctx),
+        reporter=ctx.reporter,
+        checkpoint_uri=_checkpoint_uri(ctx.cfg),
+    )
+    labels = ctx.workdir / "train" / "labels.json"
+    labels.write_text(json.dumps(dataset.class_names))
+    return StepOutput(
+        files={"weights": Path(result.weights), "d2_config": Path(result.d2_config), "labels": labels},
+        values=result.to_dict(),
+    )
+
+
+def _checkpoint_uri(cfg: ExperimentConfig) -> str | None:
+    if not cfg.clearml.output_uri:
+        return None
+    return f"{cfg.clearml.output_uri.rstrip('/')}/{cfg.clearml.project}/{cfg.name}/checkpoints"
+
+
+def _detector(ctx: StepContext) -> tuple[Any, Any, Path]:
+    from detectron2.config import get_cfg
+
+    from d2ops.datasets import register_splits
+    from d2ops.predictor import Detector
+
+    root, _ = _validated_dataset(ctx)
+    dataset = register_splits(root, ctx.cfg.data)
+    d2 = get_cfg()
+    d2.set_new_allowed(True)
+    d2.merge_from_file(str(ctx.input_path("d2_config")))
+    detector = Detector(d2, str(ctx.input_path("weights")), dataset.class_names, ctx.cfg.runtime.device)
+    return detector, dataset, root
+
+
+def run_evaluate(ctx: StepContext) -> StepOutput:
+    """COCO AP and precision/recall/F-beta on the configured evaluation split."""
+    from d2ops.evaluation import evaluate
+
+    detector, dataset, _ = _detector(ctx)
+    result = evaluate(
+        detector, dataset.name(ctx.cfg.eval.split), ctx.cfg.eval, ctx.workdir / "evaluate", reporter=ctx.reporter
+    )
+    return StepOutput(files={"metrics": ctx.workdir / "evaluate" / "metrics.json"}, values=result.to_dict())
+
+
+def run_infer(ctx: StepContext) -> StepOutput:
+    """Batch inference over inference.source (a folder or S3 prefix), default the eval split."""
+    from d2ops.inference import infer_folder
+
+    detector, _, root = _detector(ctx)
+    source = ctx.cfg.inference.source
+    folder = fetch(source, ctx.workdir / "infer_source") if source else root / ctx.cfg.data.splits[ctx.cfg.eval.split]
+    result = infer_folder(
+        detector,
+        folder,
+        ctx.workdir / "infer",
+        score_threshold=ctx.cfg.inference.score_threshold,
+        debug_images=ctx.cfg.inference.debug_images,
+        reporter=ctx.reporter,
+    )
+    return StepOutput(
+        files={"predictions": Path(result.predictions_json), "coco_results": Path(result.coco_results_json)},
+        values=result.to_dict(),
+    )
+
+
+def run_register(ctx: StepContext) -> StepOutput:
+    """Bundle the model and register it; publish only when the quality gate passes."""
+    from d2ops.registry import build_bundle, check_gate, zip_bundle
+
+    metrics = json.loads(ctx.input_path("metrics").read_text())
+    manifest = json.loads(ctx.input_path("dataset_manifest").read_text())
+    gate_cfg = ctx.cfg.registry.quality_gate
+    gate = check_gate(metrics, gate_cfg.metric, gate_cfg.min_value)
+    labels = json.loads(ctx.input_path("labels").read_text())
+    metadata = {
+        "dataset_source": ctx.cfg.data.source,
+        "dataset_identity": manifest.get("identity"),
+        "config_hash": config_hash(ctx.cfg),
+        "experiment": ctx.cfg.name,
+        "quality_gate": gate.to_dict(),
+    }
+    bundle = build_bundle(
+        ctx.workdir / "bundle" / ctx.cfg.registry.model_name,
+        weights=ctx.input_path("weights"),
+        d2_config=ctx.input_path("d2_config"),
+        labels=labels,
+        metrics=metrics,
+        metadata=metadata,
+    )
+    archive = zip_bundle(bundle)
+    registration: dict[str, Any] = {}
+    if ctx.register_model is not None:
+        registration = ctx.register_model(
+            archive,
+            name=ctx.cfg.registry.model_name,
+            tags=ctx.cfg.registry.tags,
+            labels=labels,
+            metadata=metadata,
+            publish=gate.passed,
+        )
+    ctx.reporter.single_value("quality_gate_passed", float(gate.passed))
+    log.info(
+        "quality gate %s: %s = %.2f (min %.2f)",
+        "passed" if gate.passed else "FAILED",
+        gate.metric,
+        gate.value,
+        gate.min_value,
+    )
+    return StepOutput(
+        files={"model_bundle": archive},
+        values={"bundle": str(bundle), "gate": gate.to_dict(), "registration": registration},
+    )
+
+
+STEP_FUNCTIONS: dict[str, Callable[[StepContext], StepOutput]] = {
+    "download": run_download,
+    "train": run_train,
+    "evaluate": run_evaluate,
+    "infer": run_infer,
+    "register": run_register,
+}
