@@ -225,7 +225,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  - {key}: required key is missing")
         else:
             msg = item["msg"].removeprefix("Value error, ")
-            lines.append(f"  - {key}: {msg} (got {item.get('input')!r})")
+            # Never echo a rejected value that may hold a secret (it would land in logs).
+            shown = "" if key.endswith("docker_args") else f" (got {item.get('input')!r})"
+            lines.append(f"  - {key}: {msg}{shown}")
     return "\n".join(lines)
 
 

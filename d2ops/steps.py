@@ -122,6 +122,9 @@ def _validated_dataset(ctx: StepContext) -> tuple[Path, dict[str, Any]]:
 
 def run_download(ctx: StepContext) -> StepOutput:
     """Fetch the dataset (and remote initial weights), validate it, and record its identity."""
+    from d2ops.training import check_model_config
+
+    check_model_config(ctx.cfg)
     source = ctx.cfg.data.source
     stats = storage.download(source, _dataset_cache(ctx.cfg))
     manifest: dict[str, Any] = {"source": source, **stats.to_dict()}

@@ -76,8 +76,15 @@ def _merge_overrides(d2: CfgNode, overrides: dict[str, Any]) -> None:
         pairs += [key, value]
     try:
         d2.merge_from_list(pairs)
-    except (KeyError, AttributeError) as err:
-        raise ValueError(f"model.overrides: {err} (keys must exist in detectron2's config)") from None
+    except (KeyError, AttributeError, AssertionError, ValueError) as err:
+        raise ValueError(
+            f"model.overrides: {err} (keys must exist in detectron2's config, with values of the same type)"
+        ) from None
+
+
+def check_model_config(cfg: ExperimentConfig) -> None:
+    """Fail early (before data or GPU time) on a bad model-zoo name or detectron2 override."""
+    _merge_overrides(_base_config(cfg), cfg.model.overrides)
 
 
 def build_d2_config(

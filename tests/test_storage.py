@@ -166,9 +166,7 @@ def test_is_s3_uri() -> None:
 # --------------------------------------------------------------------------- transfers
 
 
-def test_upload_then_download_roundtrip(
-    uploaded: Uploaded, dataset: Path, tmp_path: Path
-) -> None:
+def test_upload_then_download_roundtrip(uploaded: Uploaded, dataset: Path, tmp_path: Path) -> None:
     uri, up = uploaded
     assert (up.files_total, up.files_transferred, up.files_skipped) == (4, 4, 0)
     assert up.bytes_transferred == sum(len(data) for data in tree(dataset).values())
@@ -203,9 +201,7 @@ def test_unchanged_data_is_not_fetched_again(uploaded: Uploaded, tmp_path: Path)
     assert again.identity == first.identity
 
 
-def test_only_changed_or_missing_objects_are_fetched(
-    s3: LocalS3, uploaded: Uploaded, tmp_path: Path
-) -> None:
+def test_only_changed_or_missing_objects_are_fetched(s3: LocalS3, uploaded: Uploaded, tmp_path: Path) -> None:
     uri, _ = uploaded
     out = tmp_path / "out"
     first = storage.download(uri, out, progress=False)
@@ -422,7 +418,11 @@ def test_real_clearml_conf_and_subprocess_server(tmp_path: Path, dataset: Path) 
         env.pop(name, None)
     result = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path), str(dataset)],
-        capture_output=True, text=True, timeout=60, env=env, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 

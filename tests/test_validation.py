@@ -48,8 +48,15 @@ def _coco_data() -> dict[str, Any]:
             {"id": 3, "file_name": "img_3.png", "width": WIDTH, "height": HEIGHT},
         ],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 8, 32, 28], "area": 896, "iscrowd": 0,
-             "segmentation": [[8, 8, 40, 8, 40, 36, 8, 36]]},
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [8, 8, 32, 28],
+                "area": 896,
+                "iscrowd": 0,
+                "segmentation": [[8, 8, 40, 8, 40, 36, 8, 36]],
+            },
             {"id": 2, "image_id": 1, "category_id": 2, "bbox": [30.5, 20, 20, 20], "segmentation": []},
             {"id": 3, "image_id": 2, "category_id": 1, "bbox": [0, 0, WIDTH, HEIGHT]},
         ],
@@ -80,13 +87,13 @@ def _polygon(xs: list[float], ys: list[float]) -> dict[str, Any]:
 def _via_data() -> dict[str, Any]:
     """VIA export: regions as a dict (VIA 1, the balloon file) and as a list (VIA 2), one empty image."""
     cat = {"shape_attributes": _polygon([5, 40, 20], [5, 10, 40]), "region_attributes": {"label": "cat"}}
-    dog = {"shape_attributes": {"name": "rect", "x": 30, "y": 10, "width": 30, "height": 30},
-           "region_attributes": {"label": "dog"}}
+    dog = {
+        "shape_attributes": {"name": "rect", "x": 30, "y": 10, "width": 30, "height": 30},
+        "region_attributes": {"label": "dog"},
+    }
     return {
-        "a.jpg1234": {"filename": "a.jpg", "size": 1234, "regions": {"0": cat, "1": dog},
-                      "file_attributes": {}},
-        "b.jpg5678": {"filename": "b.jpg", "size": 5678, "regions": [copy.deepcopy(cat)],
-                      "file_attributes": {}},
+        "a.jpg1234": {"filename": "a.jpg", "size": 1234, "regions": {"0": cat, "1": dog}, "file_attributes": {}},
+        "b.jpg5678": {"filename": "b.jpg", "size": 5678, "regions": [copy.deepcopy(cat)], "file_attributes": {}},
         "c.jpg9": {"filename": "c.jpg", "size": 9, "regions": {}, "file_attributes": {}},
     }
 
@@ -200,8 +207,13 @@ def test_valid_coco_split_passes_with_summary(coco_split: Path) -> None:
     summary = validate_coco(coco_split)
 
     assert summary == SplitSummary(
-        split="train", path=str(coco_split), format="coco", images=3, annotations=3,
-        categories=["shapes", "ball", "box"], instances_per_category={"shapes": 0, "ball": 2, "box": 1},
+        split="train",
+        path=str(coco_split),
+        format="coco",
+        images=3,
+        annotations=3,
+        categories=["shapes", "ball", "box"],
+        instances_per_category={"shapes": 0, "ball": 2, "box": 1},
     )
     assert json.loads(json.dumps(summary.to_dict()))["instances_per_category"]["ball"] == 2
 
@@ -230,68 +242,147 @@ def test_coco_size_follows_exif_rotation(coco_split: Path) -> None:
 COCO_CASES = [
     pytest.param(replace_with([1, 2]), "top level is a JSON list", COCO_FILE, id="top-level-list"),
     pytest.param(delete("images"), "missing top-level key 'images'", COCO_FILE, id="no-images-key"),
-    pytest.param(set_("annotations", {}), "'annotations' is a dict, not a list", COCO_FILE,
-                 id="annotations-dict"),
-    pytest.param(combine(set_("images", []), set_("annotations", [])), "no images in 'images'", COCO_FILE,
-                 id="no-images"),
-    pytest.param(delete("images/0/file_name"), "missing required field 'file_name'", "images[0] (id 1)",
-                 id="image-no-file-name"),
-    pytest.param(set_("images/0/width", 0), "image field 'width' is invalid", "images[0] (id 1, 'img_1.jpg')",
-                 id="image-width-zero"),
-    pytest.param(set_("images/1/height", 48.0), "image field 'height' is invalid", "images[1]",
-                 id="image-height-float"),
-    pytest.param(set_("images/2/id", "3"), "image field 'id' is invalid", "images[2] (id '3', 'img_3.png')",
-                 id="image-id-string"),
-    pytest.param(set_("annotations/0/bbox", [8, 8, 32]), "annotation field 'bbox' is invalid",
-                 "annotations[0] (id 1)", id="bbox-three-values"),
-    pytest.param(set_("annotations/1/bbox", [8, "8", 32, 28]), "annotation field 'bbox[1]' is invalid",
-                 "annotations[1] (id 2)", id="bbox-string-value"),
-    pytest.param(delete("annotations/2/category_id"), "missing required field 'category_id'",
-                 "annotations[2] (id 3)", id="annotation-no-category-id"),
-    pytest.param(set_("annotations/0/image_id", True), "annotation field 'image_id' is invalid",
-                 "annotations[0]", id="image-id-bool"),
-    pytest.param(set_("annotations/1", "oops"), "annotation entry is a str, not an object", "annotations[1]",
-                 id="annotation-not-object"),
-    pytest.param(delete("categories/1/name"), "missing required field 'name'", "categories[1] (id 1)",
-                 id="category-no-name"),
-    pytest.param(set_("images/2/id", 1), "duplicate image id 1 (already used by images[0])",
-                 "images[2] (id 1, 'img_3.png')", id="duplicate-image-id"),
-    pytest.param(set_("annotations/1/id", 1), "duplicate annotation id 1", "annotations[1] (id 1)",
-                 id="duplicate-annotation-id"),
-    pytest.param(set_("categories/0/id", 1), "duplicate category id 1", "categories[1] (id 1)",
-                 id="duplicate-category-id"),
-    pytest.param(set_("categories/2/name", "ball"), "category name 'ball' is used by 2 category ids",
-                 "categories", id="duplicate-category-name"),
-    pytest.param(combine(set_("categories", []), set_("annotations", [])), "no categories", COCO_FILE,
-                 id="empty-categories"),
-    pytest.param(set_("annotations/0/image_id", 99), "unknown image id 99", "annotation id 1 (image id 99)",
-                 id="unknown-image-id"),
-    pytest.param(set_("annotations/0/category_id", 7), "unknown category id 7",
-                 "annotation id 1 (image id 1, 'img_1.jpg')", id="unknown-category-id"),
-    pytest.param(set_("annotations/0/bbox", [8, 8, 0, 10]), "box with non-positive width or height",
-                 "annotation id 1 (image id 1, 'img_1.jpg')", id="box-zero-width"),
-    pytest.param(set_("annotations/2/bbox", [8, 8, 10, -5]), "box with non-positive width or height",
-                 "annotation id 3 (image id 2, 'sub/img_2.jpg')", id="box-negative-height"),
-    pytest.param(set_("annotations/1/bbox", [40, 8, 30, 10]), "box outside the image (bbox [40, 8, 30, 10]",
-                 "annotation id 2 (image id 1, 'img_1.jpg')", id="box-past-right-edge"),
-    pytest.param(set_("annotations/0/bbox", [-3, 8, 10, 10]), "box outside the image",
-                 "annotation id 1", id="box-negative-x"),
-    pytest.param(set_("annotations/2/bbox", [0, 10, 20, HEIGHT]), "box outside the image",
-                 "annotation id 3", id="box-past-bottom-edge"),
-    pytest.param(set_("annotations/0/segmentation", [[8, 8, 40, 8, 40]]), "odd number of coordinates (5)",
-                 "annotation id 1", id="polygon-odd-coordinates"),
-    pytest.param(set_("annotations/0/segmentation", [[8, 8, 40, 8]]), "has 2 point(s); at least 3",
-                 "annotation id 1", id="polygon-two-points"),
-    pytest.param(set_("annotations/0/segmentation", [[8, 8, "x", 8, 40, 36]]), "not a list of numbers",
-                 "annotation id 1", id="polygon-non-number"),
-    pytest.param(remove_file("img_1.jpg"), "image file not found", "image id 1 ('img_1.jpg')",
-                 id="image-file-missing"),
-    pytest.param(truncate_file("sub/img_2.jpg"), "truncated", "image id 2 ('sub/img_2.jpg')",
-                 id="truncated-jpeg"),
-    pytest.param(text_as_image("img_1.jpg"), "image file cannot be decoded", "image id 1 ('img_1.jpg')",
-                 id="text-file-named-jpg"),
-    pytest.param(set_("images/0/width", 80), "declared size 80x48 differs from the image file's 64x48",
-                 "image id 1 ('img_1.jpg')", id="declared-size-differs"),
+    pytest.param(set_("annotations", {}), "'annotations' is a dict, not a list", COCO_FILE, id="annotations-dict"),
+    pytest.param(
+        combine(set_("images", []), set_("annotations", [])), "no images in 'images'", COCO_FILE, id="no-images"
+    ),
+    pytest.param(
+        delete("images/0/file_name"), "missing required field 'file_name'", "images[0] (id 1)", id="image-no-file-name"
+    ),
+    pytest.param(
+        set_("images/0/width", 0),
+        "image field 'width' is invalid",
+        "images[0] (id 1, 'img_1.jpg')",
+        id="image-width-zero",
+    ),
+    pytest.param(
+        set_("images/1/height", 48.0), "image field 'height' is invalid", "images[1]", id="image-height-float"
+    ),
+    pytest.param(
+        set_("images/2/id", "3"), "image field 'id' is invalid", "images[2] (id '3', 'img_3.png')", id="image-id-string"
+    ),
+    pytest.param(
+        set_("annotations/0/bbox", [8, 8, 32]),
+        "annotation field 'bbox' is invalid",
+        "annotations[0] (id 1)",
+        id="bbox-three-values",
+    ),
+    pytest.param(
+        set_("annotations/1/bbox", [8, "8", 32, 28]),
+        "annotation field 'bbox[1]' is invalid",
+        "annotations[1] (id 2)",
+        id="bbox-string-value",
+    ),
+    pytest.param(
+        delete("annotations/2/category_id"),
+        "missing required field 'category_id'",
+        "annotations[2] (id 3)",
+        id="annotation-no-category-id",
+    ),
+    pytest.param(
+        set_("annotations/0/image_id", True),
+        "annotation field 'image_id' is invalid",
+        "annotations[0]",
+        id="image-id-bool",
+    ),
+    pytest.param(
+        set_("annotations/1", "oops"),
+        "annotation entry is a str, not an object",
+        "annotations[1]",
+        id="annotation-not-object",
+    ),
+    pytest.param(
+        delete("categories/1/name"), "missing required field 'name'", "categories[1] (id 1)", id="category-no-name"
+    ),
+    pytest.param(
+        set_("images/2/id", 1),
+        "duplicate image id 1 (already used by images[0])",
+        "images[2] (id 1, 'img_3.png')",
+        id="duplicate-image-id",
+    ),
+    pytest.param(
+        set_("annotations/1/id", 1), "duplicate annotation id 1", "annotations[1] (id 1)", id="duplicate-annotation-id"
+    ),
+    pytest.param(
+        set_("categories/0/id", 1), "duplicate category id 1", "categories[1] (id 1)", id="duplicate-category-id"
+    ),
+    pytest.param(
+        set_("categories/2/name", "ball"),
+        "category name 'ball' is used by 2 category ids",
+        "categories",
+        id="duplicate-category-name",
+    ),
+    pytest.param(
+        combine(set_("categories", []), set_("annotations", [])), "no categories", COCO_FILE, id="empty-categories"
+    ),
+    pytest.param(
+        set_("annotations/0/image_id", 99),
+        "unknown image id 99",
+        "annotation id 1 (image id 99)",
+        id="unknown-image-id",
+    ),
+    pytest.param(
+        set_("annotations/0/category_id", 7),
+        "unknown category id 7",
+        "annotation id 1 (image id 1, 'img_1.jpg')",
+        id="unknown-category-id",
+    ),
+    pytest.param(
+        set_("annotations/0/bbox", [8, 8, 0, 10]),
+        "box with non-positive width or height",
+        "annotation id 1 (image id 1, 'img_1.jpg')",
+        id="box-zero-width",
+    ),
+    pytest.param(
+        set_("annotations/2/bbox", [8, 8, 10, -5]),
+        "box with non-positive width or height",
+        "annotation id 3 (image id 2, 'sub/img_2.jpg')",
+        id="box-negative-height",
+    ),
+    pytest.param(
+        set_("annotations/1/bbox", [40, 8, 30, 10]),
+        "box outside the image (bbox [40, 8, 30, 10]",
+        "annotation id 2 (image id 1, 'img_1.jpg')",
+        id="box-past-right-edge",
+    ),
+    pytest.param(
+        set_("annotations/0/bbox", [-3, 8, 10, 10]), "box outside the image", "annotation id 1", id="box-negative-x"
+    ),
+    pytest.param(
+        set_("annotations/2/bbox", [0, 10, 20, HEIGHT]),
+        "box outside the image",
+        "annotation id 3",
+        id="box-past-bottom-edge",
+    ),
+    pytest.param(
+        set_("annotations/0/segmentation", [[8, 8, 40, 8, 40]]),
+        "odd number of coordinates (5)",
+        "annotation id 1",
+        id="polygon-odd-coordinates",
+    ),
+    pytest.param(
+        set_("annotations/0/segmentation", [[8, 8, 40, 8]]),
+        "has 2 point(s); at least 3",
+        "annotation id 1",
+        id="polygon-two-points",
+    ),
+    pytest.param(
+        set_("annotations/0/segmentation", [[8, 8, "x", 8, 40, 36]]),
+        "not a list of numbers",
+        "annotation id 1",
+        id="polygon-non-number",
+    ),
+    pytest.param(remove_file("img_1.jpg"), "image file not found", "image id 1 ('img_1.jpg')", id="image-file-missing"),
+    pytest.param(truncate_file("sub/img_2.jpg"), "truncated", "image id 2 ('sub/img_2.jpg')", id="truncated-jpeg"),
+    pytest.param(
+        text_as_image("img_1.jpg"), "image file cannot be decoded", "image id 1 ('img_1.jpg')", id="text-file-named-jpg"
+    ),
+    pytest.param(
+        set_("images/0/width", 80),
+        "declared size 80x48 differs from the image file's 64x48",
+        "image id 1 ('img_1.jpg')",
+        id="declared-size-differs",
+    ),
 ]
 
 
@@ -371,8 +462,13 @@ def test_valid_single_class_via_split_passes(via_split: Path) -> None:
     summary = validate_via(via_split, class_names=["balloon"])
 
     assert summary == SplitSummary(
-        split="train", path=str(via_split), format="via", images=3, annotations=3,
-        categories=["balloon"], instances_per_category={"balloon": 3},
+        split="train",
+        path=str(via_split),
+        format="via",
+        images=3,
+        annotations=3,
+        categories=["balloon"],
+        instances_per_category={"balloon": 3},
     )
 
 
@@ -405,35 +501,78 @@ A_REGION = "train/via_region_data.json: 'a.jpg', region 0"
 VIA_CASES = [
     pytest.param(replace_with([1, 2]), "not an object keyed by image", VIA_FILE, id="top-level-list"),
     pytest.param(replace_with({}), "no images", VIA_FILE, id="no-entries"),
-    pytest.param(delete("a.jpg1234/filename"), "entry has no 'filename'", "entry 'a.jpg1234'",
-                 id="entry-no-filename"),
+    pytest.param(delete("a.jpg1234/filename"), "entry has no 'filename'", "entry 'a.jpg1234'", id="entry-no-filename"),
     pytest.param(delete("b.jpg5678/regions"), "entry has no 'regions'", "'b.jpg'", id="entry-no-regions"),
-    pytest.param(set_("a.jpg1234/regions/0/shape_attributes/all_points_y", [5, 10]),
-                 "polygon has 3 x coordinates but 2 y coordinates", A_REGION, id="polygon-unequal-lengths"),
-    pytest.param(set_("a.jpg1234/regions/0/shape_attributes", _polygon([5, 40], [5, 10])),
-                 "polygon has 2 point(s); at least 3", A_REGION, id="polygon-two-points"),
-    pytest.param(set_("a.jpg1234/regions/0/shape_attributes/all_points_x", [5, None, 20]),
-                 "lists of numbers", A_REGION, id="polygon-non-number"),
-    pytest.param(set_("a.jpg1234/regions/0/shape_attributes/all_points_x", [5, 80, 20]),
-                 "polygon outside the image (x 5..80, y 5..40, image 64x48)", A_REGION, id="polygon-outside"),
-    pytest.param(set_("b.jpg5678/regions/0/shape_attributes/all_points_y", [-4, 10, 40]),
-                 "polygon outside the image", "'b.jpg', region 0", id="polygon-above-top"),
-    pytest.param(set_("a.jpg1234/regions/1/shape_attributes/width", 0), "rect with non-positive width",
-                 "'a.jpg', region 1", id="rect-zero-width"),
-    pytest.param(set_("a.jpg1234/regions/1/shape_attributes/height", 40), "rect outside the image",
-                 "'a.jpg', region 1", id="rect-outside"),
-    pytest.param(set_("a.jpg1234/regions/0/shape_attributes", {"name": "circle", "cx": 9, "cy": 9, "r": 4}),
-                 "unsupported region shape 'circle'", A_REGION, id="circle-shape"),
-    pytest.param(delete("a.jpg1234/regions/0/shape_attributes"), "no 'shape_attributes'", A_REGION,
-                 id="no-shape"),
-    pytest.param(delete("a.jpg1234/regions/0/region_attributes/label"), "region has no 'label' attribute",
-                 A_REGION, id="label-missing"),
-    pytest.param(set_("b.jpg5678/regions/0/region_attributes/label", "horse"), "unknown class 'horse'",
-                 "'b.jpg', region 0", id="label-unknown"),
-    pytest.param(set_("b.jpg5678/regions/0/region_attributes/label", {"cat": True}), "not a class name",
-                 "'b.jpg', region 0", id="label-checkbox"),
-    pytest.param(remove_file("a.jpg"), "image file not found", "train/via_region_data.json: 'a.jpg'",
-                 id="image-missing"),
+    pytest.param(
+        set_("a.jpg1234/regions/0/shape_attributes/all_points_y", [5, 10]),
+        "polygon has 3 x coordinates but 2 y coordinates",
+        A_REGION,
+        id="polygon-unequal-lengths",
+    ),
+    pytest.param(
+        set_("a.jpg1234/regions/0/shape_attributes", _polygon([5, 40], [5, 10])),
+        "polygon has 2 point(s); at least 3",
+        A_REGION,
+        id="polygon-two-points",
+    ),
+    pytest.param(
+        set_("a.jpg1234/regions/0/shape_attributes/all_points_x", [5, None, 20]),
+        "lists of numbers",
+        A_REGION,
+        id="polygon-non-number",
+    ),
+    pytest.param(
+        set_("a.jpg1234/regions/0/shape_attributes/all_points_x", [5, 80, 20]),
+        "polygon outside the image (x 5..80, y 5..40, image 64x48)",
+        A_REGION,
+        id="polygon-outside",
+    ),
+    pytest.param(
+        set_("b.jpg5678/regions/0/shape_attributes/all_points_y", [-4, 10, 40]),
+        "polygon outside the image",
+        "'b.jpg', region 0",
+        id="polygon-above-top",
+    ),
+    pytest.param(
+        set_("a.jpg1234/regions/1/shape_attributes/width", 0),
+        "rect with non-positive width",
+        "'a.jpg', region 1",
+        id="rect-zero-width",
+    ),
+    pytest.param(
+        set_("a.jpg1234/regions/1/shape_attributes/height", 40),
+        "rect outside the image",
+        "'a.jpg', region 1",
+        id="rect-outside",
+    ),
+    pytest.param(
+        set_("a.jpg1234/regions/0/shape_attributes", {"name": "circle", "cx": 9, "cy": 9, "r": 4}),
+        "unsupported region shape 'circle'",
+        A_REGION,
+        id="circle-shape",
+    ),
+    pytest.param(delete("a.jpg1234/regions/0/shape_attributes"), "no 'shape_attributes'", A_REGION, id="no-shape"),
+    pytest.param(
+        delete("a.jpg1234/regions/0/region_attributes/label"),
+        "region has no 'label' attribute",
+        A_REGION,
+        id="label-missing",
+    ),
+    pytest.param(
+        set_("b.jpg5678/regions/0/region_attributes/label", "horse"),
+        "unknown class 'horse'",
+        "'b.jpg', region 0",
+        id="label-unknown",
+    ),
+    pytest.param(
+        set_("b.jpg5678/regions/0/region_attributes/label", {"cat": True}),
+        "not a class name",
+        "'b.jpg', region 0",
+        id="label-checkbox",
+    ),
+    pytest.param(
+        remove_file("a.jpg"), "image file not found", "train/via_region_data.json: 'a.jpg'", id="image-missing"
+    ),
     pytest.param(text_as_image("c.jpg"), "image file cannot be decoded", "'c.jpg'", id="text-file-named-jpg"),
     pytest.param(truncate_file("b.jpg"), "truncated", "'b.jpg'", id="truncated-jpeg"),
 ]
@@ -492,8 +631,9 @@ def test_valid_via_dataset(tmp_path: Path) -> None:
     for folder in ("train", "val"):
         _make_via_split(tmp_path / folder)
 
-    summaries = validate_dataset(tmp_path, "via", {"train": "train", "val": "val"}, VIA_FILE,
-                                 label_attribute="label", class_names=["cat", "dog"])
+    summaries = validate_dataset(
+        tmp_path, "via", {"train": "train", "val": "val"}, VIA_FILE, label_attribute="label", class_names=["cat", "dog"]
+    )
 
     assert summaries["val"].instances_per_category == {"cat": 2, "dog": 1}
 
@@ -521,8 +661,9 @@ def test_val_categories_must_be_known_to_train(coco_root: Path) -> None:
     with pytest.raises(DataValidationError) as caught:
         validate_dataset(coco_root, "coco", ROBOFLOW_SPLITS, COCO_FILE)
 
-    problem = _assert_single_problem(caught.value, "val split has categories that train lacks: ['kite']",
-                                     f"valid/{COCO_FILE}")
+    problem = _assert_single_problem(
+        caught.value, "val split has categories that train lacks: ['kite']", f"valid/{COCO_FILE}"
+    )
     assert "train has ['shapes', 'ball', 'box']" in problem.fix
 
 

@@ -1,0 +1,32 @@
+"""Shared fixtures: one real offline pipeline run (slow, session-scoped) that many tests inspect."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE_CONFIG = str(REPO / "configs" / "smoke.yaml")
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Generate a dataset, serve it from a real local S3 endpoint and run the offline pipeline.
+
+    This is the code path of ``make demo`` with the smoke config: moto's S3 server on 127.0.0.1,
+    real detectron2 training on the CPU, one ClearML offline session per step.
+    """
+    from d2ops.demo import run_demo
+
+    out = tmp_path_factory.mktemp("pipeline")
+    previous = os.environ.get("CLEARML_CACHE_DIR")
+    summary = run_demo(out, SMOKE_CONFIG)
+    yield {"out": out, "summary": summary, "summary_file": json.loads((out / "summary.json").read_text())}
+    if previous is None:
+        os.environ.pop("CLEARML_CACHE_DIR", None)
+    else:
+        os.environ["CLEARML_CACHE_DIR"] = previous

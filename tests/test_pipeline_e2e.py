@@ -1,0 +1,126 @@
+"""End to end: local S3 -> offline pipeline (download, validate, train, evaluate, infer, register).
+
+Every assertion here reads what the run really left on disk: the summary, the model bundle and
+the ClearML offline sessions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _session(run: dict[str, Any], step: str) -> Path:
+    folder = run["summary"]["clearml_sessions"][step]
+    assert folder, f"no offline session recorded for {step}"
+    return Path(folder)
+
+
+def _events(session: Path) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    for line in (session / "metrics.jsonl").read_text().splitlines():
+        events.extend(json.loads(line))
+    return events
+
+
+def test_quality_on_held_out_images(pipeline_run: dict[str, Any]) -> None:
+    summary = pipeline_run["summary_file"]
+    assert summary["bbox"]["AP50"] >= 90.0, summary["bbox"]
+    assert set(summary["bbox"]["per_class"]) == {"square", "circle", "triangle"}
+    assert 0.0 < summary["f2"] <= 1.0
+    assert summary["quality_gate"]["passed"] is True
+    for key in ("AP", "AP50", "AP75"):
+        assert key in summary["bbox"]
+
+
+def test_every_step_left_an_offline_session(pipeline_run: dict[str, Any]) -> None:
+    sessions = pipeline_run["summary"]["clearml_sessions"]
+    assert list(sessions) == ["download", "train", "evaluate", "infer", "register"]
+    for folder in sessions.values():
+        assert (Path(folder) / "task.json").is_file()
+        assert Path(f"{folder}.zip").is_file(), "the importable zip of the session is missing"
+
+
+def test_train_session_has_losses_config_and_periodic_ap(pipeline_run: dict[str, Any]) -> None:
+    session = _session(pipeline_run, "train")
+    scalars = {(e["metric"], e["variant"]) for e in _events(session) if e["type"] == "training_stats_scalar"}
+    for series in ("total_loss", "loss_cls", "loss_box_reg", "loss_rpn_cls", "lr", "data_time", "time"):
+        assert ("train", series) in scalars, f"{series} not reported; got {sorted(scalars)[:20]}"
+    assert ("bbox", "AP50") in scalars, "periodic evaluation AP did not reach ClearML"
+    task = json.loads((session / "task.json").read_text())
+    d2_config = task["configuration"]["detectron2"]["value"]
+    assert "RESNETS:" in d2_config and "DEPTH: 18" in d2_config
+    assert "experiment" in task["configuration"]
+    params = task["hyperparams"]["General"]
+    assert params["config"]["value"].endswith("smoke.yaml")
+
+
+def test_evaluate_session_has_metrics_plots_and_artifact(pipeline_run: dict[str, Any]) -> None:
+    session = _session(pipeline_run, "evaluate")
+    events = _events(session)
+    singles = {e["variant"]: e["value"] for e in events if e.get("metric") == "Summary"}
+    assert singles["bbox/AP50"] >= 90.0
+    assert {"f2", "precision", "recall", "bbox/AP-circle"} <= set(singles)
+    plots = {json.loads(e["plot_str"])["layout"]["title"] for e in events if e["type"] == "plot"}
+    assert any("PR curve" in str(t) for t in plots), plots
+    assert any("confusion" in str(t) for t in plots), plots
+    metrics_files = list(session.glob("data/**/artifacts/metrics/*.json"))
+    assert metrics_files, "metrics JSON artifact missing"
+    metrics = json.loads(metrics_files[0].read_text())
+    assert metrics["bbox"]["AP50"] == pytest.approx(singles["bbox/AP50"])
+
+
+def test_infer_session_has_debug_images_and_coco_results(pipeline_run: dict[str, Any]) -> None:
+    session = _session(pipeline_run, "infer")
+    images = list(session.glob("data/**/metrics/**/*.jpeg")) + list(session.glob("data/**/metrics/**/*.png"))
+    assert len(images) >= 2, "raw and predicted debug images expected"
+    results = list(session.glob("data/**/artifacts/coco_results/*.json"))
+    assert results and json.loads(results[0].read_text()), "COCO results artifact missing or empty"
+
+
+def test_bundle_reloads_and_predicts_the_same_boxes(pipeline_run: dict[str, Any]) -> None:
+    from detectron2.data.detection_utils import read_image
+
+    from d2ops.predictor import Detector
+
+    bundle = Path(pipeline_run["summary"]["model_bundle"])
+    for name in ("model_final.pth", "config.yaml", "labels.json", "metrics.json", "metadata.json"):
+        assert (bundle / name).is_file(), name
+    meta = json.loads((bundle / "metadata.json").read_text())
+    assert meta["dataset_identity"] and meta["code_version"] and meta["config_hash"]
+
+    predictions = json.loads(Path(pipeline_run["summary"]["predictions"]).read_text())
+    folder = pipeline_run["out"] / "dataset" / "test"
+    detector = Detector.from_bundle(bundle, device="cpu")
+    checked = 0
+    for image in predictions["images"][:5]:
+        expected = [a for a in predictions["annotations"] if a["image_id"] == image["id"]]
+        got = detector.predict([read_image(str(folder / image["file_name"]), format="BGR")], 0.5)[0]
+        assert len(got) == len(expected)
+        for det, ann in zip(
+            sorted(got, key=lambda d: -d.score), sorted(expected, key=lambda a: -a["score"]), strict=True
+        ):
+            x, y, w, h = ann["bbox"]
+            np.testing.assert_allclose(det.box, [x, y, x + w, y + h], atol=0.05)
+            assert det.label == predictions["categories"][ann["category_id"] - 1]["name"]
+        checked += 1
+    assert checked == 5
+
+
+def test_register_session_records_the_model(pipeline_run: dict[str, Any]) -> None:
+    session = _session(pipeline_run, "register")
+    task = json.loads((session / "task.json").read_text())
+    models = task["offline_output_models"]
+    assert len(models) == 1
+    init = models[0]["init"]
+    assert init["name"] == "d2ops-shapes-smoke"
+    assert init["label_enumeration"] == {"square": 1, "circle": 2, "triangle": 3}
+    assert "smoke" in init["tags"]
+    assert Path(models[0]["weights"]["weights_filename"]).is_file()
+    assert models[0]["weights"]["is_package"] is True

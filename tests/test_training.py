@@ -1,0 +1,98 @@
+"""Real (tiny) detectron2 training runs: metrics through the writer, divergence, resume from S3."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from d2ops.config import load_config
+from d2ops.reporting import RecordingReporter
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from d2ops.datasets import generate_shapes_dataset
+
+    return generate_shapes_dataset(tmp_path_factory.mktemp("shapes"), counts={"train": 8, "valid": 4, "test": 4})
+
+
+def _cfg(dataset: Path, *overrides: str):  # type: ignore[no-untyped-def]
+    return load_config(SMOKE, [f"data.source={dataset}", "solver.eval_period=0", *overrides])
+
+
+def test_diverged_run_fails_with_advice(dataset: Path, tmp_path: Path) -> None:
+    from d2ops.datasets import register_splits
+    from d2ops.training import TrainingDiverged, train
+
+    cfg = _cfg(dataset, "solver.base_lr=1000", "solver.warmup_iters=0", "solver.max_iter=40")
+    with pytest.raises(TrainingDiverged, match=r"NaN/inf.*Lower solver.base_lr"):
+        train(cfg, register_splits(dataset, cfg.data), tmp_path / "out", resume=False)
+    assert not (tmp_path / "out" / "model_final.pth").exists()
+
+
+def test_resume_from_checkpoints_on_s3(dataset: Path, tmp_path: Path) -> None:
+    from d2ops.datasets import register_splits
+    from d2ops.s3server import local_s3_endpoint
+    from d2ops.training import train
+
+    with local_s3_endpoint() as s3:
+        import boto3
+
+        boto3.client("s3", endpoint_url=s3.endpoint_url).create_bucket(Bucket="ckpt")
+        uri = s3.uri("ckpt", "run1/checkpoints")
+        cfg = _cfg(dataset, "solver.max_iter=6", "solver.checkpoint_period=3")
+        reporter = RecordingReporter()
+        first = train(cfg, register_splits(dataset, cfg.data), tmp_path / "a", reporter=reporter, checkpoint_uri=uri)
+        assert first.iterations == 6
+        series = {s for _, s, _, _ in reporter.scalars}
+        assert {"total_loss", "loss_cls", "lr", "time", "data_time"} <= series
+        assert "detectron2" in reporter.configurations
+
+        # A rerun elsewhere (fresh local folder) with a longer schedule continues from iteration 6.
+        cfg2 = _cfg(dataset, "solver.max_iter=9", "solver.checkpoint_period=3")
+        second = train(cfg2, register_splits(dataset, cfg2.data), tmp_path / "b", checkpoint_uri=uri)
+        assert second.iterations == 3
+        assert (tmp_path / "b" / "model_final.pth").is_file()
+
+
+def test_bad_data_stops_the_download_step_with_a_report(dataset: Path, tmp_path: Path) -> None:
+    """tasks/download.py, offline, on a dataset with a box outside its image: exit 2, a readable report."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    ann_file = broken / "train" / "_annotations.coco.json"
+    coco = json.loads(ann_file.read_text())
+    coco["annotations"][0]["bbox"] = [100, 100, 90, 90]
+    ann_file.write_text(json.dumps(coco))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "tasks/download.py",
+            "--config",
+            SMOKE,
+            "--offline",
+            "--dataset-uri",
+            str(broken),
+            "--set",
+            f"runtime.output_dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "CLEARML_CACHE_DIR": str(tmp_path / "clearml")},
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Dataset validation failed" in proc.stderr
+    assert f"annotation id {coco['annotations'][0]['id']}" in proc.stderr
+    assert "fix:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "dataset_manifest.json").exists()
