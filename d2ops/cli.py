@@ -40,7 +40,16 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return [*args.overrides, *([f"data.source={args.dataset_uri}"] if args.dataset_uri else [])]
 
 
-def _fail(err: BaseException) -> int:
+def user_errors_types() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: reported as one clear message, not a traceback."""
+    from d2ops.storage import StorageError
+    from d2ops.training import TrainingDiverged
+    from d2ops.validation import DataValidationError
+
+    return (ConfigError, DataValidationError, StorageError, TrainingDiverged, FileNotFoundError, ValueError, KeyError)
+
+
+def fail(err: BaseException) -> int:
     print(f"error: {err}", file=sys.stderr)
     return 2
 
@@ -60,6 +69,7 @@ def step_main(step: str, argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging()
     inputs = {name: getattr(args, name) for name in STEP_INPUTS[step]}
+    user_errors = user_errors_types()
     try:
         load_config(args.config, _overrides(args))  # fail before any ClearML task is created
         result = run_step(
@@ -68,8 +78,8 @@ def step_main(step: str, argv: Sequence[str] | None = None) -> int:
             mode="offline" if args.offline else "remote" if args.remote else "local",
             queue=args.queue,
         )
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        return _fail(err)
+    except user_errors as err:
+        return fail(err)
     print(json.dumps({"step": step, "task_id": result.task_id, "artifacts": result.artifacts}, indent=2))
     return 0
 
@@ -86,6 +96,7 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging()
     overrides = _overrides(args)
+    user_errors = user_errors_types()
     try:
         cfg = load_config(args.config, overrides)
         if args.offline:
@@ -94,8 +105,8 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
             return 0
         pipe = build_controller(args.config, overrides, cfg)
         start_controller(pipe, "local" if args.local else "remote", cfg.clearml.queues.controller)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        return _fail(err)
+    except user_errors as err:
+        return fail(err)
     return 0
 
 

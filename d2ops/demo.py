@@ -103,6 +103,11 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = run_demo(args.out, args.config, args.overrides)
+    from d2ops.cli import fail, user_errors_types
+
+    try:
+        summary = run_demo(args.out, args.config, args.overrides)
+    except user_errors_types() as err:
+        return fail(err)
     print(format_summary(summary, args.out / "summary.json"))
     return 0

@@ -124,6 +124,7 @@ def run_download(ctx: StepContext) -> StepOutput:
     """Fetch the dataset (and remote initial weights), validate it, and record its identity."""
     from d2ops.training import check_model_config
 
+    _localize_config_file(ctx)
     check_model_config(ctx.cfg)
     source = ctx.cfg.data.source
     stats = storage.download(source, _dataset_cache(ctx.cfg))
@@ -143,6 +144,14 @@ def run_download(ctx: StepContext) -> StepOutput:
     )
 
 
+def _localize_config_file(ctx: StepContext) -> None:
+    """A detectron2 config file on S3 is fetched (cached) and the config pointed at the local copy."""
+    source = ctx.cfg.model.config_file
+    if source and storage.is_s3_uri(source):
+        ctx.cfg = ctx.cfg.model_copy(deep=True)
+        ctx.cfg.model.config_file = str(fetch(source, ctx.workdir / "model_config"))
+
+
 def _initial_weights(ctx: StepContext) -> str | None:
     weights = ctx.cfg.model.weights
     if not weights:
@@ -155,6 +164,7 @@ def run_train(ctx: StepContext) -> StepOutput:
     from d2ops.datasets import register_splits
     from d2ops.training import train
 
+    _localize_config_file(ctx)
     root, _ = _validated_dataset(ctx)
     dataset = register_splits(root, ctx.cfg.data)
     result = train(

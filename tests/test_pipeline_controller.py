@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,11 +16,17 @@ CONFIG = "configs/demo.yaml"
 
 
 @pytest.fixture(scope="module")
-def dag(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def dag(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     enable_offline(tmp_path_factory.mktemp("clearml"))
     overrides = ["solver.max_iter=500", "clearml.queues.train=gpu-a100"]
     pipe = build_controller(CONFIG, overrides)
-    return {"pipe": pipe, "nodes": pipe.get_pipeline_dag(), "cfg": load_config(CONFIG, overrides)}
+    yield {"pipe": pipe, "nodes": pipe.get_pipeline_dag(), "cfg": load_config(CONFIG, overrides)}
+    # The controller owns this process's main task; close it so later sessions can start.
+    from clearml import Task
+
+    controller_task = Task.current_task()
+    if controller_task is not None:
+        controller_task.close()
 
 
 def test_every_step_is_a_node_with_the_right_parents(dag: dict[str, Any]) -> None:
