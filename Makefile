@@ -22,7 +22,7 @@ test-fast: $(VENV)/.ready
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(VENV)/.ready
-	$(PY) bench/bench_s3.py --json bench/results.json
+	$(PY) bench/bench_s3.py --latency-ms 10 --json bench/results.json
 	$(PY) bench/bench_train.py --json bench/results.json
 
 lint: $(VENV)/.ready

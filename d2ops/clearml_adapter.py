@@ -9,6 +9,7 @@ Every step runs inside :func:`open_step`, in one of three modes:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -203,8 +204,13 @@ def register_model(
     labels: Sequence[str],
     metadata: dict[str, Any],
     publish: bool,
+    config_text: str = "",
 ) -> dict[str, Any]:
     """Register a bundle as a ClearML OutputModel with label enumeration, tags and metadata.
+
+    The model's configuration is the detectron2 ``config.yaml``; its comment carries the
+    metadata as JSON too, because offline sessions cannot hold model metadata (ClearML's
+    offline API has no metadata call, and only the model's init fields are replayed on import).
 
     Offline workaround: ClearML (1.18 to 2.1.12) raises ``AttributeError: 'DummyModel' object has
     no attribute 'locked'`` from ``OutputModel.update_weights`` in offline mode, because its
@@ -221,7 +227,9 @@ def register_model(
         tags=list(tags),
         label_enumeration={label: i + 1 for i, label in enumerate(labels)},
         framework="PyTorch",
-        comment=f"detectron2 bundle; gate {'passed' if publish else 'failed'}",
+        config_text=config_text or None,
+        comment=f"d2ops detectron2 bundle; quality gate {'passed' if publish else 'failed'}\n"
+        + json.dumps(metadata, sort_keys=True, default=str),
     )
     if run.mode == "offline":
         base: Any = model._get_base_model()

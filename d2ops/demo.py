@@ -62,7 +62,9 @@ def run_demo(out_dir: Path, config: str, overrides: Sequence[str] = ()) -> dict[
         uri = s3.uri("d2ops-demo", "datasets/shapes/")
         storage.upload(dataset, uri, create_bucket=True, progress=False)
         log.info("dataset uploaded to %s", uri)
+        cfg = load_config(config, [*overrides, f"data.source={uri}"])
         all_overrides = [
+            f"inference.source={uri}{cfg.data.splits[cfg.eval.split]}/",  # batch inference straight from S3
             *overrides,
             f"data.source={uri}",
             f"data.cache_dir={out_dir / 'cache'}",

@@ -270,6 +270,7 @@ def run_register(ctx: StepContext) -> StepOutput:
             labels=labels,
             metadata=metadata,
             publish=gate.passed,
+            config_text=(bundle / "config.yaml").read_text(),
         )
     ctx.reporter.single_value("quality_gate_passed", float(gate.passed))
     log.info(
