@@ -147,7 +147,8 @@ def _step_task_factory(step: str, cfg: ExperimentConfig, node: Any) -> Any:
         docker_args=cfg.clearml.docker_args or None,
         add_task_init_call=False,
     )
-    task.connect(step_parameters(step, "", []), name="General")
+    # Declare the step's parameters so the controller's General/ overrides have slots to fill.
+    task.set_parameters({f"General/{key}": value for key, value in step_parameters(step, "", []).items()})
     return task
 
 

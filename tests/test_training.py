@@ -27,6 +27,7 @@ def _cfg(dataset: Path, *overrides: str):  # type: ignore[no-untyped-def]
     return load_config(SMOKE, [f"data.source={dataset}", "solver.eval_period=0", *overrides])
 
 
+@pytest.mark.slow
 def test_diverged_run_fails_with_advice(dataset: Path, tmp_path: Path) -> None:
     from d2ops.datasets import register_splits
     from d2ops.training import TrainingDiverged, train
@@ -37,6 +38,7 @@ def test_diverged_run_fails_with_advice(dataset: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "model_final.pth").exists()
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoints_on_s3(dataset: Path, tmp_path: Path) -> None:
     from d2ops.datasets import register_splits
     from d2ops.s3server import local_s3_endpoint
