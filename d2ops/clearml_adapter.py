@@ -204,11 +204,11 @@ def register_model(
     labels: Sequence[str],
     metadata: dict[str, Any],
     publish: bool,
-    config_text: str = "",
+    config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Register a bundle as a ClearML OutputModel with label enumeration, tags and metadata.
 
-    The model's configuration is the detectron2 ``config.yaml``; its comment carries the
+    The model's configuration is the detectron2 config (``config.yaml`` as a dict); its comment carries the
     metadata as JSON too, because offline sessions cannot hold model metadata (ClearML's
     offline API has no metadata call, and only the model's init fields are replayed on import).
 
@@ -227,7 +227,7 @@ def register_model(
         tags=list(tags),
         label_enumeration={label: i + 1 for i, label in enumerate(labels)},
         framework="PyTorch",
-        config_text=config_text or None,
+        config_dict=config or None,
         comment=f"d2ops detectron2 bundle; quality gate {'passed' if publish else 'failed'}\n"
         + json.dumps(metadata, sort_keys=True, default=str),
     )

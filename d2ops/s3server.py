@@ -52,9 +52,7 @@ class LocalS3:
 
 
 @contextmanager
-def local_s3_endpoint(
-    port: int = 0, *, in_process: bool = True, latency_ms: float = 0.0
-) -> Iterator[LocalS3]:
+def local_s3_endpoint(port: int = 0, *, in_process: bool = True, latency_ms: float = 0.0) -> Iterator[LocalS3]:
     """Run moto's S3 server on 127.0.0.1 for the duration of the block.
 
     ``port=0`` picks a free port. ``in_process=True`` serves from a thread of this process
@@ -204,9 +202,12 @@ def main(argv: list[str] | None = None) -> None:
     server = make_server(LOCAL_HOST, args.port, app, threaded=True, request_handler=MotoRequestHandler)
     endpoint = _endpoint(server.server_address[1])
     logger.info("S3 endpoint %s (in memory; any key/secret is accepted)", endpoint.endpoint_url)
-    logger.info("use URIs like %s and, in clearml.conf, sdk.aws.s3.credentials: "
-                '[{host: "%s", key: "any", secret: "any", multipart: false, secure: false}]',
-                endpoint.uri("bucket", "prefix"), endpoint.host)
+    logger.info(
+        "use URIs like %s and, in clearml.conf, sdk.aws.s3.credentials: "
+        '[{host: "%s", key: "any", secret: "any", multipart: false, secure: false}]',
+        endpoint.uri("bucket", "prefix"),
+        endpoint.host,
+    )
     with suppress(KeyboardInterrupt):
         server.serve_forever()
     server.server_close()

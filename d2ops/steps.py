@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from d2ops import storage
 from d2ops.config import ExperimentConfig, config_hash
 from d2ops.reporting import Reporter
@@ -270,7 +272,7 @@ def run_register(ctx: StepContext) -> StepOutput:
             labels=labels,
             metadata=metadata,
             publish=gate.passed,
-            config_text=(bundle / "config.yaml").read_text(),
+            config=yaml.safe_load((bundle / "config.yaml").read_text()),
         )
     ctx.reporter.single_value("quality_gate_passed", float(gate.passed))
     log.info(

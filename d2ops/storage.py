@@ -285,9 +285,7 @@ def _is_retryable(exc: BaseException) -> bool:
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return status >= 500 or error.get("Code", "") in _RETRYABLE_CODES
-    return isinstance(
-        exc, bce.ConnectionError | bce.HTTPClientError | bce.IncompleteReadError | _TruncatedTransfer
-    )
+    return isinstance(exc, bce.ConnectionError | bce.HTTPClientError | bce.IncompleteReadError | _TruncatedTransfer)
 
 
 def _with_retries(fn: Callable[[], T], what: str) -> T:
@@ -299,8 +297,9 @@ def _with_retries(fn: Callable[[], T], what: str) -> T:
             if attempt == RETRY_ATTEMPTS or not _is_retryable(exc):
                 raise
             delay = RETRY_BASE_DELAY_S * 2 ** (attempt - 1)
-            logger.warning("%s: %s (attempt %d/%d), retrying in %.1fs",
-                           what, type(exc).__name__, attempt, RETRY_ATTEMPTS, delay)
+            logger.warning(
+                "%s: %s (attempt %d/%d), retrying in %.1fs", what, type(exc).__name__, attempt, RETRY_ATTEMPTS, delay
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -320,20 +319,25 @@ def _as_storage_error(exc: BaseException, uri: str, loc: S3Location) -> StorageE
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if code in _DENIED_CODES or status == 403:
-            return StorageError(f"access denied to {uri} ({code or status}): {creds_hint}, "
-                                f"and that they may access bucket '{loc.bucket}'")
+            return StorageError(
+                f"access denied to {uri} ({code or status}): {creds_hint}, "
+                f"and that they may access bucket '{loc.bucket}'"
+            )
         if code == "NoSuchBucket":
             endpoint = loc.endpoint_url or "AWS"
-            return StorageError(f"bucket '{loc.bucket}' does not exist at {endpoint}: "
-                                f"check the bucket name and host:port in {uri}")
+            return StorageError(
+                f"bucket '{loc.bucket}' does not exist at {endpoint}: check the bucket name and host:port in {uri}"
+            )
         if code in {"NoSuchKey", "404"} or status == 404:
             return StorageError(f"no object at {uri}: check the bucket and prefix")
         return StorageError(f"S3 request for {uri} failed ({code or status}): {exc}")
     if isinstance(exc, bce.ConnectionError | bce.HTTPClientError):
         endpoint = loc.endpoint_url or "AWS S3"
-        return StorageError(f"cannot reach {endpoint} for {uri} after {RETRY_ATTEMPTS} attempts "
-                            f"({type(exc).__name__}): check host:port, http vs https "
-                            "(secure / D2OPS_S3_SECURE) and that the server is running")
+        return StorageError(
+            f"cannot reach {endpoint} for {uri} after {RETRY_ATTEMPTS} attempts "
+            f"({type(exc).__name__}): check host:port, http vs https "
+            "(secure / D2OPS_S3_SECURE) and that the server is running"
+        )
     return StorageError(f"transfer of {uri} failed: {type(exc).__name__}: {exc}")
 
 
@@ -349,8 +353,15 @@ class _Progress:
 
     def __init__(self, total: int, desc: str, enabled: bool) -> None:
         self._lock = threading.Lock()
-        self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                         disable=None if enabled else True, leave=False)
+        self._bar = tqdm(
+            total=total,
+            desc=desc,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            disable=None if enabled else True,
+            leave=False,
+        )
 
     def update(self, n: int) -> None:
         with self._lock:
@@ -422,7 +433,7 @@ def _list_remote(client: S3Client, loc: S3Location) -> tuple[list[_Remote], bool
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=list_prefix):
         for obj in page.get("Contents", []):
             key = obj["Key"]
-            rel = key[len(list_prefix):]
+            rel = key[len(list_prefix) :]
             if key.endswith("/") or rel == CACHE_INDEX_NAME:
                 continue  # folder markers; a stray cache index uploaded with a dataset
             remotes.append(_Remote(key, ObjectInfo(rel, obj["ETag"].strip('"'), obj["Size"])))
@@ -448,9 +459,7 @@ def _is_cached(info: ObjectInfo, target: Path, index: dict[str, dict[str, Any]])
         return False
 
 
-def _fetch_once(
-    client: S3Client, bucket: str, remote: _Remote, target: Path, progress: _Progress
-) -> ObjectInfo:
+def _fetch_once(client: S3Client, bucket: str, remote: _Remote, target: Path, progress: _Progress) -> ObjectInfo:
     """Download one object to a temp file next to ``target``, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(target)
@@ -524,8 +533,15 @@ def _download_s3(uri: str, dest: Path, workers: int, progress: bool) -> tuple[Tr
         identity=dataset_identity(manifest),
         seconds=time.perf_counter() - started,
     )
-    logger.info("download %s -> %s: %d fetched, %d cached, %d bytes in %.2fs", loc.uri(), dest,
-                stats.files_transferred, stats.files_skipped, stats.bytes_transferred, stats.seconds)
+    logger.info(
+        "download %s -> %s: %d fetched, %d cached, %d bytes in %.2fs",
+        loc.uri(),
+        dest,
+        stats.files_transferred,
+        stats.files_skipped,
+        stats.bytes_transferred,
+        stats.seconds,
+    )
     return stats, (dest / remotes[0].info.key) if single else dest
 
 
@@ -647,20 +663,19 @@ def _ensure_bucket(client: S3Client, loc: S3Location, create: bool) -> None:
         if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
             raise
     if not create:
-        raise StorageError(f"bucket '{loc.bucket}' does not exist at {loc.endpoint_url or 'AWS'}: "
-                           f"create it, check the name in {loc.uri()}, or pass create_bucket=True")
+        raise StorageError(
+            f"bucket '{loc.bucket}' does not exist at {loc.endpoint_url or 'AWS'}: "
+            f"create it, check the name in {loc.uri()}, or pass create_bucket=True"
+        )
     region = client.meta.region_name
     if region and region != "us-east-1":
-        client.create_bucket(Bucket=loc.bucket,
-                             CreateBucketConfiguration={"LocationConstraint": region})  # type: ignore[typeddict-item]
+        client.create_bucket(Bucket=loc.bucket, CreateBucketConfiguration={"LocationConstraint": region})  # type: ignore[typeddict-item]
     else:
         client.create_bucket(Bucket=loc.bucket)
     logger.info("created bucket %s at %s", loc.bucket, loc.endpoint_url or "AWS")
 
 
-def _put_once(
-    client: S3Client, bucket: str, key: str, rel: str, path: Path, progress: _Progress
-) -> ObjectInfo:
+def _put_once(client: S3Client, bucket: str, key: str, rel: str, path: Path, progress: _Progress) -> ObjectInfo:
     """Upload one file: a single PUT for ordinary files, multipart (s3transfer) for large ones."""
     size = path.stat().st_size
     if size < _LARGE_UPLOAD_BYTES:
@@ -713,8 +728,10 @@ def upload(
         key = base + local.name if into_folder else loc.prefix
         jobs = [(key, PurePosixPath(key).name, local)]
     else:
-        jobs = [(base + p.relative_to(local).as_posix(), p.relative_to(local).as_posix(), p)
-                for p in sorted(_iter_files(local))]
+        jobs = [
+            (base + p.relative_to(local).as_posix(), p.relative_to(local).as_posix(), p)
+            for p in sorted(_iter_files(local))
+        ]
     if not jobs:
         raise StorageError(f"nothing to upload: {local} holds no files")
 
@@ -750,6 +767,12 @@ def upload(
         identity=dataset_identity(manifest),
         seconds=time.perf_counter() - started,
     )
-    logger.info("upload %s -> %s: %d files, %d bytes in %.2fs", local, loc.uri(),
-                stats.files_transferred, stats.bytes_transferred, stats.seconds)
+    logger.info(
+        "upload %s -> %s: %d files, %d bytes in %.2fs",
+        local,
+        loc.uri(),
+        stats.files_transferred,
+        stats.bytes_transferred,
+        stats.seconds,
+    )
     return stats

@@ -175,7 +175,8 @@ def validate_dataset(
     problems = _Problems(max_problems)
     if not root.is_dir():
         problems.add(
-            "dataset folder not found", str(root),
+            "dataset folder not found",
+            str(root),
             "download the dataset first, or point the dataset root at the folder holding the split folders",
         )
         problems.raise_if_any(root)
@@ -226,7 +227,10 @@ class _Problems:
 def _log_summary(summary: SplitSummary) -> None:
     logger.info(
         "%s split '%s' is valid: %d images, %d annotations, instances per category %s",
-        summary.format.upper(), summary.split, summary.images, summary.annotations,
+        summary.format.upper(),
+        summary.split,
+        summary.images,
+        summary.annotations,
         summary.instances_per_category,
     )
 
@@ -249,13 +253,15 @@ def _load_json(path: Path, loc: str, problems: _Problems, kind: str) -> Any:
         return json.loads(path.read_bytes())
     except json.JSONDecodeError as exc:
         problems.add(
-            f"{kind} is not valid JSON ({exc.msg})", f"{loc}: line {exc.lineno}, column {exc.colno}",
+            f"{kind} is not valid JSON ({exc.msg})",
+            f"{loc}: line {exc.lineno}, column {exc.colno}",
             "fix the syntax at that position or export the annotations again "
             "(an interrupted download or a hand edit often leaves a broken file)",
         )
     except UnicodeDecodeError as exc:
         problems.add(
-            f"{kind} is not UTF-8 text ({exc.reason})", f"{loc}: byte {exc.start}",
+            f"{kind} is not UTF-8 text ({exc.reason})",
+            f"{loc}: byte {exc.start}",
             "save the file as UTF-8 JSON or export the annotations again",
         )
     return _UNREADABLE
@@ -327,18 +333,18 @@ def _inspect_images(paths: Iterable[Path]) -> dict[Path, _ImageFile]:
         return dict(zip(unique, pool.map(_inspect_image, unique), strict=True))
 
 
-def _image_size_or_report(
-    result: _ImageFile, relative: str, where: str, problems: _Problems
-) -> tuple[int, int] | None:
+def _image_size_or_report(result: _ImageFile, relative: str, where: str, problems: _Problems) -> tuple[int, int] | None:
     """Record a missing or undecodable image; return its size when it could be read."""
     if result.missing:
         problems.add(
-            "image file not found", where,
+            "image file not found",
+            where,
             f"put the image at {relative}, or correct the file name (it is relative to the split folder)",
         )
     elif result.error is not None:
         problems.add(
-            f"image file cannot be decoded ({result.error})", where,
+            f"image file cannot be decoded ({result.error})",
+            where,
             "replace it with a valid image (download or export it again); "
             "a truncated or mislabelled file would crash the data loader mid-training",
         )
@@ -442,8 +448,12 @@ def _check_coco_split(
         _check_coco_images(split_dir, label, images, loc, problems)
     names = [category.name for _, category in sorted(categories.items())]
     return SplitSummary(
-        split=label, path=str(split_dir), format="coco", images=len(raw_images),
-        annotations=len(raw_annotations), categories=names,
+        split=label,
+        path=str(split_dir),
+        format="coco",
+        images=len(raw_images),
+        annotations=len(raw_annotations),
+        categories=names,
         instances_per_category={name: instances.get(name, 0) for name in names},
     )
 
@@ -470,7 +480,8 @@ def _coco_sections(data: Any, loc: str, problems: _Problems) -> tuple[list[Any],
         return None
     if not found[0]:
         problems.add(
-            "no images in 'images'", loc,
+            "no images in 'images'",
+            loc,
             "export the split again with its images, or drop the split from the dataset config",
         )
     return found[0], found[1], found[2]
@@ -528,9 +539,7 @@ def _report_schema_errors(exc: ValidationError, section: str, where: str, proble
         problems.add(what, where, _FIELD_FIXES.get((section, top), default_fix))
 
 
-def _unique_by_id(
-    entries: list[tuple[str, str, _Entry]], kind: str, problems: _Problems
-) -> dict[int, _Entry]:
+def _unique_by_id(entries: list[tuple[str, str, _Entry]], kind: str, problems: _Problems) -> dict[int, _Entry]:
     """Map each id to its first entry; record every later entry that reuses the id."""
     by_id: dict[int, _Entry] = {}
     first_ref: dict[int, str] = {}
@@ -540,7 +549,8 @@ def _unique_by_id(
             first_ref[entry.id] = ref
             continue
         problems.add(
-            f"duplicate {kind} id {entry.id} (already used by {first_ref[entry.id]})", where,
+            f"duplicate {kind} id {entry.id} (already used by {first_ref[entry.id]})",
+            where,
             f"give every {kind} its own id; ids must not repeat",
         )
     return by_id
@@ -549,33 +559,31 @@ def _unique_by_id(
 def _raw_ids(raw_entries: list[Any]) -> set[int]:
     """Integer ids of all entries, including those that failed their schema."""
     return {
-        raw["id"] for raw in raw_entries
+        raw["id"]
+        for raw in raw_entries
         if isinstance(raw, dict) and isinstance(raw.get("id"), int) and not isinstance(raw["id"], bool)
     }
 
 
-def _check_categories(
-    categories: dict[int, _CocoCategory], raw: list[Any], loc: str, problems: _Problems
-) -> None:
+def _check_categories(categories: dict[int, _CocoCategory], raw: list[Any], loc: str, problems: _Problems) -> None:
     """A COCO split needs at least one category, and each class name once."""
     if not raw:
         problems.add(
-            "no categories: 'categories' is empty", loc,
-            "add one entry per class to 'categories', e.g. {\"id\": 1, \"name\": \"balloon\"}, "
-            "or export the split again",
+            "no categories: 'categories' is empty",
+            loc,
+            'add one entry per class to \'categories\', e.g. {"id": 1, "name": "balloon"}, or export the split again',
         )
     counts = Counter(category.name for category in categories.values())
     for name, count in counts.items():
         if count > 1:
             problems.add(
-                f"category name {name!r} is used by {count} category ids", f"{loc}: categories",
+                f"category name {name!r} is used by {count} category ids",
+                f"{loc}: categories",
                 "merge them into one category, or give each its own class name",
             )
 
 
-def _check_annotations(
-    annotations: list[_CocoAnnotation], context: _CocoContext, problems: _Problems
-) -> Counter[str]:
+def _check_annotations(annotations: list[_CocoAnnotation], context: _CocoContext, problems: _Problems) -> Counter[str]:
     """Check references, boxes and polygons; return the number of instances per class name."""
     instances: Counter[str] = Counter()
     for annotation in annotations:
@@ -584,12 +592,14 @@ def _check_annotations(
         where = f"{context.loc}: annotation id {annotation.id} (image id {annotation.image_id}{file_part})"
         if annotation.image_id not in context.image_ids:
             problems.add(
-                f"annotation refers to unknown image id {annotation.image_id}", where,
+                f"annotation refers to unknown image id {annotation.image_id}",
+                where,
                 "set image_id to the id of an entry in 'images', or delete the annotation",
             )
         if annotation.category_id not in context.category_ids:
             problems.add(
-                f"annotation refers to unknown category id {annotation.category_id}", where,
+                f"annotation refers to unknown category id {annotation.category_id}",
+                where,
                 f"set category_id to one of {sorted(context.category_ids)}, or add the category",
             )
         category = context.categories.get(annotation.category_id)
@@ -605,13 +615,14 @@ def _check_box(bbox: list[float], image: _CocoImage | None, where: str, problems
     box = f"[{x:g}, {y:g}, {width:g}, {height:g}]"
     if width <= 0 or height <= 0:
         problems.add(
-            f"box with non-positive width or height (bbox {box})", where,
-            "delete the degenerate box or fix its size; COCO bbox is [x, y, width, height], "
-            "not [x1, y1, x2, y2]",
+            f"box with non-positive width or height (bbox {box})",
+            where,
+            "delete the degenerate box or fix its size; COCO bbox is [x, y, width, height], not [x1, y1, x2, y2]",
         )
     elif image is not None and _outside((x, y, x + width, y + height), (image.width, image.height)):
         problems.add(
-            f"box outside the image (bbox {box}, image {image.width}x{image.height})", where,
+            f"box outside the image (bbox {box}, image {image.width}x{image.height})",
+            where,
             "clip the box to the image or fix the image's width/height",
         )
 
@@ -647,7 +658,8 @@ def _check_coco_images(
         if size is not None and size != (image.width, image.height):
             real = f"{size[0]}x{size[1]}"
             problems.add(
-                f"declared size {image.width}x{image.height} differs from the image file's {real}", where,
+                f"declared size {image.width}x{image.height} differs from the image file's {real}",
+                where,
                 f"set width/height to {real}, or export the annotations again together with the image",
             )
 
@@ -695,7 +707,11 @@ class _ViaSplit:
 
 
 def _check_via_split(
-    split_dir: Path, annotation_file: str, label: str, rules: _ViaRules, check_images: bool,
+    split_dir: Path,
+    annotation_file: str,
+    label: str,
+    rules: _ViaRules,
+    check_images: bool,
     problems: _Problems,
 ) -> SplitSummary | None:
     """Run every VIA check on one split; return its summary, or None if it cannot be read."""
@@ -711,8 +727,13 @@ def _check_via_split(
     regions = sum(_check_via_entry(str(key), entry, split) for key, entry in entries.items())
     names = rules.category_names(split.instances)
     return SplitSummary(
-        split=label, path=str(split_dir), format="via", images=len(entries), annotations=regions,
-        categories=names, instances_per_category={name: split.instances.get(name, 0) for name in names},
+        split=label,
+        path=str(split_dir),
+        format="via",
+        images=len(entries),
+        annotations=regions,
+        categories=names,
+        instances_per_category={name: split.instances.get(name, 0) for name in names},
     )
 
 
@@ -722,13 +743,15 @@ def _via_entries(data: Any, loc: str, problems: _Problems) -> dict[str, Any] | N
         data = data["_via_img_metadata"]
     if not isinstance(data, dict):
         problems.add(
-            f"top level is a JSON {type(data).__name__}, not an object keyed by image", loc,
+            f"top level is a JSON {type(data).__name__}, not an object keyed by image",
+            loc,
             "export the annotations from VIA with 'Annotation > Export Annotations (as json)'",
         )
         return None
     if not data:
         problems.add(
-            "no images in the annotation file", loc,
+            "no images in the annotation file",
+            loc,
             "annotate and export the split's images in VIA, or drop the split from the dataset config",
         )
         return None
@@ -780,9 +803,7 @@ def _check_via_entry(key: str, entry: Any, split: _ViaSplit) -> int:
     return len(regions)
 
 
-def _check_via_region(
-    region: Any, where: str, size: tuple[int, int] | None, split: _ViaSplit
-) -> str | None:
+def _check_via_region(region: Any, where: str, size: tuple[int, int] | None, split: _ViaSplit) -> str | None:
     """Check a region's shape and class; return the class name when it is a valid one."""
     problems = split.problems
     if not isinstance(region, dict):
@@ -798,7 +819,8 @@ def _check_via_region(
             image = f"image {size[0]}x{size[1]}"
             problems.add(
                 f"{shape['name']} outside the image ({_describe_extent(extent)}, {image})",
-                where, "move the points inside the image in VIA, and check the region belongs to this image",
+                where,
+                "move the points inside the image in VIA, and check the region belongs to this image",
             )
     return _via_class_name(region, where, split.rules, problems)
 
@@ -811,7 +833,8 @@ def _via_shape_extent(shape: dict[str, Any], where: str, problems: _Problems) ->
     if name == "rect":
         return _via_rect_extent(shape, where, problems)
     problems.add(
-        f"unsupported region shape {_short(name)}", where,
+        f"unsupported region shape {_short(name)}",
+        where,
         "redraw the region as a polygon or a rectangle in VIA, or delete it",
     )
     return None
@@ -856,17 +879,20 @@ def _via_class_name(region: dict[str, Any], where: str, rules: _ViaRules, proble
     value = attributes.get(attribute) if isinstance(attributes, dict) else None
     if value is None:
         problems.add(
-            f"region has no '{attribute}' attribute", where,
+            f"region has no '{attribute}' attribute",
+            where,
             f"set the region attribute '{attribute}' to {allowed} in VIA, or delete the region",
         )
     elif not isinstance(value, str) or not value.strip():
         problems.add(
-            f"region attribute '{attribute}' is {_short(value)}, not a class name", where,
+            f"region attribute '{attribute}' is {_short(value)}, not a class name",
+            where,
             f"make '{attribute}' a text, radio or dropdown attribute holding {allowed}",
         )
     elif rules.class_names is not None and value not in rules.class_names:
         problems.add(
-            f"unknown class {value!r} in region attribute '{attribute}'", where,
+            f"unknown class {value!r} in region attribute '{attribute}'",
+            where,
             f"use {allowed}, or add {value!r} to class_names",
         )
     else:
@@ -890,6 +916,5 @@ def _check_categories_covered_by_train(
             problems.add(
                 f"{role} split has categories that train lacks: {extra}",
                 f"{splits[role]}/{annotation_file}",
-                f"add training examples of {extra}, or remove or rename them in {role} "
-                f"(train has {train.categories})",
+                f"add training examples of {extra}, or remove or rename them in {role} (train has {train.categories})",
             )

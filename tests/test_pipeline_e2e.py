@@ -122,7 +122,7 @@ def test_register_session_records_the_model(pipeline_run: dict[str, Any]) -> Non
     assert init["name"] == "d2ops-shapes-smoke"
     assert init["label_enumeration"] == {"square": 1, "circle": 2, "triangle": 3}
     assert "smoke" in init["tags"]
-    assert "ROI_HEADS:" in init["config_text"], "the detectron2 config should be the model's configuration"
+    assert init["config_dict"]["MODEL"]["ROI_HEADS"]["NUM_CLASSES"] == 3, "the detectron2 config is the model's"
     assert '"dataset_identity"' in init["comment"] and "quality gate passed" in init["comment"]
     assert Path(models[0]["weights"]["weights_filename"]).is_file()
     assert models[0]["weights"]["is_package"] is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,13 @@ def test_resume_from_checkpoints_on_s3(dataset: Path, tmp_path: Path) -> None:
         assert (tmp_path / "b" / "model_final.pth").is_file()
 
 
+def _fresh_process_env(**extra: str) -> dict[str, str]:
+    """This process's environment without ClearML's master-process marker, which earlier in-process
+    sessions leave behind and which would make the child's Task.init return a stub."""
+    env = {k: v for k, v in os.environ.items() if k not in {"CLEARML_PROC_MASTER_ID", "TRAINS_PROC_MASTER_ID"}}
+    return {**env, **extra}
+
+
 def test_bad_data_stops_the_download_step_with_a_report(dataset: Path, tmp_path: Path) -> None:
     """tasks/download.py, offline, on a dataset with a box outside its image: exit 2, a readable report."""
     import shutil
@@ -90,7 +98,7 @@ def test_bad_data_stops_the_download_step_with_a_report(dataset: Path, tmp_path:
         capture_output=True,
         text=True,
         timeout=300,
-        env={**__import__("os").environ, "CLEARML_CACHE_DIR": str(tmp_path / "clearml")},
+        env=_fresh_process_env(CLEARML_CACHE_DIR=str(tmp_path / "clearml")),
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Dataset validation failed" in proc.stderr
