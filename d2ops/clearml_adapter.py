@@ -27,6 +27,7 @@ __all__ = [
     "Mode",
     "StepRun",
     "enable_offline",
+    "on_agent",
     "open_step",
     "register_model",
 ]
@@ -42,6 +43,13 @@ _TASK_TYPES = {
     "infer": "inference",
     "register": "custom",
 }
+
+
+def on_agent() -> bool:
+    """True when this process was started by a clearml-agent (or a pipeline) for an existing task."""
+    from clearml.config import running_remotely
+
+    return running_remotely()
 
 
 def enable_offline(cache_dir: Path | None = None) -> None:
@@ -141,8 +149,8 @@ def open_step(
     step: str,
     params: dict[str, Any],
     *,
-    project: str,
     mode: Mode,
+    project: str | None = None,
     queue: str | None = None,
     docker_image: str | None = None,
     docker_args: str = "",

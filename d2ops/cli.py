@@ -23,8 +23,12 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
-    parser.add_argument("--config", default=default_config, required=default_config is None, help="experiment YAML")
+def _add_config_args(
+    parser: argparse.ArgumentParser, default_config: str | None = None, *, required: bool = True
+) -> None:
+    parser.add_argument(
+        "--config", default=default_config, required=required and default_config is None, help="experiment YAML"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -56,10 +60,13 @@ def fail(err: BaseException) -> int:
 
 def step_main(step: str, argv: Sequence[str] | None = None) -> int:
     """Run one pipeline step as a ClearML task (offline, here with a server, or on a queue)."""
+    from d2ops.clearml_adapter import on_agent
     from d2ops.pipeline import run_step, step_parameters
 
+    # On a clearml-agent the script runs without arguments; its parameters come from the task.
+    agent = on_agent()
     parser = argparse.ArgumentParser(prog=f"tasks/{step}.py", description=f"d2ops {step} step")
-    _add_config_args(parser)
+    _add_config_args(parser, required=not agent)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--offline", action="store_true", help="no ClearML server: keep an offline session")
     mode.add_argument("--remote", action="store_true", help="enqueue on a ClearML queue (execute_remotely)")
@@ -71,10 +78,11 @@ def step_main(step: str, argv: Sequence[str] | None = None) -> int:
     inputs = {name: getattr(args, name) for name in STEP_INPUTS[step]}
     user_errors = user_errors_types()
     try:
-        load_config(args.config, _overrides(args))  # fail before any ClearML task is created
+        if not agent:
+            load_config(args.config, _overrides(args))  # fail before any ClearML task is created
         result = run_step(
             step,
-            step_parameters(step, args.config, _overrides(args), inputs),
+            step_parameters(step, args.config or "", _overrides(args), inputs),
             mode="offline" if args.offline else "remote" if args.remote else "local",
             queue=args.queue,
         )

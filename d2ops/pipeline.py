@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from d2ops.clearml_adapter import Mode, open_step, register_model
+from d2ops.clearml_adapter import Mode, on_agent, open_step, register_model
 from d2ops.config import ExperimentConfig, load_config
 from d2ops.steps import STEP_FUNCTIONS, STEP_INPUTS, STEPS, StepContext
 
@@ -76,19 +76,24 @@ def run_step(
     mode: Mode,
     queue: str | None = None,
 ) -> StepResult:
-    """Run one step as a ClearML task: the body of every tasks/*.py script and of the offline pipeline."""
-    cfg = load_config(params["config"], parse_overrides(params.get("overrides")))
-    with open_step(
-        step,
-        params,
-        project=cfg.clearml.project,
-        mode=mode,
-        queue=queue or getattr(cfg.clearml.queues, step),
-        docker_image=cfg.clearml.docker_image,
-        docker_args=cfg.clearml.docker_args,
-        output_uri=cfg.clearml.output_uri,
-        tags=[cfg.name],
-    ) as run:
+    """Run one step as a ClearML task: the body of every tasks/*.py script and of the offline pipeline.
+
+    On a clearml-agent the script starts with no arguments: the task already exists and its
+    ``General/`` parameters (as the pipeline or the UI set them) arrive through ``connect``, so
+    the config is only read after the task is open.
+    """
+    launch: dict[str, Any] = {}
+    if not on_agent():
+        cfg = load_config(params["config"], parse_overrides(params.get("overrides")))
+        launch = {
+            "project": cfg.clearml.project,
+            "queue": queue or getattr(cfg.clearml.queues, step),
+            "docker_image": cfg.clearml.docker_image,
+            "docker_args": cfg.clearml.docker_args,
+            "output_uri": cfg.clearml.output_uri,
+            "tags": [cfg.name],
+        }
+    with open_step(step, params, mode=mode, **launch    ) as run:
         # On an agent the connected values are the ones edited in the UI / set by the pipeline.
         cfg = load_config(run.params["config"], parse_overrides(run.params.get("overrides")))
         run.reporter.configuration("experiment", cfg.to_yaml(), "the validated d2ops experiment config")
