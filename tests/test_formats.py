@@ -1,0 +1,88 @@
+"""Image decoding for serving (every bad-input case) and the CVAT / TorchServe reply formats."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from d2ops.formats import BadImageError, decode_base64_image, decode_image, to_cvat, to_torchserve
+from d2ops.predictor import Detection
+
+
+def _jpeg(width: int = 64, height: int = 48) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 200, 30)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_decodes_to_bgr() -> None:
+    image = decode_image(_jpeg())
+    assert image.shape == (48, 64, 3) and image.dtype == np.uint8
+    assert image[0, 0, 1] > 150 and image[0, 0, 2] < 60  # green stays in channel 1, red is channel 2
+
+
+def test_base64_and_data_url() -> None:
+    encoded = base64.b64encode(_jpeg()).decode()
+    assert decode_base64_image(encoded).shape == (48, 64, 3)
+    assert decode_base64_image("data:image/jpeg;base64," + encoded).shape == (48, 64, 3)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"", "empty image"),
+        (b"definitely not an image", "not an image"),
+        (_jpeg()[: len(_jpeg()) // 2], "truncated or corrupt"),
+        (b"%PDF-1.4\n%" + b"x" * 100, "not an image"),
+    ],
+)
+def test_bad_bytes_are_refused_with_a_reason(payload: bytes, message: str) -> None:
+    with pytest.raises(BadImageError, match=message):
+        decode_image(payload)
+
+
+def test_unsupported_format() -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="ICO")
+    with pytest.raises(BadImageError, match="unsupported image format ICO"):
+        decode_image(buf.getvalue())
+
+
+def test_decompression_bomb_is_refused_from_the_header(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(buf, format="PNG")  # 400 Mpx, a few KB compressed
+    assert len(buf.getvalue()) < 200_000
+    with pytest.raises(BadImageError, match="decompression bomb"):
+        decode_image(buf.getvalue())
+
+
+@pytest.mark.parametrize("value", ["***not base64***", 12, None])
+def test_bad_base64_field(value: object) -> None:
+    with pytest.raises(BadImageError, match="base64"):
+        decode_base64_image(value)
+
+
+def test_reply_formats() -> None:
+    box = Detection("circle", 1, 0.91234, [1.0, 2.0, 30.0, 40.0])
+    poly = Detection("balloon", 0, 0.5, [0.0, 0.0, 4.0, 4.0], polygons=[[0.0, 0.0, 4.0, 0.0, 4.0, 4.0]])
+    assert to_cvat([box]) == [
+        {"confidence": "0.9123", "label": "circle", "points": [1.0, 2.0, 30.0, 40.0], "type": "rectangle"}
+    ]
+    assert to_cvat([poly])[0]["type"] == "polygon" and to_cvat([poly])[0]["points"] == [0.0, 0.0, 4.0, 0.0, 4.0, 4.0]
+    assert to_torchserve([box]) == [{"circle": [1.0, 2.0, 30.0, 40.0], "score": 0.91234}]
+
+
+def test_tiny_bundle_predicts_deterministically(tiny_bundle: Path) -> None:
+    from d2ops.predictor import Detector
+
+    detector = Detector.from_bundle(tiny_bundle, device="cpu")
+    image = decode_image(_jpeg(128, 128))
+    first = detector.predict([image])[0]
+    again = detector.predict([image, image])
+    assert first, "score threshold 0 makes even random weights propose boxes"
+    assert [d.box for d in again[0]] == [d.box for d in first] == [d.box for d in again[1]]
