@@ -85,4 +85,7 @@ def test_tiny_bundle_predicts_deterministically(tiny_bundle: Path) -> None:
     first = detector.predict([image])[0]
     again = detector.predict([image, image])
     assert first, "score threshold 0 makes even random weights propose boxes"
-    assert [d.box for d in again[0]] == [d.box for d in first] == [d.box for d in again[1]]
+    # Batched and single passes agree up to float rounding (batch padding changes BLAS paths).
+    for batch in again:
+        assert [d.label for d in batch] == [d.label for d in first]
+        np.testing.assert_allclose([d.box for d in batch], [d.box for d in first], atol=1e-3)
