@@ -273,6 +273,14 @@ def train(
     trainer = trainer_cls(d2)
     trainer.resume_or_load(resume=resume)
     start_iter = trainer.start_iter
+    if start_iter >= d2.SOLVER.MAX_ITER:
+        log.warning(
+            "the checkpoint in %s is already at iteration %d >= solver.max_iter %d: nothing to train; "
+            "use a fresh runtime.output_dir (or raise solver.max_iter) to train again",
+            output_dir,
+            start_iter,
+            d2.SOLVER.MAX_ITER,
+        )
     log.info("training on %s from iteration %d to %d", d2.MODEL.DEVICE, start_iter, d2.SOLVER.MAX_ITER)
     tic = time.perf_counter()
     try:
