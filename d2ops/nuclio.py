@@ -1,0 +1,473 @@
+"""Export a model bundle as a CVAT serverless function (nuclio), and run it inside nuclio.
+
+``d2ops export nuclio --model M --out DIR`` writes two deployable function folders::
+
+    DIR/d2ops-export.json      what was exported (model, labels, d2ops version); marks DIR as an export
+    DIR/cpu/  DIR/gpu/         nuctl deploy --project-name cvat --path DIR/cpu  (or DIR/gpu)
+        function.yaml          CVAT's function spec, shaped like CVAT's own detectron2 functions
+        main.py                nuclio's entry points: init_context(context), handler(context, event)
+        model/                 the bundle (weights, config.yaml, labels.json, metrics, metadata)
+        d2ops/                 a copy of this package's source, put first on sys.path by main.py
+
+The package is *copied* into the function rather than pip-installed by a build directive because
+d2ops is not on a package index the nuclio builder can reach, the function folder is only copied into
+the image after the ``preCopy`` directives run, and installing d2ops would pull in its training and
+S3 dependencies. The copy makes the function run exactly the code that exported it (the same
+:class:`~d2ops.predictor.Detector` and :mod:`~d2ops.formats`), whatever d2ops the base image holds.
+
+The second half of this module is what main.py calls at run time: :func:`init_context` loads the
+bundle once per nuclio worker, :func:`handle_event` answers one request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import d2ops
+
+__all__ = [
+    "DEFAULT_BASE_IMAGE",
+    "DEFAULT_RUNTIME",
+    "EXPORT_MANIFEST",
+    "MAX_REQUEST_BODY_BYTES",
+    "ExportError",
+    "NuclioExport",
+    "build_function_config",
+    "cvat_label_spec",
+    "export_main",
+    "export_nuclio",
+    "handle_event",
+    "init_context",
+]
+
+log = logging.getLogger(__name__)
+
+#: The image docker/Dockerfile builds: CUDA PyTorch, detectron2 and d2ops's dependencies (Python 3.11).
+DEFAULT_BASE_IMAGE = "d2ops/detectron2:latest"
+#: nuclio's Python runtime; it must match the base image's ``python3``.
+DEFAULT_RUNTIME = "python:3.11"
+#: CVAT sends whole frames base64-encoded: 32 MiB, as in CVAT's own functions.
+MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
+EXPORT_MANIFEST = "d2ops-export.json"
+VARIANTS = ("cpu", "gpu")
+#: What d2ops.predictor and d2ops.formats import beyond torch and detectron2. Already in the default
+#: base image (a no-op there); installed when --base-image names a plain detectron2 image.
+RUNTIME_REQUIREMENTS = (
+    "Pillow>=10",
+    "opencv-python-headless<4.11",
+    "pyyaml>=6",
+    "pydantic>=2.6,<3",
+    "boto3>=1.34",
+    "tqdm>=4.66",
+)
+_BUNDLE_FILES = ("model_final.pth", "config.yaml", "labels.json", "metrics.json", "metadata.json")
+_FUNCTION_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+_MAIN_PY = '''\
+"""CVAT serverless function for the d2ops model {name!r} (written by `d2ops export nuclio`).
+
+nuclio calls init_context once per worker and handler once per request. The model bundle is in
+model/ and the d2ops code that exported it in d2ops/, both beside this file; the copy is put first on
+sys.path so the function runs that code, not whichever d2ops the base image may hold.
+"""
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from d2ops import nuclio as d2ops_nuclio  # noqa: E402
+
+MODEL_DIR = os.path.join(HERE, "model")
+
+
+def init_context(context):
+    d2ops_nuclio.init_context(
+        context,
+        MODEL_DIR,
+        device=os.environ.get("D2OPS_DEVICE", "cpu"),
+        default_threshold=float(os.environ.get("D2OPS_SCORE_THRESHOLD", "{threshold}")),
+    )
+
+
+def handler(context, event):
+    return d2ops_nuclio.handle_event(context, event)
+'''
+
+
+class ExportError(ValueError):
+    """The export cannot be written as asked (bad name, occupied folder); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class NuclioExport:
+    """Where an export was written and what it holds."""
+
+    out_dir: Path
+    name: str
+    labels: list[str]
+    shape_type: str
+
+    def function_dir(self, variant: str) -> Path:
+        return self.out_dir / variant
+
+    def deploy_commands(self) -> list[str]:
+        return [f"nuctl deploy --project-name cvat --path {self.function_dir(v)} --platform local" for v in VARIANTS]
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+def cvat_label_spec(labels: Sequence[str], shape_type: str) -> list[dict[str, Any]]:
+    """CVAT's label list for ``metadata.annotations.spec``; ids are the model's class indices."""
+    return [{"id": index, "name": name, "type": shape_type} for index, name in enumerate(labels)]
+
+
+def bundle_shape_type(bundle_dir: Path) -> str:
+    """``polygon`` for instance-segmentation bundles (the handler sends mask outlines), else ``rectangle``."""
+    config = yaml.safe_load((bundle_dir / "config.yaml").read_text()) or {}
+    mask_on = bool(config.get("MODEL", {}).get("MASK_ON", False))
+    return "polygon" if mask_on else "rectangle"
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:63].rstrip("-") or "model"
+
+
+def function_name(name: str | None, bundle_dir: Path) -> str:
+    """The nuclio function name: ``name`` if given (validated), else ``d2ops-<model>`` from the bundle."""
+    if name is not None:
+        if not _FUNCTION_NAME.match(name):
+            raise ExportError(
+                f"--name {name!r} is not a valid nuclio function name (lowercase letters, digits and '-', "
+                f"at most 63 characters, starting and ending with a letter or digit); e.g. {_slug(name)!r}"
+            )
+        return name
+    metadata = _read_json(bundle_dir / "metadata.json", {})
+    model = metadata.get("model_name") or metadata.get("experiment") or bundle_dir.name
+    return _slug(f"d2ops-{model}")
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def _labels_json(labels: Sequence[str], shape_type: str) -> str:
+    """The spec annotation as CVAT writes it: a JSON list, one label per line."""
+    lines = [json.dumps(item) for item in cvat_label_spec(labels, shape_type)]
+    return "[\n" + ",\n".join(f"  {line}" for line in lines) + "\n]\n"
+
+
+def build_function_config(
+    *,
+    name: str,
+    labels: Sequence[str],
+    shape_type: str,
+    variant: str,
+    base_image: str = DEFAULT_BASE_IMAGE,
+    runtime: str = DEFAULT_RUNTIME,
+    threshold: float = 0.5,
+    description: str = "",
+) -> dict[str, Any]:
+    """The function.yaml document for one variant (``cpu`` or ``gpu``) of a CVAT detector function.
+
+    It follows CVAT's own detectron2 functions (serverless/pytorch/facebookresearch/detectron2/):
+    same annotations, trigger and platform attributes. The GPU variant asks for one GPU and runs one
+    worker per replica, as CVAT's GPU functions do, so that the GPU holds one copy of the model.
+    """
+    if variant not in VARIANTS:
+        raise ExportError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    gpu = variant == "gpu"
+    pip = "python3 -m pip install --no-cache-dir " + " ".join(f"'{req}'" for req in RUNTIME_REQUIREMENTS)
+    spec: dict[str, Any] = {
+        "description": description or f"d2ops detectron2 detector {name} ({variant.upper()})",
+        "runtime": runtime,
+        "handler": "main:handler",
+        "eventTimeout": "30s",
+        "env": [
+            {"name": "D2OPS_DEVICE", "value": "cuda" if gpu else "cpu"},
+            {"name": "D2OPS_SCORE_THRESHOLD", "value": str(threshold)},
+        ],
+        "build": {
+            "image": f"cvat.{name}" + (":latest-gpu" if gpu else ""),
+            "baseImage": base_image,
+            "directives": {
+                "preCopy": [
+                    {"kind": "ENV", "value": "PYTHONUNBUFFERED=1"},
+                    {"kind": "WORKDIR", "value": "/opt/nuclio"},
+                    {"kind": "RUN", "value": pip},
+                ]
+            },
+        },
+        "triggers": {
+            "myHttpTrigger": {
+                "maxWorkers": 1 if gpu else 2,
+                "kind": "http",
+                "workerAvailabilityTimeoutMilliseconds": 10000,
+                "attributes": {"maxRequestBodySize": MAX_REQUEST_BODY_BYTES},
+            }
+        },
+        "platform": {
+            "attributes": {
+                "restartPolicy": {"name": "always", "maximumRetryCount": 3},
+                "mountMode": "volume",
+            }
+        },
+    }
+    if gpu:
+        spec["resources"] = {"limits": {"nvidia.com/gpu": 1}}
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "cvat",
+            "annotations": {
+                "name": name,
+                "type": "detector",
+                "framework": "pytorch",
+                "spec": _labels_json(labels, shape_type),
+            },
+        },
+        "spec": spec,
+    }
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Writes multi-line strings (the label spec) as YAML block literals, like CVAT's files."""
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _str_representer)
+
+
+def _write_function_yaml(path: Path, config: dict[str, Any], header: str) -> None:
+    body = yaml.dump(config, Dumper=_BlockDumper, sort_keys=False, default_flow_style=False, width=4096)
+    path.write_text(header + body)
+
+
+def _copy_package(dest: Path) -> None:
+    """Copy this d2ops package's source (not its caches) to ``dest``."""
+    source = Path(d2ops.__file__).resolve().parent
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def _copy_bundle(bundle_dir: Path, dest: Path, link_from: Path | None = None) -> None:
+    """Copy the bundle files; the second variant hard-links the first's copy where it can."""
+    dest.mkdir(parents=True)
+    for name in _BUNDLE_FILES:
+        src = (link_from or bundle_dir) / name
+        if not src.is_file():
+            continue
+        if link_from is not None:
+            try:
+                os.link(src, dest / name)
+                continue
+            except OSError:
+                pass
+        shutil.copy2(src, dest / name)
+
+
+def _is_previous_export(path: Path) -> bool:
+    return (path / EXPORT_MANIFEST).is_file()
+
+
+def _check_destination(out_dir: Path, force: bool) -> None:
+    """Fail before any work if ``out_dir`` holds something that is not an earlier export."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if out_dir.is_dir() and not out_dir.is_symlink() and (_is_previous_export(out_dir) or not any(out_dir.iterdir())):
+        return
+    if not force:
+        raise ExportError(
+            f"{out_dir} exists and is not a d2ops nuclio export; choose another --out, or pass --force to replace it"
+        )
+
+
+def _replace(staging: Path, out_dir: Path) -> None:
+    """Move the finished export into place; an earlier one is moved aside first, then deleted."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        os.replace(staging, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+    os.replace(out_dir, old / "previous")
+    os.replace(staging, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_variant(
+    staging: Path, variant: str, bundle_dir: Path, config: dict[str, Any], header: str, main_py: str
+) -> None:
+    folder = staging / variant
+    folder.mkdir()
+    _write_function_yaml(folder / "function.yaml", config, header)
+    (folder / "main.py").write_text(main_py)
+    _copy_package(folder / "d2ops")
+    link_from = staging / VARIANTS[0] / "model" if variant != VARIANTS[0] else None
+    _copy_bundle(bundle_dir, folder / "model", link_from)
+
+
+def export_nuclio(
+    bundle_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    name: str | None = None,
+    threshold: float = 0.5,
+    base_image: str = DEFAULT_BASE_IMAGE,
+    runtime: str = DEFAULT_RUNTIME,
+    force: bool = False,
+    model_ref: str | None = None,
+) -> NuclioExport:
+    """Write the CPU and GPU nuclio functions for a bundle folder into ``out_dir``, atomically.
+
+    Everything is built in a temporary folder beside ``out_dir`` and renamed into place, so a
+    failed export leaves nothing half-written. An existing ``out_dir`` is replaced only when it is
+    empty or an earlier export (it has ``d2ops-export.json``), or with ``force``.
+    """
+    from d2ops.payloads import parse_threshold
+
+    bundle_dir, out_dir = Path(bundle_dir), Path(out_dir).absolute()
+    missing = [n for n in ("model_final.pth", "config.yaml", "labels.json") if not (bundle_dir / n).is_file()]
+    if missing:
+        raise ExportError(f"{bundle_dir} is not a model bundle: missing {', '.join(missing)}")
+    threshold = parse_threshold(threshold, 0.5)
+    fname = function_name(name, bundle_dir)
+    _check_destination(out_dir, force)
+    labels = list(json.loads((bundle_dir / "labels.json").read_text()))
+    shape_type = bundle_shape_type(bundle_dir)
+    metadata = _read_json(bundle_dir / "metadata.json", {})
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    header = f"# CVAT serverless function for d2ops model {fname}; written by `d2ops export nuclio` at {created}.\n"
+    main_py = _MAIN_PY.format(name=fname, threshold=threshold)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the function from a nuclio builder running as another user
+        for variant in VARIANTS:
+            config = build_function_config(
+                name=fname,
+                labels=labels,
+                shape_type=shape_type,
+                variant=variant,
+                base_image=base_image,
+                runtime=runtime,
+                threshold=threshold,
+            )
+            _write_variant(staging, variant, bundle_dir, config, header, main_py)
+        manifest = {
+            "format": "cvat-nuclio",
+            "name": fname,
+            "model": model_ref or str(bundle_dir),
+            "labels": labels,
+            "shape_type": shape_type,
+            "threshold": threshold,
+            "base_image": base_image,
+            "runtime": runtime,
+            "variants": list(VARIANTS),
+            "created": created,
+            "d2ops_version": d2ops.__version__,
+            "bundle_metadata": metadata,
+        }
+        (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("nuclio function %s written to %s", fname, out_dir)
+    return NuclioExport(out_dir, fname, labels, shape_type)
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """``d2ops export nuclio --model M --out DIR [--name N] [--threshold T] [--force]``."""
+    from d2ops.cli import fail, user_errors_types
+    from d2ops.model_source import resolve_model
+
+    parser = argparse.ArgumentParser(prog="d2ops export", description="export a model for another serving platform")
+    parser.add_argument("target", choices=["nuclio"], help="nuclio: a CVAT serverless function (CPU and GPU)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="bundle folder or zip, s3:// URI, ClearML model id or clearml://<project>/<name>[@<tag>]",
+    )
+    parser.add_argument("--out", required=True, help="folder to write (DIR/cpu and DIR/gpu)")
+    parser.add_argument("--name", help="nuclio function name (default: d2ops-<model>)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="default score threshold (default 0.5)")
+    parser.add_argument("--base-image", default=DEFAULT_BASE_IMAGE, help="image with detectron2 (docker/Dockerfile)")
+    parser.add_argument("--runtime", default=DEFAULT_RUNTIME, help="nuclio runtime matching the image's Python")
+    parser.add_argument("--cache-dir", default="outputs/cache/models", help="where remote models are downloaded")
+    parser.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier export")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        bundle = resolve_model(args.model, args.cache_dir)
+        export = export_nuclio(
+            bundle,
+            args.out,
+            name=args.name,
+            threshold=args.threshold,
+            base_image=args.base_image,
+            runtime=args.runtime,
+            force=args.force,
+            model_ref=args.model,
+        )
+    except user_errors_types() as err:
+        return fail(err)
+    print(f"CVAT function {export.name} ({export.shape_type}, {len(export.labels)} labels) written to {export.out_dir}")
+    print("deploy one of:")
+    for command in export.deploy_commands():
+        print(f"  {command}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- nuclio runtime
+
+
+def init_context(context: Any, model_dir: str | Path, *, device: str = "cpu", default_threshold: float = 0.5) -> None:
+    """Load the bundle once per nuclio worker into ``context.user_data.model``."""
+    from d2ops.predictor import Detector
+
+    context.logger.info(f"d2ops: loading model from {model_dir} on {device}")
+    detector = Detector.from_bundle(model_dir, device=device)
+    context.user_data.model = detector
+    context.user_data.default_threshold = default_threshold
+    context.logger.info(f"d2ops: model ready ({len(detector.labels)} labels: {', '.join(detector.labels)})")
+
+
+def _reply(context: Any, body: Any, status_code: int) -> Any:
+    return context.Response(body=json.dumps(body), headers={}, content_type="application/json", status_code=status_code)
+
+
+def handle_event(context: Any, event: Any) -> Any:
+    """Answer one CVAT request: detections in CVAT's format, 400 for bad input, 500 without a traceback."""
+    from d2ops.formats import BadImageError, to_cvat
+    from d2ops.payloads import BadRequestError, parse_detection_request
+
+    try:
+        request = parse_detection_request(event.body, context.user_data.default_threshold, allow_raw_image=False)
+        detections = context.user_data.model.predict([request.image], request.threshold)[0]
+    except (BadRequestError, BadImageError) as err:
+        context.logger.info(f"d2ops: bad request: {err}")
+        return _reply(context, {"error": str(err)}, 400)
+    except Exception:  # the serving boundary: log everything, show the client nothing internal
+        context.logger.error(f"d2ops: prediction failed\n{traceback.format_exc()}")
+        return _reply(context, {"error": "internal error while running the model; see the function's logs"}, 500)
+    return _reply(context, to_cvat(detections), 200)

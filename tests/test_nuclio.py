@@ -1,0 +1,299 @@
+"""The CVAT nuclio export: function.yaml as CVAT reads it, and the exported main.py run as nuclio runs it.
+
+main.py is imported from the export folder with the exported copy of d2ops first on sys.path (and the
+repository's d2ops modules set aside), then driven with a context and events shaped like nuclio's.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from d2ops.cli import main as cli_main
+from d2ops.formats import decode_image, to_cvat
+from d2ops.nuclio import (
+    EXPORT_MANIFEST,
+    MAX_REQUEST_BODY_BYTES,
+    ExportError,
+    build_function_config,
+    export_nuclio,
+)
+from d2ops.predictor import Detector
+
+
+def _png(seed: int = 1, width: int = 160, height: int = 120) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8)
+    pixels[30:90, 40:110] = (20, 200, 40)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# ------------------------------------------------------------------------------- nuclio's call shapes
+
+
+class Logger:
+    """nuclio's ``context.logger`` (the methods the function uses)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str]] = []
+
+    def info(self, message: str, *args: Any) -> None:
+        self.records.append(("info", message))
+
+    def error(self, message: str, *args: Any) -> None:
+        self.records.append(("error", message))
+
+
+class Response:
+    """nuclio's ``context.Response``."""
+
+    def __init__(
+        self, body: Any = None, headers: dict[str, str] | None = None, content_type: str = "", status_code: int = 200
+    ) -> None:
+        self.body, self.headers, self.content_type, self.status_code = body, headers, content_type, status_code
+
+
+class Context:
+    def __init__(self) -> None:
+        self.user_data = SimpleNamespace()
+        self.logger = Logger()
+        self.Response = Response
+
+
+class Event:
+    def __init__(self, body: Any, content_type: str = "application/json") -> None:
+        self.body, self.content_type, self.method = body, content_type, "POST"
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("nuclio") / "fn"
+    export_nuclio(tiny_bundle, out, threshold=0.25)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_bundle: Path) -> Detector:
+    return Detector.from_bundle(tiny_bundle, device="cpu")
+
+
+def _import_exported_main(function_dir: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"nuclio_main_{function_dir.name}", function_dir / "main.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="class")
+def function(export_dir: Path) -> Iterator[tuple[ModuleType, Context]]:
+    """The exported CPU function, imported against its own d2ops copy and initialised like nuclio does.
+
+    Class-scoped: while it lives, ``import d2ops`` means the exported copy, so only the tests of
+    :class:`TestExportedFunction` run in that state.
+    """
+    ours = {name: mod for name, mod in sys.modules.items() if name == "d2ops" or name.startswith("d2ops.")}
+    saved_path = list(sys.path)
+    for name in ours:
+        del sys.modules[name]
+    try:
+        main = _import_exported_main(export_dir / "cpu")
+        context = Context()
+        main.init_context(context)
+        yield main, context
+    finally:
+        for name in [n for n in sys.modules if n == "d2ops" or n.startswith("d2ops.")]:
+            del sys.modules[name]
+        sys.modules.update(ours)
+        sys.path[:] = saved_path
+
+
+# ----------------------------------------------------------------------------------------- the export
+
+
+@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+def test_function_yaml_is_what_cvat_reads(export_dir: Path, tiny_bundle: Path, variant: str) -> None:
+    config = yaml.safe_load((export_dir / variant / "function.yaml").read_text())
+    meta = config["metadata"]
+    assert meta["namespace"] == "cvat"
+    assert meta["name"] == "d2ops-tiny"  # from the bundle's metadata.json "experiment"
+    annotations = meta["annotations"]
+    assert (annotations["type"], annotations["framework"]) == ("detector", "pytorch")
+    labels = json.loads((tiny_bundle / "labels.json").read_text())
+    spec_labels = json.loads(annotations["spec"])
+    assert [item["name"] for item in spec_labels] == labels
+    assert [item["id"] for item in spec_labels] == list(range(len(labels)))
+    assert {item["type"] for item in spec_labels} == {"rectangle"}
+
+    spec = config["spec"]
+    assert spec["handler"] == "main:handler"
+    assert spec["runtime"].startswith("python:3.")
+    assert spec["eventTimeout"] == "30s"
+    trigger = spec["triggers"]["myHttpTrigger"]
+    assert trigger["kind"] == "http"
+    assert trigger["attributes"]["maxRequestBodySize"] == MAX_REQUEST_BODY_BYTES == 33554432
+    assert trigger["workerAvailabilityTimeoutMilliseconds"] == 10000
+    assert spec["platform"]["attributes"]["mountMode"] == "volume"
+    assert spec["platform"]["attributes"]["restartPolicy"]["name"] == "always"
+    assert spec["build"]["baseImage"] == "d2ops/detectron2:latest"
+    assert {d["kind"] for d in spec["build"]["directives"]["preCopy"]} >= {"WORKDIR", "RUN"}
+    env = {item["name"]: item["value"] for item in spec["env"]}
+    assert env["D2OPS_SCORE_THRESHOLD"] == "0.25"
+    if variant == "gpu":
+        assert spec["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert env["D2OPS_DEVICE"] == "cuda"
+        assert spec["build"]["image"].endswith(":latest-gpu")
+    else:
+        assert "resources" not in spec
+        assert env["D2OPS_DEVICE"] == "cpu"
+        assert trigger["maxWorkers"] == 2
+
+
+def test_each_function_folder_ships_bundle_package_and_entry_point(export_dir: Path, tiny_bundle: Path) -> None:
+    for variant in ("cpu", "gpu"):
+        folder = export_dir / variant
+        assert (folder / "main.py").is_file()
+        assert (folder / "d2ops" / "predictor.py").is_file() and (folder / "d2ops" / "formats.py").is_file()
+        assert not list(folder.rglob("__pycache__"))
+        assert export_dir.stat().st_mode & 0o755 == 0o755
+        for name in ("model_final.pth", "config.yaml", "labels.json"):
+            assert (folder / "model" / name).read_bytes() == (tiny_bundle / name).read_bytes()
+    manifest = json.loads((export_dir / EXPORT_MANIFEST).read_text())
+    assert manifest["name"] == "d2ops-tiny" and manifest["variants"] == ["cpu", "gpu"]
+
+
+def test_instance_segmentation_labels_are_polygons() -> None:
+    config = build_function_config(name="seg", labels=["balloon"], shape_type="polygon", variant="cpu")
+    assert json.loads(config["metadata"]["annotations"]["spec"]) == [{"id": 0, "name": "balloon", "type": "polygon"}]
+
+
+def test_reexport_replaces_an_earlier_export_but_not_other_folders(tiny_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fn"
+    export_nuclio(tiny_bundle, out, name="first")
+    export_nuclio(tiny_bundle, out, name="second")  # an earlier export: replaced without --force
+    assert yaml.safe_load((out / "cpu" / "function.yaml").read_text())["metadata"]["name"] == "second"
+    assert [p.name for p in tmp_path.iterdir()] == ["fn"]  # no staging or old copies left behind
+
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match=r"not a d2ops nuclio export.*--force"):
+        export_nuclio(tiny_bundle, occupied)
+    assert (occupied / "notes.txt").read_text() == "keep me"
+    export_nuclio(tiny_bundle, occupied, force=True)
+    assert not (occupied / "notes.txt").exists() and (occupied / "cpu" / "main.py").is_file()
+
+
+def test_bad_names_and_thresholds_fail_before_writing(tiny_bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=r"not a valid nuclio function name.*'my-model'"):
+        export_nuclio(tiny_bundle, tmp_path / "a", name="My_Model")
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        export_nuclio(tiny_bundle, tmp_path / "b", threshold=1.5)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export(tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    assert cli_main(["export", "nuclio", "--model", str(tiny_bundle), "--out", str(out), "--name", "shapes"]) == 0
+    printed = capsys.readouterr().out
+    assert f"nuctl deploy --project-name cvat --path {out / 'cpu'}" in printed
+    assert yaml.safe_load((out / "gpu" / "function.yaml").read_text())["metadata"]["name"] == "shapes"
+    assert cli_main(["export", "nuclio", "--model", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the function, in nuclio
+
+
+class TestExportedFunction:
+    """main.py called the way nuclio calls it: init_context once, then handler per event."""
+
+    def test_main_runs_the_exported_package_copy(self, function: tuple[ModuleType, Context], export_dir: Path) -> None:
+        main, context = function
+        assert Path(main.d2ops_nuclio.__file__).is_relative_to(export_dir / "cpu" / "d2ops")
+        assert context.user_data.model.labels == ["square", "circle", "triangle"]
+        assert context.user_data.default_threshold == 0.25
+        assert any("model ready" in message for level, message in context.logger.records if level == "info")
+
+    @pytest.mark.parametrize("shape", ["dict", "bytes"])
+    def test_handler_matches_the_in_process_detector(
+        self, function: tuple[ModuleType, Context], reference: Detector, shape: str
+    ) -> None:
+        main, context = function
+        png = _png()
+        payload = {"image": _b64(png), "threshold": 0.0}
+        body = payload if shape == "dict" else json.dumps(payload).encode()
+        response = main.handler(context, Event(body))
+        assert (response.status_code, response.content_type, response.headers) == (200, "application/json", {})
+        expected = to_cvat(reference.predict([decode_image(png)], 0.0)[0])
+        assert expected, "the tiny bundle predicts boxes at threshold 0"
+        assert json.loads(response.body) == expected
+        assert {item["type"] for item in expected} == {"rectangle"}
+
+    def test_handler_default_threshold_and_cvat_string_threshold(
+        self, function: tuple[ModuleType, Context], reference: Detector
+    ) -> None:
+        main, context = function
+        png = _png(seed=2)
+        detections = reference.predict([decode_image(png)], 0.0)[0]
+        default = json.loads(main.handler(context, Event({"image": _b64(png)})).body)
+        assert default == to_cvat([d for d in detections if d.score >= 0.25])
+        as_string = json.loads(main.handler(context, Event({"image": _b64(png), "threshold": "0.25"})).body)
+        assert as_string == default
+
+    @pytest.mark.parametrize(
+        ("body", "message"),
+        [
+            ({"image": "not base64!!"}, "not valid base64"),
+            ({"image": _b64(b"plain text, not a picture")}, "not an image"),
+            ({"picture": "x"}, "no 'image' field"),
+            ({"image": _b64(_png()), "threshold": 7}, "between 0 and 1"),
+            (b"{not json", "not valid JSON"),
+            (b"\x89PNG raw bytes", "not JSON"),
+            (b"", "empty"),
+            (b"[1, 2]", "not JSON"),
+        ],
+    )
+    def test_bad_requests_get_400_with_a_json_reason(
+        self, function: tuple[ModuleType, Context], body: Any, message: str
+    ) -> None:
+        main, context = function
+        response = main.handler(context, Event(body))
+        assert response.status_code == 400
+        error = json.loads(response.body)["error"]
+        assert message in error and "Traceback" not in error
+
+    def test_model_failure_is_a_500_without_a_traceback(
+        self, function: tuple[ModuleType, Context], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        main, context = function
+
+        def explode(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("CUDA error: device-side assert triggered")
+
+        monkeypatch.setattr(context.user_data.model, "predict", explode)
+        response = main.handler(context, Event({"image": _b64(_png())}))
+        assert response.status_code == 500
+        assert "CUDA" not in response.body and "Traceback" not in response.body
+        assert any(level == "error" and "Traceback" in message for level, message in context.logger.records)
