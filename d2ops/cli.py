@@ -1,7 +1,7 @@
-"""Command-line entry points: ``d2ops demo``, ``d2ops pipeline`` and ``d2ops step``.
+"""Command-line entry points: ``d2ops demo``, ``d2ops pipeline``, ``d2ops step`` and ``d2ops serve``.
 
 tasks/*.py and pipelines/*.py are thin wrappers over :func:`step_main` and :func:`pipeline_main`.
-``d2ops export`` hands over to :mod:`d2ops.nuclio`.
+``d2ops export`` and ``d2ops serving`` hand over to :mod:`d2ops.nuclio` and :mod:`d2ops.clearml_serving`.
 """
 
 from __future__ import annotations
@@ -120,9 +120,9 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``d2ops <command>``: demo | pipeline | step <name> | export nuclio."""
+    """``d2ops <command>``: demo | pipeline | step <name> | serve | export nuclio | serving register."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = "demo | pipeline | step {" + ",".join(STEPS) + "} | export nuclio"
+    commands = "demo | pipeline | step {" + ",".join(STEPS) + "} | serve | export nuclio | serving register"
     if not argv or argv[0] in {"-h", "--help"}:
         print(f"usage: d2ops {commands} [options]")
         return 0 if argv else 2
@@ -133,11 +133,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo_main(rest)
     if command == "pipeline":
         return pipeline_main(rest)
+    if command == "serve":
+        from d2ops.server import serve_main
+
+        return serve_main(rest)
     if command == "step" and rest and rest[0] in STEPS:
         return step_main(rest[0], rest[1:])
     if command == "export":
         from d2ops.nuclio import export_main
 
         return export_main(rest)
+    if command == "serving":
+        from d2ops.clearml_serving import serving_main
+
+        return serving_main(rest)
     print(f"unknown command {' '.join(argv[:2])!r}; usage: d2ops {commands}", file=sys.stderr)
     return 2

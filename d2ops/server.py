@@ -1,0 +1,679 @@
+"""``d2ops serve``: a detectron2 model bundle behind HTTP (FastAPI + uvicorn).
+
+Routes:
+
+- ``POST /predict``: CVAT's nuclio contract, ``{"image": <base64>, "threshold": t}`` -> CVAT shapes
+  (``{"images": [...]}`` -> one list per image);
+- ``POST|PUT /predictions/{model_name}``: TorchServe's contract, raw image bytes or multipart files ->
+  ``[{"<label>": [x1, y1, x2, y2], "score": s}]`` (several files -> one list per image);
+- ``GET /health`` (alive), ``GET /ready`` (503 until the model is loaded), ``GET /metrics``
+  (Prometheus), ``GET /v1/models`` (name, version, labels, metrics, source), ``GET /openapi.json``.
+
+With ``D2OPS_SERVE_TOKEN`` set, every route but ``/health``, ``/ready`` and ``/metrics`` (what probes
+and scrapers call, and which reveal nothing about the model or its inputs) needs
+``Authorization: Bearer <token>``.
+
+Client mistakes get a 4xx with ``{"error": "<what is wrong>"}``; a full queue a 503 with Retry-After;
+a request past ``--request-timeout`` a 504; anything unexpected is logged with its traceback and
+answered ``{"error": "internal error"}`` (500).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from d2ops.serving import (
+    MIB,
+    DetectorAPI,
+    LoadedModel,
+    MicroBatcher,
+    ModelHolder,
+    Overloaded,
+    ServeSettings,
+    ServeSettingsError,
+    SourceWatcher,
+    load_model,
+    load_settings,
+)
+
+__all__ = ["SETTINGS_ENV", "create_app", "create_app_from_env", "serve_main"]
+
+log = logging.getLogger(__name__)
+
+#: How ``serve_main`` hands the settings to uvicorn's worker processes (the token stays in its own variable).
+SETTINGS_ENV = "D2OPS_SERVE_SETTINGS"
+#: Reachable without the bearer token: liveness and readiness probes, the Prometheus scraper.
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+PREDICT_PATHS = ("/predict", "/predictions/")
+
+
+# -------------------------------------------------------------------------------------- API schema
+
+
+class CvatRequest(BaseModel):
+    """CVAT's nuclio detector request: one base64 image, or several under ``images``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    image: str | None = Field(None, description="base64 of a JPEG/PNG file (a data: URL prefix is accepted)")
+    images: list[str] | None = Field(None, min_length=1, description="several base64 images: one reply list each")
+    threshold: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False, description="score threshold")
+
+    @model_validator(mode="after")
+    def _one_of_image_or_images(self) -> CvatRequest:
+        if (self.image is None) == (self.images is None):
+            raise ValueError("send exactly one of 'image' (a base64 string) or 'images' (a list of them)")
+        return self
+
+
+class CvatShape(BaseModel):
+    confidence: str = Field(description="score, formatted with 4 decimals as CVAT expects")
+    label: str
+    points: list[float] = Field(description="[x1, y1, x2, y2] for a rectangle, x, y pairs for a polygon")
+    type: Literal["rectangle", "polygon"]
+
+
+TorchServeDetection = dict[str, list[float] | float]
+
+
+class ErrorReply(BaseModel):
+    error: str
+
+
+class ModelCard(BaseModel):
+    name: str
+    version: str = Field(description="content hash of the bundle")
+    labels: list[str]
+    metrics: dict[str, Any]
+    metadata: dict[str, Any]
+    source: str
+    bundle: str
+    device: str
+    loaded_at: str
+
+
+class ModelList(BaseModel):
+    models: list[ModelCard]
+
+
+class Status(BaseModel):
+    status: str
+    model: str | None = None
+    version: str | None = None
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorReply, "description": text}
+    for code, text in {
+        400: "bad image or request",
+        401: "missing or wrong bearer token",
+        413: "body over --max-body-size",
+        415: "unsupported image format",
+        422: "malformed request body",
+        503: "model not loaded yet, or queue full (see Retry-After)",
+        504: "request timed out",
+    }.items()
+}
+
+_TORCHSERVE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"data": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            },
+        },
+    }
+}
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+class ServeMetrics:
+    """Prometheus metrics of one app, on their own registry (several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("d2ops_requests", "HTTP requests by route and status", ["route", "method", "status"],
+                                registry=r)  # fmt: skip
+        self.latency = Histogram(
+            "d2ops_request_latency_seconds", "HTTP request latency", ["route"], registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )  # fmt: skip
+        self.errors = Counter("d2ops_errors", "error replies by route and kind", ["route", "kind"], registry=r)
+        self.batch_size = Histogram("d2ops_batch_size", "images per forward pass", registry=r,
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128))  # fmt: skip
+        self.batch_seconds = Histogram("d2ops_batch_seconds", "seconds per forward pass", registry=r)
+        self.queue_depth = Gauge("d2ops_queue_depth", "images waiting for the model", registry=r)
+        self.reloads = Counter("d2ops_model_reloads", "model (re)loads by result", ["result"], registry=r)
+        self.model_info = Gauge("d2ops_model_info", "the served model (value 1)", ["name", "version"], registry=r)
+
+    def on_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+
+    def served(self, loaded: LoadedModel) -> None:
+        self.model_info.clear()
+        self.model_info.labels(loaded.info.name, loaded.info.version).set(1)
+
+
+# ----------------------------------------------------------------------------------------- middleware
+
+
+def _json_reply(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over the limit of {limit} bytes ({limit / MIB:g} MiB); send less")
+
+
+class BodyLimitMiddleware:
+    """413 for a body over the limit: from Content-Length up front, else counted while it streams in."""
+
+    def __init__(self, app: ASGIApp, max_body_size: int) -> None:
+        self.app = app
+        self.limit = max_body_size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await _json_reply(413, BodyTooLarge(self.limit).detail)(scope, receive, send)
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge as err:
+            if started:
+                raise
+            await _json_reply(413, err.detail)(scope, receive, send)
+
+
+class AuthMiddleware:
+    """Bearer-token check for every path but :data:`OPEN_PATHS`. The token is never logged."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(given, self.expected):
+            reason = "missing bearer token" if not given else "wrong bearer token"
+            reply = _json_reply(401, f"{reason}: send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
+            return await reply(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class ObserveMiddleware:
+    """Request count and latency by route template and status; counts predictions in progress."""
+
+    def __init__(self, app: ASGIApp, metrics: ServeMetrics, state: ServerState) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+        predicting = scope["path"].startswith(PREDICT_PATHS)
+        self.state.active_predictions += predicting
+
+        async def observing_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observing_send)
+        finally:
+            self.state.active_predictions -= predicting
+            route = getattr(scope.get("route"), "path", "other")
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+            if status >= 400:
+                self.metrics.errors.labels(route, _error_kind(status)).inc()
+
+
+def _error_kind(status: int) -> str:
+    kinds = {401: "unauthorized", 404: "not_found", 413: "too_large", 415: "unsupported_media", 422: "invalid",
+             503: "unavailable", 504: "timeout"}  # fmt: skip
+    return kinds.get(status, "bad_request" if status < 500 else "internal")
+
+
+# -------------------------------------------------------------------------------------------- state
+
+
+class ServerState:
+    """Everything one app instance owns: settings, API, model holder, batcher, metrics."""
+
+    def __init__(self, settings: ServeSettings, api: DetectorAPI, on_fatal: Callable[[BaseException], None]) -> None:
+        self.settings = settings
+        self.api = api
+        self.on_fatal = on_fatal
+        self.metrics = ServeMetrics()
+        self.holder = ModelHolder()
+        self.active_predictions = 0
+        self.closing = False
+        self.batcher = MicroBatcher(
+            self._run_batch,
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_batch_wait_ms / 1000.0,
+            max_queue_depth=settings.max_queue_depth,
+            expected_arrivals=lambda: self.active_predictions,
+            on_batch=self.metrics.on_batch,
+        )
+        self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
+
+    def _run_batch(self, images: list[Any], thresholds: list[float]) -> list[tuple[Any, str]]:
+        """In the inference thread: one forward pass on the model current at the start of the batch."""
+        loaded = self.holder.current
+        assert loaded is not None, "batches only run once a model is loaded"
+        detections = self.api.predict(loaded.detector, images, thresholds)
+        return [(dets, loaded.info.version) for dets in detections]
+
+    def install(self, loaded: LoadedModel) -> None:
+        old = self.holder.swap(loaded)
+        self.metrics.served(loaded)
+        self.metrics.reloads.labels("success").inc()
+        if old is not None:
+            log.info("now serving version %s (was %s)", loaded.info.version, old.info.version)
+
+    async def load_initial(self) -> None:
+        try:
+            self.install(await asyncio.to_thread(load_model, self.api, self.settings))
+        except Exception as err:
+            self.metrics.reloads.labels("failure").inc()
+            if self.settings.watch:
+                log.exception("could not load %s; still watching it for a loadable version", self.settings.model)
+            else:
+                log.exception("could not load %s; stopping", self.settings.model)
+                self.on_fatal(err)
+                return
+        if self.settings.watch:
+            await self.watch()
+
+    async def watch(self) -> None:
+        """Poll the source; once a changed fingerprint holds still for one interval, load and swap."""
+        watcher = SourceWatcher(self.settings.model)
+        if not watcher.watchable:
+            log.warning("--watch: %s is a fixed ClearML model id; nothing to watch", self.settings.model)
+            return
+        loaded_fp = await self._fingerprint(watcher)
+        previous, rejected = loaded_fp, None
+        while True:
+            await asyncio.sleep(self.settings.poll_interval)
+            current = await self._fingerprint(watcher)
+            stable = current is not None and current == previous
+            previous = current
+            if not stable or current in (loaded_fp, rejected):
+                continue
+            if await self._reload(watcher, current):
+                loaded_fp = current
+            else:
+                rejected = current
+
+    async def _fingerprint(self, watcher: SourceWatcher) -> str | None:
+        try:
+            return await asyncio.to_thread(watcher.fingerprint)
+        except Exception as err:
+            log.warning("--watch: cannot poll %s: %s", watcher.ref, err)
+            return None
+
+    async def _reload(self, watcher: SourceWatcher, fingerprint: str | None) -> bool:
+        log.info("--watch: %s changed; loading the new version", watcher.ref)
+        try:
+            loaded = await asyncio.to_thread(load_model, self.api, self.settings)
+        except Exception:
+            self.metrics.reloads.labels("failure").inc()
+            log.exception("--watch: the new version of %s does not load; the old one keeps serving", watcher.ref)
+            return False
+        if await self._fingerprint(watcher) != fingerprint:
+            log.info("--watch: %s changed again while loading; retrying at the next poll", watcher.ref)
+            return False
+        current = self.holder.current
+        if current is not None and current.info.version == loaded.info.version:
+            return True
+        self.install(loaded)
+        return True
+
+
+# ------------------------------------------------------------------------------------------- the app
+
+
+def create_app(
+    settings: ServeSettings,
+    *,
+    api: DetectorAPI | None = None,
+    on_fatal: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """The FastAPI app for ``settings``; the model loads in the background once the app has started."""
+    api = api or DetectorAPI(device=settings.device, max_pixels=settings.max_pixels)
+    state = ServerState(settings, api, on_fatal or (lambda err: None))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.batcher.start()
+        loader = asyncio.create_task(state.load_initial(), name="d2ops-model-loader")
+        yield
+        state.closing = True
+        loader.cancel()
+        await state.batcher.stop(drain_timeout=settings.request_timeout)
+        log.info("batcher drained; shut down")
+
+    app = FastAPI(
+        title="d2ops detector",
+        version=_package_version(),
+        summary="A detectron2 model bundle behind the CVAT nuclio and TorchServe contracts",
+        lifespan=lifespan,
+    )
+    app.state.serving = state
+    _add_error_handlers(app)
+    _add_routes(app, state)
+    app.add_middleware(BodyLimitMiddleware, max_body_size=settings.max_body_size)
+    if settings.token is not None:
+        app.add_middleware(AuthMiddleware, token=settings.token.get_secret_value())
+    app.add_middleware(ObserveMiddleware, metrics=state.metrics, state=state)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """uvicorn's factory for ``--workers N``: each worker process rebuilds the app from the environment."""
+    return create_app(load_settings(json.loads(os.environ[SETTINGS_ENV])))
+
+
+def _package_version() -> str:
+    import d2ops
+
+    return d2ops.__version__
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _json_reply(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+    async def invalid_request(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]  # fmt: skip
+        content = {"error": "invalid request: " + _summarise(errors), "detail": errors}
+        return JSONResponse(content, status_code=422)
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _json_reply(500, "internal error")
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def _summarise(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for e in errors[:5]:
+        where = ".".join(str(p) for p in e["loc"] if p != "body") or "body"
+        if e["type"] == "missing" and where == "body":
+            parts.append("the request body is empty; send JSON like {\"image\": \"<base64>\"}")
+        elif e["type"] == "json_invalid":
+            parts.append(f"the body is not valid JSON ({e['msg']})")
+        else:
+            parts.append(f"{where}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def _check_ready(state: ServerState) -> LoadedModel:
+    if state.closing:
+        raise HTTPException(503, "the server is shutting down", {"Retry-After": "1"})
+    loaded = state.holder.current
+    if loaded is None:
+        raise HTTPException(503, "the model is still loading; retry shortly (see GET /ready)", {"Retry-After": "2"})
+    return loaded
+
+
+async def _infer(state: ServerState, payloads: Sequence[bytes | str], threshold: float | None) -> list[tuple[Any, str]]:
+    """Decode, queue for the batcher and wait: 400/415 bad image, 503 overloaded, 504 timed out."""
+    from d2ops.formats import BadImageError
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + state.settings.request_timeout
+    _check_ready(state)
+    try:
+        images = await asyncio.to_thread(lambda: [state.api.decode_request(p) for p in payloads])
+    except BadImageError as err:
+        which = "" if len(payloads) == 1 else " (one of the images)"
+        status = 415 if str(err).startswith("unsupported image format") else 400
+        raise HTTPException(status, f"{err}{which}") from None
+    threshold = state.settings.threshold if threshold is None else threshold
+    try:
+        return await state.batcher.submit(images, [threshold] * len(images), deadline)
+    except Overloaded as err:
+        raise HTTPException(503, str(err), {"Retry-After": str(err.retry_after)}) from None
+    except asyncio.TimeoutError:
+        raise HTTPException(
+            504, f"no result within --request-timeout {state.settings.request_timeout:g} s; retry later"
+        ) from None
+    except Exception:
+        log.exception("inference failed")
+        raise HTTPException(500, "internal error") from None
+
+
+def _version_header(results: Sequence[tuple[Any, str]]) -> dict[str, str]:
+    return {"X-Model-Version": results[-1][1]} if results else {}
+
+
+async def _read_images(request: Request) -> list[bytes]:
+    """TorchServe's inputs: every file of a multipart form, else the raw body."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form()
+        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        if not files:
+            raise HTTPException(400, "the multipart form has no file; send the image as a file, e.g. -F data=@img")
+        return [await f.read() for f in files]
+    body = await request.body()
+    if not body:
+        raise HTTPException(400, "empty body: send the image bytes (e.g. curl --data-binary @img.jpg)")
+    return [body]
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    name = state.settings.served_name
+
+    @app.get("/health", response_model=Status, tags=["probes"])
+    async def health() -> Status:
+        """Alive: 200 while the process serves HTTP."""
+        return Status(status="alive")
+
+    @app.get("/ready", response_model=Status, responses={503: _ERRORS[503]}, tags=["probes"])
+    async def ready() -> Response:
+        """Ready: 200 once the model is loaded (and not shutting down), else 503."""
+        loaded = state.holder.current
+        if loaded is None or state.closing:
+            status = "shutting down" if state.closing else "loading"
+            return JSONResponse({"error": f"not ready: {status}", "status": status}, 503, {"Retry-After": "2"})
+        return JSONResponse(Status(status="ready", model=loaded.info.name, version=loaded.info.version).model_dump())
+
+    @app.get("/metrics", response_class=Response, tags=["probes"],
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})  # fmt: skip
+    async def metrics() -> Response:
+        """Prometheus metrics of this worker process."""
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList, responses={503: _ERRORS[503]}, tags=["models"])
+    async def models() -> ModelList:
+        """The served model: name, version, labels, metrics and source, from the bundle."""
+        loaded = _check_ready(state)
+        return ModelList(models=[ModelCard(**loaded.info.to_dict())])
+
+    @app.post(
+        "/predict",
+        response_model=list[CvatShape] | list[list[CvatShape]],
+        responses=_ERRORS,
+        tags=["predict"],
+    )
+    async def predict_cvat(body: CvatRequest) -> Response:
+        """CVAT nuclio contract: shapes for ``image``, or one list of shapes per entry of ``images``."""
+        payloads = [body.image] if body.image is not None else list(body.images or [])
+        results = await _infer(state, payloads, body.threshold)
+        replies = [state.api.encode_response(dets, "cvat") for dets, _ in results]
+        content = replies[0] if body.image is not None else replies
+        return JSONResponse(content, headers=_version_header(results))
+
+    async def predict_torchserve(
+        model_name: str,
+        request: Request,
+        threshold: Annotated[float | None, Query(ge=0.0, le=1.0, allow_inf_nan=False)] = None,
+    ) -> Response:
+        """TorchServe contract: raw image bytes or multipart file(s); several files, one list each."""
+        if model_name != name:
+            raise HTTPException(404, f"unknown model {model_name!r}: this server serves {name!r}")
+        payloads = await _read_images(request)
+        results = await _infer(state, payloads, threshold)
+        replies = [state.api.encode_response(dets, "torchserve") for dets, _ in results]
+        return JSONResponse(replies[0] if len(replies) == 1 else replies, headers=_version_header(results))
+
+    for method in ("POST", "PUT"):  # TorchServe takes both (``curl -T img`` sends a PUT)
+        app.add_api_route(
+            "/predictions/{model_name}",
+            predict_torchserve,
+            methods=[method],
+            operation_id=f"predictions_{method.lower()}",
+            response_model=list[TorchServeDetection] | list[list[TorchServeDetection]],
+            responses={**_ERRORS, 404: {"model": ErrorReply, "description": "no such model"}},
+            openapi_extra=_TORCHSERVE_BODY,
+            tags=["predict"],
+        )
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = ServeSettings.model_fields
+    p = argparse.ArgumentParser(prog="d2ops serve", description="Serve a detectron2 model bundle over HTTP.")
+    p.add_argument("--model", required=True, help=defaults["model"].description)
+    p.add_argument("--name", help="served model name (default: the bundle's folder name or ClearML name)")
+    p.add_argument("--host", default=defaults["host"].default)
+    p.add_argument("--port", type=int, default=defaults["port"].default)
+    p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own model copy")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--threshold", type=float, default=defaults["threshold"].default, help="default score threshold")
+    p.add_argument("--max-batch-size", type=int, default=defaults["max_batch_size"].default,
+                   help="images per forward pass (1 disables micro-batching)")  # fmt: skip
+    p.add_argument("--max-batch-wait-ms", type=float, default=defaults["max_batch_wait_ms"].default,
+                   help="how long a batch waits for more images (only while requests are arriving)")  # fmt: skip
+    p.add_argument("--max-queue-depth", type=int, default=defaults["max_queue_depth"].default,
+                   help="images waiting for the model before requests get 503")  # fmt: skip
+    p.add_argument("--request-timeout", type=float, default=defaults["request_timeout"].default,
+                   help="seconds a request may take before it gets 504")  # fmt: skip
+    p.add_argument("--max-body-size", type=int, default=defaults["max_body_size"].default, help="bytes (413 beyond)")
+    p.add_argument("--max-pixels", type=int, default=defaults["max_pixels"].default, help="per image")
+    p.add_argument("--watch", action="store_true", help="poll the model source and hot-swap new versions")
+    p.add_argument("--poll-interval", type=float, default=defaults["poll_interval"].default, help="seconds")
+    p.add_argument("--cache-dir", default=str(defaults["cache_dir"].default), help="where remote bundles go")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log line")
+    return p
+
+
+def serve_main(argv: Sequence[str] | None = None) -> int:
+    """``d2ops serve --model M [options]``: 0 after a graceful shutdown, 1 if the model cannot load, 2 bad options."""
+    import uvicorn
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(vars(args))
+        _check_source(settings.model)
+    except (ServeSettingsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    log.info("serving %s as %r on http://%s:%d (token %s)", settings.model, settings.served_name, settings.host,
+             settings.port, "required" if settings.token else "not required")  # fmt: skip
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "access_log": settings.access_log,
+        "timeout_graceful_shutdown": int(settings.request_timeout) + 5,
+        "log_config": None,
+    }
+    # uvicorn re-raises SIGTERM after its graceful shutdown; a finished shutdown is a clean exit.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    if settings.workers > 1:
+        os.environ[SETTINGS_ENV] = settings.model_dump_json(exclude={"token"})
+        uvicorn.run("d2ops.server:create_app_from_env", factory=True, workers=settings.workers, **common)
+        return 0
+    fatal: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def stop(err: BaseException) -> None:
+        fatal.append(err)
+        if server is not None:
+            server.should_exit = True
+
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, on_fatal=stop), **common))
+    server.run()
+    return 1 if fatal else 0
+
+
+def _exit_cleanly(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def _check_source(ref: str) -> None:
+    """Fail before starting the server when a local model path plainly does not exist."""
+    from d2ops.model_source import ModelNotFoundError, parse_model_ref
+
+    parsed = parse_model_ref(ref)
+    if parsed.kind == "path" and not os.path.exists(os.path.expanduser(ref)):
+        raise ModelNotFoundError(f"model {ref} does not exist (pass a bundle folder or zip, s3://, or clearml://)")
