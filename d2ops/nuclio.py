@@ -47,9 +47,11 @@ __all__ = [
     "ExportError",
     "NuclioExport",
     "build_function_config",
+    "bundle_shape_type",
     "cvat_label_spec",
     "export_main",
     "export_nuclio",
+    "function_name",
     "handle_event",
     "init_context",
 ]

@@ -7,6 +7,7 @@ repository's d2ops modules set aside), then driven with a context and events sha
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.util
 import io
 import json
@@ -28,6 +29,7 @@ from d2ops.nuclio import (
     MAX_REQUEST_BODY_BYTES,
     ExportError,
     build_function_config,
+    bundle_shape_type,
     export_nuclio,
 )
 from d2ops.predictor import Detector
@@ -98,35 +100,44 @@ def reference(tiny_bundle: Path) -> Detector:
     return Detector.from_bundle(tiny_bundle, device="cpu")
 
 
-def _import_exported_main(function_dir: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"nuclio_main_{function_dir.name}", function_dir / "main.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@contextlib.contextmanager
+def exported_main(function_dir: Path) -> Iterator[ModuleType]:
+    """Import ``function_dir/main.py`` as nuclio does, with the exported d2ops copy in place of ours.
 
-
-@pytest.fixture(scope="class")
-def function(export_dir: Path) -> Iterator[tuple[ModuleType, Context]]:
-    """The exported CPU function, imported against its own d2ops copy and initialised like nuclio does.
-
-    Class-scoped: while it lives, ``import d2ops`` means the exported copy, so only the tests of
-    :class:`TestExportedFunction` run in that state.
+    While inside, ``import d2ops`` means the exported copy and ``main`` is in ``sys.modules`` (nuclio's
+    test platform finds ``init_context`` there); on exit the repository's d2ops is put back.
     """
     ours = {name: mod for name, mod in sys.modules.items() if name == "d2ops" or name.startswith("d2ops.")}
     saved_path = list(sys.path)
     for name in ours:
         del sys.modules[name]
+    module_name = f"nuclio_main_{function_dir.name}"
     try:
-        main = _import_exported_main(export_dir / "cpu")
-        context = Context()
-        main.init_context(context)
-        yield main, context
+        spec = importlib.util.spec_from_file_location(module_name, function_dir / "main.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+        yield module
     finally:
         for name in [n for n in sys.modules if n == "d2ops" or n.startswith("d2ops.")]:
             del sys.modules[name]
+        sys.modules.pop(module_name, None)
         sys.modules.update(ours)
         sys.path[:] = saved_path
+
+
+@pytest.fixture(scope="class")
+def function(export_dir: Path) -> Iterator[tuple[ModuleType, Context]]:
+    """The exported CPU function, initialised with a context shaped like nuclio's.
+
+    Class-scoped: while it lives, ``import d2ops`` means the exported copy, so only the tests of
+    one class run in that state.
+    """
+    with exported_main(export_dir / "cpu") as main:
+        context = Context()
+        main.init_context(context)
+        yield main, context
 
 
 # ----------------------------------------------------------------------------------------- the export
@@ -181,6 +192,13 @@ def test_each_function_folder_ships_bundle_package_and_entry_point(export_dir: P
             assert (folder / "model" / name).read_bytes() == (tiny_bundle / name).read_bytes()
     manifest = json.loads((export_dir / EXPORT_MANIFEST).read_text())
     assert manifest["name"] == "d2ops-tiny" and manifest["variants"] == ["cpu", "gpu"]
+
+
+def test_mask_models_are_polygon_functions(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("MODEL:\n  MASK_ON: true\n")
+    assert bundle_shape_type(tmp_path) == "polygon"
+    (tmp_path / "config.yaml").write_text("MODEL:\n  MASK_ON: false\n")
+    assert bundle_shape_type(tmp_path) == "rectangle"
 
 
 def test_instance_segmentation_labels_are_polygons() -> None:
@@ -297,3 +315,71 @@ class TestExportedFunction:
         assert response.status_code == 500
         assert "CUDA" not in response.body and "Traceback" not in response.body
         assert any(level == "error" and "Traceback" in message for level, message in context.logger.records)
+
+
+# ------------------------------------------------------------------------- with nuclio's own SDK classes
+
+
+def _nuclio_event(body: bytes, content_type: str) -> Any:
+    """An event as nuclio's Python wrapper decodes the processor's message (JSON bodies become dicts)."""
+    import nuclio_sdk
+
+    message = {
+        "body": body,
+        "content_type": content_type,
+        "trigger": {"kind": "http", "name": "myHttpTrigger"},
+        "fields": {},
+        "headers": {"Content-Type": content_type},
+        "id": "event-1",
+        "method": "POST",
+        "path": "/",
+        "size": len(body),
+        "timestamp": 0,
+        "url": "http://function/",
+        "shard_id": 0,
+        "num_shards": 1,
+        "type": "",
+        "type_version": "",
+        "version": "",
+    }
+    return nuclio_sdk.Event.deserialize(message, kind=nuclio_sdk.EventDeserializerKinds.msgpack)
+
+
+@pytest.fixture(scope="class")
+def nuclio_platform(export_dir: Path) -> Iterator[tuple[ModuleType, Any]]:
+    """nuclio-sdk's test platform: it calls main.init_context with a real ``nuclio_sdk.Context`` on first use."""
+    pytest.importorskip("nuclio_sdk")
+    from nuclio_sdk.test import Platform
+
+    with exported_main(export_dir / "gpu") as main, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("D2OPS_DEVICE", "cpu")  # the GPU variant's code, on this machine's CPU
+        yield main, Platform()
+
+
+class TestUnderNuclioSdk:
+    """The same function driven by nuclio-sdk's Context, Response, Logger and event decoding."""
+
+    def test_json_event_arrives_as_dict(self, nuclio_platform: tuple[ModuleType, Any], reference: Detector) -> None:
+        main, platform = nuclio_platform
+        png = _png(seed=7)
+        event = _nuclio_event(json.dumps({"image": _b64(png), "threshold": 0.0}).encode(), "application/json")
+        assert isinstance(event.body, dict)
+        response = platform.call_handler(main.handler, event)
+        assert (response.status_code, response.content_type) == (200, "application/json")
+        assert json.loads(response.body) == to_cvat(reference.predict([decode_image(png)], 0.0)[0])
+
+    def test_other_content_types_arrive_as_bytes(
+        self, nuclio_platform: tuple[ModuleType, Any], reference: Detector
+    ) -> None:
+        main, platform = nuclio_platform
+        png = _png(seed=8)
+        event = _nuclio_event(json.dumps({"image": _b64(png), "threshold": 0.0}).encode(), "text/plain")
+        assert isinstance(event.body, bytes)
+        response = platform.call_handler(main.handler, event)
+        assert json.loads(response.body) == to_cvat(reference.predict([decode_image(png)], 0.0)[0])
+
+    def test_unparseable_json_is_a_400(self, nuclio_platform: tuple[ModuleType, Any]) -> None:
+        main, platform = nuclio_platform
+        event = _nuclio_event(b'{"image": ', "application/json")  # nuclio hands the bytes over undecoded
+        response = platform.call_handler(main.handler, event)
+        assert response.status_code == 400 and "not valid JSON" in json.loads(response.body)["error"]
