@@ -238,7 +238,7 @@ def _register_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-id", help="serve this ClearML model")
     parser.add_argument("--project", help="select the model by project and name (newest match)")
     parser.add_argument("--name", help="model name (exact)")
-    parser.add_argument("--tags", nargs="+", default=[], help="only models with all these tags")
+    parser.add_argument("--tags", nargs="+", default=[], help="select models by these tags (ClearML's tag filter)")
     parser.add_argument(
         "--published",
         action=argparse.BooleanOptionalAction,
