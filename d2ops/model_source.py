@@ -79,10 +79,16 @@ def _extract(archive: Path, cache_dir: Path) -> Path:
     try:
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(staging)
-        staging.replace(target)
     except (zipfile.BadZipFile, OSError) as err:
         shutil.rmtree(staging, ignore_errors=True)
         raise ModelNotFoundError(f"{archive} is not a readable bundle zip: {err}") from None
+    try:
+        staging.replace(target)
+    except OSError:
+        # Another process extracted the same archive first: its copy is identical, use it.
+        shutil.rmtree(staging, ignore_errors=True)
+        if not target.is_dir():
+            raise
     return target
 
 
