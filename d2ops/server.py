@@ -44,6 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from d2ops.serving import (
     MIB,
+    TOKEN_ENV,
     DetectorAPI,
     LoadedModel,
     MicroBatcher,
@@ -331,37 +332,40 @@ class ServerState:
             log.info("now serving version %s (was %s)", loaded.info.version, old.info.version)
 
     async def load_initial(self) -> None:
+        """Load the model in the background; with --watch, then keep polling the source."""
+        watcher = SourceWatcher(self.settings.model) if self.settings.watch else None
+        fingerprint = await self._fingerprint(watcher) if watcher is not None else None
         try:
             self.install(await asyncio.to_thread(load_model, self.api, self.settings))
+            loaded = True
         except Exception as err:
             self.metrics.reloads.labels("failure").inc()
-            if self.settings.watch:
-                log.exception("could not load %s; still watching it for a loadable version", self.settings.model)
-            else:
+            if watcher is None:
                 log.exception("could not load %s; stopping", self.settings.model)
                 self.on_fatal(err)
                 return
-        if self.settings.watch:
-            await self.watch()
+            log.exception("could not load %s; still watching it for a loadable version", self.settings.model)
+            loaded = False
+        if watcher is not None:
+            await self.watch(watcher, fingerprint if loaded else None, None if loaded else fingerprint)
 
-    async def watch(self) -> None:
-        """Poll the source; once a changed fingerprint holds still for one interval, load and swap."""
-        watcher = SourceWatcher(self.settings.model)
+    async def watch(self, watcher: SourceWatcher, loaded: str | None, rejected: str | None) -> None:
+        """Poll the source; once a new fingerprint has held still for one interval, load it and swap."""
         if not watcher.watchable:
-            log.warning("--watch: %s is a fixed ClearML model id; nothing to watch", self.settings.model)
+            log.warning("--watch: %s is a fixed ClearML model id; nothing to watch", watcher.ref)
             return
-        loaded_fp = await self._fingerprint(watcher)
-        previous, rejected = loaded_fp, None
+        previous = loaded or rejected
         while True:
             await asyncio.sleep(self.settings.poll_interval)
             current = await self._fingerprint(watcher)
-            stable = current is not None and current == previous
+            settled = current is not None and current == previous
             previous = current
-            if not stable or current in (loaded_fp, rejected):
+            if not settled or current in (loaded, rejected):
                 continue
-            if await self._reload(watcher, current):
-                loaded_fp = current
-            else:
+            outcome = await self._reload(watcher, current)
+            if outcome == "loaded":
+                loaded = current
+            elif outcome == "rejected":
                 rejected = current
 
     async def _fingerprint(self, watcher: SourceWatcher) -> str | None:
@@ -371,22 +375,21 @@ class ServerState:
             log.warning("--watch: cannot poll %s: %s", watcher.ref, err)
             return None
 
-    async def _reload(self, watcher: SourceWatcher, fingerprint: str | None) -> bool:
+    async def _reload(self, watcher: SourceWatcher, fingerprint: str | None) -> Literal["loaded", "rejected", "retry"]:
         log.info("--watch: %s changed; loading the new version", watcher.ref)
         try:
             loaded = await asyncio.to_thread(load_model, self.api, self.settings)
         except Exception:
             self.metrics.reloads.labels("failure").inc()
             log.exception("--watch: the new version of %s does not load; the old one keeps serving", watcher.ref)
-            return False
+            return "rejected"
         if await self._fingerprint(watcher) != fingerprint:
             log.info("--watch: %s changed again while loading; retrying at the next poll", watcher.ref)
-            return False
+            return "retry"
         current = self.holder.current
-        if current is not None and current.info.version == loaded.info.version:
-            return True
-        self.install(loaded)
-        return True
+        if current is None or current.info.version != loaded.info.version:
+            self.install(loaded)
+        return "loaded"
 
 
 # ------------------------------------------------------------------------------------------- the app
@@ -430,6 +433,7 @@ def create_app(
 
 def create_app_from_env() -> FastAPI:
     """uvicorn's factory for ``--workers N``: each worker process rebuilds the app from the environment."""
+    _setup_logging()
     return create_app(load_settings(json.loads(os.environ[SETTINGS_ENV])))
 
 
@@ -465,7 +469,7 @@ def _summarise(errors: list[dict[str, Any]]) -> str:
     for e in errors[:5]:
         where = ".".join(str(p) for p in e["loc"] if p != "body") or "body"
         if e["type"] == "missing" and where == "body":
-            parts.append("the request body is empty; send JSON like {\"image\": \"<base64>\"}")
+            parts.append('the request body is empty; send JSON like {"image": "<base64>"}')
         elif e["type"] == "json_invalid":
             parts.append(f"the body is not valid JSON ({e['msg']})")
         else:
@@ -530,7 +534,7 @@ async def _read_images(request: Request) -> list[bytes]:
 def _add_routes(app: FastAPI, state: ServerState) -> None:
     name = state.settings.served_name
 
-    @app.get("/health", response_model=Status, tags=["probes"])
+    @app.get("/health", response_model=Status, response_model_exclude_none=True, tags=["probes"])
     async def health() -> Status:
         """Alive: 200 while the process serves HTTP."""
         return Status(status="alive")
@@ -601,7 +605,12 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = ServeSettings.model_fields
-    p = argparse.ArgumentParser(prog="d2ops serve", description="Serve a detectron2 model bundle over HTTP.")
+    p = argparse.ArgumentParser(
+        prog="d2ops serve",
+        description="Serve a detectron2 model bundle over HTTP (CVAT nuclio and TorchServe contracts).",
+        epilog=f"Set {TOKEN_ENV} to require 'Authorization: Bearer <token>' on every route except "
+        f"{', '.join(sorted(OPEN_PATHS))} (probes and the Prometheus scraper). SIGTERM drains and exits 0.",
+    )
     p.add_argument("--model", required=True, help=defaults["model"].description)
     p.add_argument("--name", help="served model name (default: the bundle's folder name or ClearML name)")
     p.add_argument("--host", default=defaults["host"].default)
@@ -631,7 +640,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _setup_logging()
     try:
         settings = load_settings(vars(args))
         _check_source(settings.model)
@@ -664,6 +673,10 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     server = uvicorn.Server(uvicorn.Config(create_app(settings, on_fatal=stop), **common))
     server.run()
     return 1 if fatal else 0
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _exit_cleanly(signum: int, frame: Any) -> None:
