@@ -24,6 +24,7 @@ test-fast: $(VENV)/.ready
 bench: $(VENV)/.ready
 	$(PY) bench/bench_s3.py --latency-ms 10 --json bench/results.json
 	$(PY) bench/bench_train.py --json bench/results.json
+	$(PY) bench/bench_serve.py --json bench/results.json
 
 lint: $(VENV)/.ready
 	$(VENV)/bin/ruff check .

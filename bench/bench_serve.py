@@ -1,0 +1,241 @@
+"""serve_*: ``d2ops serve`` over HTTP against a raw detectron2 ``DefaultPredictor`` loop.
+
+Same tiny model (the smoke architecture with seeded random weights, as the tests use), same images
+(128x128 JPEGs), same run, alternating rounds, medians reported:
+
+- ``serve_overhead_ratio_c1``: images/s of one client posting to ``/predict`` (CVAT contract, base64
+  JSON, every detection serialised) divided by images/s of ``DefaultPredictor`` called in a loop on the
+  already decoded images. Everything the server adds (HTTP, JSON, base64, decoding, queueing,
+  encoding the reply) is inside the ratio. Target >= 0.9.
+- ``serve_throughput_c16`` (images/s) and ``serve_p99_ms_c16``: 16 concurrent clients, micro-batching on.
+- ``serve_batching_speedup_c16``: throughput at concurrency 16 with micro-batching on
+  (``--max-batch-size 8``) divided by off (``--max-batch-size 1``), two servers in the same run.
+
+    .venv/bin/python bench/bench_serve.py [--images 48] [--rounds 3] [--json bench/results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+CONCURRENCY = 16
+
+
+def build_tiny_bundle(work: Path) -> Path:
+    """The tests' tiny bundle: the smoke architecture, seeded random weights, score threshold 0."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from d2ops.config import load_config
+    from d2ops.datasets import SHAPE_CLASSES, RegisteredDataset
+    from d2ops.registry import build_bundle
+    from d2ops.training import build_d2_config
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["runtime.device=cpu"])
+    dataset = RegisteredDataset(
+        names={"train": "unused", "val": "unused"}, class_names=list(SHAPE_CLASSES), json_files={}
+    )
+    d2 = build_d2_config(cfg, dataset, work / "train")
+    d2.defrost()
+    d2.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    d2.freeze()
+    torch.manual_seed(0)
+    (work / "train").mkdir(parents=True)
+    DetectionCheckpointer(build_model(d2), save_dir=str(work / "train")).save("model_final")
+    (work / "train" / "config.yaml").write_text(d2.dump())
+    return build_bundle(
+        work / "bundle",
+        weights=work / "train" / "model_final.pth",
+        d2_config=work / "train" / "config.yaml",
+        labels=list(SHAPE_CLASSES),
+        metrics={},
+        metadata={"experiment": "bench-serve"},
+    )
+
+
+def make_images(n: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        pixels = rng.integers(0, 255, size=(128, 128, 3), dtype=np.uint8)
+        x, y = rng.integers(0, 80, size=2)
+        pixels[y : y + 40, x : x + 40] = rng.integers(0, 255, size=3)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def raw_predictor(bundle: Path) -> Any:
+    from detectron2.config import get_cfg
+    from detectron2.engine import DefaultPredictor
+
+    cfg = get_cfg()
+    cfg.set_new_allowed(True)
+    cfg.merge_from_file(str(bundle / "config.yaml"))
+    cfg.MODEL.WEIGHTS = str(bundle / "model_final.pth")
+    cfg.MODEL.DEVICE = "cpu"
+    return DefaultPredictor(cfg)
+
+
+def raw_throughput(predictor: Any, arrays: list[np.ndarray]) -> float:
+    tic = time.perf_counter()
+    for image in arrays:
+        predictor(image)
+    return len(arrays) / (time.perf_counter() - tic)
+
+
+class Server:
+    def __init__(self, bundle: Path, log: Path, *args: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "d2ops", "serve", "--model", str(bundle), "--port", str(self.port),
+                   "--device", "cpu", "--threshold", "0", "--no-access-log", *args]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k != "D2OPS_SERVE_TOKEN"}
+        with log.open("wb") as fh:
+            self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/ready").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready: {log.read_text()[-2000:]}")
+
+    def batch_totals(self) -> tuple[float, float]:
+        """Images and forward passes so far (the batch-size histogram's sum and count)."""
+        text = httpx.get(f"{self.url}/metrics").text
+        values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("d2ops_batch_size_"))
+        return float(values.get("d2ops_batch_size_sum", 0)), float(values.get("d2ops_batch_size_count", 0))
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+
+def served(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, list[float]]:
+    """Images/s and per-request latencies (s) of ``concurrency`` clients posting every body once."""
+    shards = [bodies[i::concurrency] for i in range(concurrency)]
+
+    def client(shard: list[bytes]) -> list[float]:
+        latencies = []
+        with httpx.Client(base_url=url, timeout=300, headers={"content-type": "application/json"}) as c:
+            for body in shard:
+                tic = time.perf_counter()
+                reply = c.post("/predict", content=body)
+                latencies.append(time.perf_counter() - tic)
+                if reply.status_code != 200:
+                    raise RuntimeError(f"{reply.status_code}: {reply.text[:200]}")
+        return latencies
+
+    tic = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        latencies = [lat for shard in pool.map(client, shards) for lat in shard]
+    return len(bodies) / (time.perf_counter() - tic), latencies
+
+
+def p99(values: list[float]) -> float:
+    return float(np.percentile(values, 99))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=48, help="images per round at concurrency 1")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results.json")
+    args = parser.parse_args()
+
+    from d2ops.formats import decode_image
+
+    work = Path(tempfile.mkdtemp(prefix="d2ops-bench-serve-"))
+    bundle = build_tiny_bundle(work)
+    images = make_images(args.images)
+    arrays = [decode_image(data) for data in images]
+    bodies = [json.dumps({"image": base64.b64encode(data).decode()}).encode() for data in images]
+    bodies16 = bodies * 2  # 96 requests by default at concurrency 16
+
+    predictor = raw_predictor(bundle)
+    batched = Server(bundle, work / "batched.log", "--max-batch-size", "8", "--max-batch-wait-ms", "5")
+    unbatched = Server(bundle, work / "unbatched.log", "--max-batch-size", "1")
+    try:
+        for warm in (batched, unbatched):
+            served(warm.url, bodies[:4], 1)
+        raw_throughput(predictor, arrays[:4])
+        raw, c1, c16, c16_off = [], [], [], []
+        latencies16, latencies16_off = [], []
+        batch_images = batch_count = 0.0
+        for r in range(args.rounds):
+            raw.append(raw_throughput(predictor, arrays))
+            c1.append(served(batched.url, bodies, 1)[0])
+            before = batched.batch_totals()
+            throughput, lat = served(batched.url, bodies16, CONCURRENCY)
+            after = batched.batch_totals()
+            batch_images, batch_count = batch_images + after[0] - before[0], batch_count + after[1] - before[1]
+            c16.append(throughput)
+            latencies16 += lat
+            throughput, lat = served(unbatched.url, bodies16, CONCURRENCY)
+            c16_off.append(throughput)
+            latencies16_off += lat
+            print(f"round {r}: raw {raw[-1]:.2f} img/s, c1 {c1[-1]:.2f}, c16 {c16[-1]:.2f}, "
+                  f"c16 unbatched {c16_off[-1]:.2f}", flush=True)  # fmt: skip
+    finally:
+        batched.stop()
+        unbatched.stop()
+
+    med = statistics.median
+    figures = {
+        "serve_overhead_ratio_c1": round(med(c1) / med(raw), 4),
+        "serve_throughput_c16": round(med(c16), 2),
+        "serve_p99_ms_c16": round(1000 * p99(latencies16), 1),
+        "serve_batching_speedup_c16": round(med(c16) / med(c16_off), 4),
+        "raw_predictor_images_per_s": round(med(raw), 2),
+        "serve_throughput_c1": round(med(c1), 2),
+        "serve_throughput_c16_unbatched": round(med(c16_off), 2),
+        "serve_p99_ms_c16_unbatched": round(1000 * p99(latencies16_off), 1),
+        "mean_batch_size_c16": round(batch_images / max(batch_count, 1), 2),
+        "rounds": args.rounds,
+        "images_c1": len(bodies),
+        "requests_c16": len(bodies16),
+        "workload": "128x128 JPEG, CVAT /predict (base64 JSON), threshold 0 (100 detections serialised per image)",
+        "batched_server": "--max-batch-size 8 --max-batch-wait-ms 5 --max-queue-depth 64",
+        "device": "cpu",
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+        f"Python {platform.python_version()}, torch {torch.__version__}",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    results = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    results["serve"] = figures
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
