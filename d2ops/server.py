@@ -66,6 +66,7 @@ SETTINGS_ENV = "D2OPS_SERVE_SETTINGS"
 #: Reachable without the bearer token: liveness and readiness probes, the Prometheus scraper.
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 PREDICT_PATHS = ("/predict", "/predictions/")
+KNOWN_PATHS = frozenset({*OPEN_PATHS, "/predict", "/v1/models", "/openapi.json", "/docs", "/redoc"})
 
 
 # -------------------------------------------------------------------------------------- API schema
@@ -241,13 +242,14 @@ class AuthMiddleware:
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.expected = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
-        if not hmac.compare_digest(given, self.expected):
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.expected):
             reason = "missing bearer token" if not given else "wrong bearer token"
             reply = _json_reply(401, f"{reason}: send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
             return await reply(scope, receive, send)
@@ -280,11 +282,18 @@ class ObserveMiddleware:
             await self.app(scope, receive, observing_send)
         finally:
             self.state.active_predictions -= predicting
-            route = getattr(scope.get("route"), "path", "other")
+            route = getattr(scope.get("route"), "path", None) or _route_of(scope["path"])
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
             if status >= 400:
                 self.metrics.errors.labels(route, _error_kind(status)).inc()
+
+
+def _route_of(path: str) -> str:
+    """The route template for requests answered before routing (401, 413), else "other"."""
+    if path.startswith("/predictions/"):
+        return "/predictions/{model_name}"
+    return path if path in KNOWN_PATHS else "other"
 
 
 def _error_kind(status: int) -> str:

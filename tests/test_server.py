@@ -471,9 +471,12 @@ def test_token_is_required_except_on_probes(guarded: ServerProcess, tiny_bundle:
         assert httpx.get(url + path).status_code == 200
     auth = {"Authorization": f"Bearer {TOKEN}"}
     assert httpx.post(f"{url}/predict", json={"image": _b64(image)}, headers=auth).status_code == 200
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
     assert httpx.post(f"{url}/predictions/{tiny_bundle.name}", content=image, headers=auth).status_code == 200
     assert httpx.get(f"{url}/v1/models", headers=auth).status_code == 200
     assert TOKEN not in guarded.log()
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'd2ops_requests_total{method="POST",route="/predict",status="401"} 3.0' in metrics
 
 
 def test_overload_is_refused_at_once_with_retry_after(guarded: ServerProcess) -> None:

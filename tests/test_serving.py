@@ -292,6 +292,25 @@ def test_source_fingerprints(tiny_bundle: Path, tmp_path: Path) -> None:
     assert not SourceWatcher("0123456789abcdef0123456789abcdef").watchable
 
 
+def test_a_bundle_on_s3_loads_and_is_watched_by_its_etags(tiny_bundle: Path, tmp_path: Path) -> None:
+    from d2ops import storage
+    from d2ops.s3server import local_s3_endpoint
+
+    with local_s3_endpoint() as s3:
+        uri = s3.uri("models", "shapes/")
+        storage.upload(tiny_bundle, uri, create_bucket=True, progress=False)
+        settings = load_settings({"model": uri, "device": "cpu", "cache_dir": str(tmp_path / "cache")}, environ={})
+        loaded = load_model(DetectorAPI("cpu"), settings)
+        assert (loaded.info.name, loaded.info.version) == ("shapes", bundle_version(tiny_bundle))
+        watcher = SourceWatcher(uri)
+        before = watcher.fingerprint()
+        assert before == watcher.fingerprint()
+        changed = tmp_path / "metadata.json"
+        changed.write_text('{"experiment": "retrained"}')
+        storage.upload(changed, uri, progress=False)
+        assert watcher.fingerprint() != before
+
+
 # ------------------------------------------------------------------------------- unexpected errors
 
 
