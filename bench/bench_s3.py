@@ -60,7 +60,7 @@ def sequential_download(uri: str, dest: Path) -> int:
     count = 0
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.prefix):
         for obj in page.get("Contents", []):
-            target = dest / obj["Key"][len(loc.prefix):]
+            target = dest / obj["Key"][len(loc.prefix) :]
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(client.get_object(Bucket=loc.bucket, Key=obj["Key"])["Body"].read())
             count += 1
@@ -95,8 +95,9 @@ def timed(clock: CpuClock, fn: Any, *args: Any, **kwargs: Any) -> tuple[dict[str
     return {"wall": wall, "client_cpu": client1 - client0, "server_cpu": server1 - server0}, result
 
 
-def run(objects: int, repeats: int, workers: int, min_kib: int, max_kib: int,
-        latency_ms: float = 0.0) -> dict[str, Any]:
+def run(
+    objects: int, repeats: int, workers: int, min_kib: int, max_kib: int, latency_ms: float = 0.0
+) -> dict[str, Any]:
     """Upload, then time (a) and (b) alternately ``repeats`` times, then (c); returns the figures."""
     work = Path(tempfile.mkdtemp(prefix="d2ops-bench-s3-"))
     try:
@@ -111,15 +112,15 @@ def run(objects: int, repeats: int, workers: int, min_kib: int, max_kib: int,
             for r in range(repeats):
                 t, count = timed(clock, sequential_download, uri, work / f"seq{r}")
                 sequential.append(t)
-                t, stats = timed(clock, storage.download, uri, work / f"par{r}",
-                                 workers=workers, progress=False)
+                t, stats = timed(clock, storage.download, uri, work / f"par{r}", workers=workers, progress=False)
                 parallel.append(t)
                 if count != objects or stats.files_transferred != objects:
                     raise RuntimeError(f"expected {objects} objects, got {count}, {stats.files_transferred}")
                 shutil.rmtree(work / f"seq{r}")
 
-            rerun_t, rerun = timed(clock, storage.download, uri, work / f"par{repeats - 1}",
-                                   workers=workers, progress=False)
+            rerun_t, rerun = timed(
+                clock, storage.download, uri, work / f"par{repeats - 1}", workers=workers, progress=False
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -150,8 +151,7 @@ def run(objects: int, repeats: int, workers: int, min_kib: int, max_kib: int,
         "repeats": repeats,
         "latency_ms": latency_ms,
         "server": "moto S3 server in a separate process on 127.0.0.1",
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "python": platform.python_version()},
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version()},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -172,16 +172,23 @@ def print_table(f: dict[str, Any]) -> None:
     kib = f"{f['object_kib'][0]}-{f['object_kib'][1]} KiB"
     rows = [
         ("objects", f"{f['objects']} ({f['bytes'] / 2**20:.1f} MiB, {kib}){latency}"),
-        ("(a) sequential get_object loop",
-         f"{f['sequential_seconds']:.2f} s  runs {f['sequential_runs']}  "
-         f"cpu client {cpu['sequential']['client']:.2f} s, server {cpu['sequential']['server']:.2f} s"),
-        (f"(b) storage.download, {f['workers']} workers",
-         f"{f['parallel_seconds']:.2f} s  runs {f['parallel_runs']}  "
-         f"cpu client {cpu['parallel']['client']:.2f} s, server {cpu['parallel']['server']:.2f} s"),
+        (
+            "(a) sequential get_object loop",
+            f"{f['sequential_seconds']:.2f} s  runs {f['sequential_runs']}  "
+            f"cpu client {cpu['sequential']['client']:.2f} s, server {cpu['sequential']['server']:.2f} s",
+        ),
+        (
+            f"(b) storage.download, {f['workers']} workers",
+            f"{f['parallel_seconds']:.2f} s  runs {f['parallel_runs']}  "
+            f"cpu client {cpu['parallel']['client']:.2f} s, server {cpu['parallel']['server']:.2f} s",
+        ),
         ("s3_parallel_speedup (a)/(b)", f"{f['s3_parallel_speedup']:.2f}x  (target >= 5)"),
         ("ceiling: (a) / server cpu in (b)", f"{f['s3_speedup_ceiling']:.2f}x  (single-process server)"),
-        ("(c) cached re-run", f"{f['s3_cached_rerun_bytes']} bytes, {f['s3_cached_rerun_files']} files, "
-                              f"{f['s3_cached_rerun_seconds']:.2f} s  (target 0 bytes)"),
+        (
+            "(c) cached re-run",
+            f"{f['s3_cached_rerun_bytes']} bytes, {f['s3_cached_rerun_files']} files, "
+            f"{f['s3_cached_rerun_seconds']:.2f} s  (target 0 bytes)",
+        ),
         ("machine", f"{f['machine']['platform']}, {f['machine']['cpu_count']} CPUs"),
     ]
     width = max(len(name) for name, _ in rows)
@@ -196,8 +203,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     parser.add_argument("--min-kib", type=int, default=4)
     parser.add_argument("--max-kib", type=int, default=16)
-    parser.add_argument("--latency-ms", type=float, default=0.0,
-                        help="also run a second, separately reported scenario with this delay per request")
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        help="also run a second, separately reported scenario with this delay per request",
+    )
     parser.add_argument("--json", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -211,9 +222,17 @@ def main(argv: list[str] | None = None) -> None:
         print_table(delayed)
         figures["simulated_latency"] = {
             key: delayed[key]
-            for key in ("latency_ms", "s3_parallel_speedup", "s3_speedup_ceiling", "sequential_seconds",
-                        "parallel_seconds", "sequential_runs", "parallel_runs", "cpu_seconds",
-                        "s3_cached_rerun_bytes")
+            for key in (
+                "latency_ms",
+                "s3_parallel_speedup",
+                "s3_speedup_ceiling",
+                "sequential_seconds",
+                "parallel_seconds",
+                "sequential_runs",
+                "parallel_runs",
+                "cpu_seconds",
+                "s3_cached_rerun_bytes",
+            )
         }
     merge_into(args.json, "s3", figures)
     print(f"merged into {args.json} under 's3'")

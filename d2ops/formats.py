@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "SUPPORTED_FORMATS",
     "BadImageError",
+    "UnsupportedFormatError",
     "decode_base64_image",
     "decode_image",
     "to_cvat",
@@ -38,6 +39,10 @@ class BadImageError(ValueError):
     """The request's image cannot be used; the message says why and what to send instead."""
 
 
+class UnsupportedFormatError(BadImageError):
+    """A real image, but in a format the detector does not take (HTTP 415)."""
+
+
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode image bytes into a BGR uint8 array (detectron2's input), refusing bad input.
 
@@ -51,7 +56,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             if image.format not in SUPPORTED_FORMATS:
-                raise BadImageError(
+                raise UnsupportedFormatError(
                     f"unsupported image format {image.format}: send one of {', '.join(SUPPORTED_FORMATS)}"
                 )
             width, height = image.size

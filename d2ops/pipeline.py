@@ -93,7 +93,7 @@ def run_step(
             "output_uri": cfg.clearml.output_uri,
             "tags": [cfg.name],
         }
-    with open_step(step, params, mode=mode, **launch    ) as run:
+    with open_step(step, params, mode=mode, **launch) as run:
         # On an agent the connected values are the ones edited in the UI / set by the pipeline.
         cfg = load_config(run.params["config"], parse_overrides(run.params.get("overrides")))
         run.reporter.configuration("experiment", cfg.to_yaml(), "the validated d2ops experiment config")

@@ -497,7 +497,7 @@ def _check_ready(state: ServerState) -> LoadedModel:
 
 async def _infer(state: ServerState, payloads: Sequence[bytes | str], threshold: float | None) -> list[tuple[Any, str]]:
     """Decode, queue for the batcher and wait: 400/415 bad image, 503 overloaded, 504 timed out."""
-    from d2ops.formats import BadImageError
+    from d2ops.formats import BadImageError, UnsupportedFormatError
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + state.settings.request_timeout
@@ -506,7 +506,7 @@ async def _infer(state: ServerState, payloads: Sequence[bytes | str], threshold:
         images = await asyncio.to_thread(lambda: [state.api.decode_request(p) for p in payloads])
     except BadImageError as err:
         which = "" if len(payloads) == 1 else " (one of the images)"
-        status = 415 if str(err).startswith("unsupported image format") else 400
+        status = 415 if isinstance(err, UnsupportedFormatError) else 400
         raise HTTPException(status, f"{err}{which}") from None
     threshold = state.settings.threshold if threshold is None else threshold
     try:

@@ -449,9 +449,7 @@ def test_no_generated_request_gets_a_5xx(server: ServerProcess) -> None:
 @pytest.fixture(scope="module")
 def guarded(tiny_bundle: Path, logs: Path) -> Iterator[ServerProcess]:
     """Token required; one image at a time and one waiting: the smallest server that can be overloaded."""
-    srv = ServerProcess(
-        tiny_bundle, logs, "--max-queue-depth", "1", "--max-batch-size", "1", env={TOKEN_ENV: TOKEN}
-    )
+    srv = ServerProcess(tiny_bundle, logs, "--max-queue-depth", "1", "--max-batch-size", "1", env={TOKEN_ENV: TOKEN})
     try:
         srv.wait_listening()
         srv.wait_ready()
@@ -584,9 +582,7 @@ def _retrained(tiny_bundle: Path, out: Path, seed: int, *, corrupt: bool = False
     )
 
 
-def test_watch_swaps_in_new_versions_and_rejects_broken_ones(
-    tiny_bundle: Path, logs: Path, tmp_path: Path
-) -> None:
+def test_watch_swaps_in_new_versions_and_rejects_broken_ones(tiny_bundle: Path, logs: Path, tmp_path: Path) -> None:
     watched = tmp_path / "shapes"
     shutil.copytree(tiny_bundle, watched)
     srv = ServerProcess(watched, logs, "--watch", "--poll-interval", "0.3")
