@@ -39,40 +39,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from d2ops.testing import build_tiny_bundle
+
 REPO = Path(__file__).resolve().parent.parent
 CONCURRENCY = 16
-
-
-def build_tiny_bundle(work: Path) -> Path:
-    """The tests' tiny bundle: the smoke architecture, seeded random weights, score threshold 0."""
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-
-    from d2ops.config import load_config
-    from d2ops.datasets import SHAPE_CLASSES, RegisteredDataset
-    from d2ops.registry import build_bundle
-    from d2ops.training import build_d2_config
-
-    cfg = load_config(REPO / "configs" / "smoke.yaml", ["runtime.device=cpu"])
-    dataset = RegisteredDataset(
-        names={"train": "unused", "val": "unused"}, class_names=list(SHAPE_CLASSES), json_files={}
-    )
-    d2 = build_d2_config(cfg, dataset, work / "train")
-    d2.defrost()
-    d2.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
-    d2.freeze()
-    torch.manual_seed(0)
-    (work / "train").mkdir(parents=True)
-    DetectionCheckpointer(build_model(d2), save_dir=str(work / "train")).save("model_final")
-    (work / "train" / "config.yaml").write_text(d2.dump())
-    return build_bundle(
-        work / "bundle",
-        weights=work / "train" / "model_final.pth",
-        d2_config=work / "train" / "config.yaml",
-        labels=list(SHAPE_CLASSES),
-        metrics={},
-        metadata={"experiment": "bench-serve"},
-    )
 
 
 def make_images(n: int) -> list[bytes]:
@@ -176,7 +146,7 @@ def main() -> None:
     from d2ops.formats import decode_image
 
     work = Path(tempfile.mkdtemp(prefix="d2ops-bench-serve-"))
-    bundle = build_tiny_bundle(work)
+    bundle = build_tiny_bundle(work, metadata={"experiment": "bench-serve"})
     images = make_images(args.images)
     arrays = [decode_image(data) for data in images]
     bodies = [json.dumps({"image": base64.b64encode(data).decode()}).encode() for data in images]

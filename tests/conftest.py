@@ -34,39 +34,7 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real, loadable model bundle in a second: the smoke architecture, seeded random weights.
+    """A real, loadable model bundle with seeded random weights (see d2ops.testing)."""
+    from d2ops.testing import build_tiny_bundle
 
-    Its predictions are meaningless but deterministic (score threshold 0), which is what
-    serving tests need: the same boxes in-process and over HTTP.
-    """
-    import torch
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-
-    from d2ops.config import load_config
-    from d2ops.datasets import SHAPE_CLASSES, RegisteredDataset
-    from d2ops.registry import build_bundle
-    from d2ops.training import build_d2_config
-
-    work = tmp_path_factory.mktemp("tiny_bundle")
-    cfg = load_config(SMOKE_CONFIG, ["runtime.device=cpu"])
-    dataset = RegisteredDataset(
-        names={"train": "unused", "val": "unused"}, class_names=list(SHAPE_CLASSES), json_files={}
-    )
-    d2 = build_d2_config(cfg, dataset, work / "train")
-    d2.defrost()
-    d2.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
-    d2.freeze()
-    torch.manual_seed(0)
-    model = build_model(d2)
-    (work / "train").mkdir()
-    DetectionCheckpointer(model, save_dir=str(work / "train")).save("model_final")
-    (work / "train" / "config.yaml").write_text(d2.dump())
-    return build_bundle(
-        work / "bundle",
-        weights=work / "train" / "model_final.pth",
-        d2_config=work / "train" / "config.yaml",
-        labels=list(SHAPE_CLASSES),
-        metrics={"bbox": {"AP50": 0.0}},
-        metadata={"experiment": "tiny", "dataset_identity": "none"},
-    )
+    return build_tiny_bundle(tmp_path_factory.mktemp("tiny_bundle"))

@@ -1,0 +1,48 @@
+"""Helpers for tests and benchmarks (like ``detectron2.utils.testing``): small real artifacts, fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_tiny_bundle"]
+
+_SMOKE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
+
+
+def build_tiny_bundle(work: Path, *, seed: int = 0, metadata: dict[str, Any] | None = None) -> Path:
+    """A real, loadable model bundle in about a second: the smoke architecture with seeded random weights.
+
+    The score threshold is 0, so its predictions are meaningless but deterministic and never empty:
+    what serving tests and benchmarks need (the same boxes in-process and over HTTP).
+    """
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from d2ops.config import load_config
+    from d2ops.datasets import SHAPE_CLASSES, RegisteredDataset
+    from d2ops.registry import build_bundle
+    from d2ops.training import build_d2_config
+
+    cfg = load_config(_SMOKE_CONFIG, ["runtime.device=cpu"])
+    dataset = RegisteredDataset(
+        names={"train": "unused", "val": "unused"}, class_names=list(SHAPE_CLASSES), json_files={}
+    )
+    train_dir = work / "train"
+    d2 = build_d2_config(cfg, dataset, train_dir)
+    d2.defrost()
+    d2.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    d2.freeze()
+    torch.manual_seed(seed)
+    train_dir.mkdir(parents=True, exist_ok=True)
+    DetectionCheckpointer(build_model(d2), save_dir=str(train_dir)).save("model_final")
+    (train_dir / "config.yaml").write_text(d2.dump())
+    return build_bundle(
+        work / "bundle",
+        weights=train_dir / "model_final.pth",
+        d2_config=train_dir / "config.yaml",
+        labels=list(SHAPE_CLASSES),
+        metrics={"bbox": {"AP50": 0.0}},
+        metadata=metadata or {"experiment": "tiny", "dataset_identity": "none"},
+    )
