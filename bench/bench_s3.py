@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import logging
 import os
 import platform
@@ -31,6 +30,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from results_io import merge_into
 
 from d2ops import storage
 from d2ops.s3server import local_s3_endpoint
@@ -154,16 +155,6 @@ def run(
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version()},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def merge_into(path: Path, key: str, figures: dict[str, Any]) -> None:
-    """Read-modify-write ``path`` so that figures from other benchmarks are kept."""
-    data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    data[key] = figures
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def print_table(f: dict[str, Any]) -> None:

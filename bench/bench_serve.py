@@ -38,6 +38,7 @@ import httpx
 import numpy as np
 import torch
 from PIL import Image
+from results_io import merge_into
 
 from d2ops.testing import build_tiny_bundle
 
@@ -201,9 +202,7 @@ def main() -> None:
         f"Python {platform.python_version()}, torch {torch.__version__}",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    results = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    results["serve"] = figures
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    merge_into(args.json, "serve", figures)
     print(json.dumps(figures, indent=2))
 
 

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_io import merge_into
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,9 +97,7 @@ def main() -> None:
         "machine": f"{platform.platform()}, {torch.get_num_threads()} torch threads",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    results = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    results["train"] = figures
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    merge_into(args.json, "train", figures)
     print(json.dumps(figures, indent=2))
 
 

@@ -49,6 +49,7 @@ from d2ops.serving import (
     LoadedModel,
     MicroBatcher,
     ModelHolder,
+    ModelInfo,
     Overloaded,
     ServeSettings,
     ServeSettingsError,
@@ -102,20 +103,8 @@ class ErrorReply(BaseModel):
     error: str
 
 
-class ModelCard(BaseModel):
-    name: str
-    version: str = Field(description="content hash of the bundle")
-    labels: list[str]
-    metrics: dict[str, Any]
-    metadata: dict[str, Any]
-    source: str
-    bundle: str
-    device: str
-    loaded_at: str
-
-
 class ModelList(BaseModel):
-    models: list[ModelCard]
+    models: list[ModelInfo]
 
 
 class Status(BaseModel):
@@ -567,7 +556,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def models() -> ModelList:
         """The served model: name, version, labels, metrics and source, from the bundle."""
         loaded = _check_ready(state)
-        return ModelList(models=[ModelCard(**loaded.info.to_dict())])
+        return ModelList(models=[loaded.info])
 
     @app.post(
         "/predict",

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
@@ -147,7 +147,7 @@ class ModelInfo:
     """What ``/v1/models`` says about the served model (from the bundle's metadata and metrics)."""
 
     name: str
-    version: str
+    version: Annotated[str, Field(description="content hash of the bundle")]
     labels: list[str]
     metrics: dict[str, Any]
     metadata: dict[str, Any]
@@ -155,19 +155,6 @@ class ModelInfo:
     bundle: str
     device: str
     loaded_at: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "labels": self.labels,
-            "metrics": self.metrics,
-            "metadata": self.metadata,
-            "source": self.source,
-            "bundle": self.bundle,
-            "device": self.device,
-            "loaded_at": self.loaded_at,
-        }
 
 
 @dataclass(frozen=True)

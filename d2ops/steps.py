@@ -106,10 +106,10 @@ def dataset_dir(ctx: StepContext) -> Path:
     return storage.resolve_local(ctx.cfg.data.source, _dataset_cache(ctx.cfg))
 
 
-def _validated_dataset(ctx: StepContext) -> tuple[Path, dict[str, Any]]:
+def _validated_dataset(ctx: StepContext, root: Path | None = None) -> tuple[Path, dict[str, Any]]:
     from d2ops.validation import validate_dataset
 
-    root = dataset_dir(ctx)
+    root = root or dataset_dir(ctx)
     data = ctx.cfg.data
     summaries = validate_dataset(
         root,
@@ -129,9 +129,9 @@ def run_download(ctx: StepContext) -> StepOutput:
     _localize_config_file(ctx)
     check_model_config(ctx.cfg)
     source = ctx.cfg.data.source
-    stats = storage.download(source, _dataset_cache(ctx.cfg))
+    stats, root = storage.sync(source, _dataset_cache(ctx.cfg))
     manifest: dict[str, Any] = {"source": source, **stats.to_dict()}
-    _, summaries = _validated_dataset(ctx)
+    _, summaries = _validated_dataset(ctx, root)
     if ctx.cfg.model.weights and storage.is_s3_uri(ctx.cfg.model.weights):
         fetch(ctx.cfg.model.weights, ctx.workdir / "weights")
     manifest["splits"] = summaries

@@ -634,7 +634,7 @@ def download(uri_or_path: str, dest: Path, *, workers: int = 16, progress: bool 
         StorageError: nothing under the URI, bucket missing, access denied, endpoint
             unreachable after retries, or a local path that does not exist.
     """
-    return _download(uri_or_path, dest, workers=workers, progress=progress)[0]
+    return sync(uri_or_path, dest, workers=workers, progress=progress)[0]
 
 
 def resolve_local(uri_or_path: str, dest: Path, *, workers: int = 16, progress: bool = True) -> Path:
@@ -642,10 +642,11 @@ def resolve_local(uri_or_path: str, dest: Path, *, workers: int = 16, progress: 
 
     For an S3 prefix that is ``dest``; for a single S3 object, ``dest/<basename>``.
     """
-    return _download(uri_or_path, dest, workers=workers, progress=progress)[1]
+    return sync(uri_or_path, dest, workers=workers, progress=progress)[1]
 
 
-def _download(uri_or_path: str, dest: Path, *, workers: int, progress: bool) -> tuple[TransferStats, Path]:
+def sync(uri_or_path: str, dest: Path, *, workers: int = 16, progress: bool = True) -> tuple[TransferStats, Path]:
+    """:func:`download` and :func:`resolve_local` in one pass: the stats and the local path to read."""
     if is_s3_uri(uri_or_path):
         return _download_s3(uri_or_path, Path(dest), workers, progress)
     local = Path(uri_or_path.removeprefix("file://")).expanduser()

@@ -146,13 +146,9 @@ def _diverged_message(iteration: int | str) -> str:
     )
 
 
-def _is_remote(uri: str) -> bool:
-    return storage.is_s3_uri(uri)
-
-
 def restore_checkpoints(uri: str, local_dir: Path) -> bool:
     """Bring the checkpoints under ``uri`` into ``local_dir`` so training resumes from them."""
-    if _is_remote(uri):
+    if storage.is_s3_uri(uri):
         try:
             storage.download(uri, local_dir, progress=False)
         except storage.StorageError as err:
@@ -196,7 +192,7 @@ class CheckpointSync(HookBase):
         for path in (out / pointer.read_text().strip(), pointer):
             if not path.is_file():
                 continue
-            if _is_remote(self.uri):
+            if storage.is_s3_uri(self.uri):
                 storage.upload(path, f"{self.uri}/", progress=False)
             else:
                 Path(self.uri).mkdir(parents=True, exist_ok=True)
