@@ -47,11 +47,21 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def user_errors_types() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: reported as one clear message, not a traceback."""
+    from d2ops.pipeline import StepTimeLimitExceeded
     from d2ops.storage import StorageError
     from d2ops.training import TrainingDiverged
     from d2ops.validation import DataValidationError
 
-    return (ConfigError, DataValidationError, StorageError, TrainingDiverged, FileNotFoundError, ValueError, KeyError)
+    return (
+        ConfigError,
+        DataValidationError,
+        StorageError,
+        TrainingDiverged,
+        StepTimeLimitExceeded,
+        FileNotFoundError,
+        ValueError,
+        KeyError,
+    )
 
 
 def fail(err: BaseException) -> int:
@@ -112,6 +122,9 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
             run = run_offline(args.config, overrides)
             print(json.dumps(run.sessions, indent=2))
             return 0
+        from d2ops.cluster import preflight
+
+        preflight(cfg, check_queues=not args.local)
         pipe = build_controller(args.config, overrides, cfg)
         start_controller(pipe, "local" if args.local else "remote", cfg.clearml.queues.controller)
     except user_errors as err:

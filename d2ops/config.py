@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -66,6 +67,14 @@ class DataConfig(_Strict):
         default=None, description="VIA only: the region attribute holding the class name; null = single class"
     )
     cache_dir: str = Field(default="outputs/cache/datasets", description="local download cache")
+    dataset_id: str | None = Field(
+        default=None,
+        description="a ClearML Dataset version to train on (set by the on-data trigger); null = data.source",
+    )
+    register_dataset: bool = Field(
+        default=False,
+        description="register the downloaded S3 data as a ClearML Dataset that links (not copies) the objects",
+    )
 
     @model_validator(mode="after")
     def _check_splits(self) -> DataConfig:
@@ -147,10 +156,67 @@ class QualityGate(_Strict):
     min_value: float = 0.0
 
 
+_METRIC_NAME = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+_TAG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+
+
+class ChampionGate(_Strict):
+    """Champion/challenger: a candidate replaces the production model only if it beats it by a margin.
+
+    Both models are evaluated on the same split by the same code in the register step; the
+    absolute ``quality_gate`` still applies as a floor.
+    """
+
+    enabled: bool = Field(default=True, description="false = only the absolute quality_gate decides")
+    metric: str = Field(default="bbox.AP", description="the metric both models are compared on, e.g. bbox.AP or f2")
+    min_improvement: float = Field(
+        default=0.0, ge=0, description="how much the candidate must beat the champion by (metric units); ties never win"
+    )
+    tag: str = Field(default="production", description="the tag that marks the current champion")
+    retired_tag: str = Field(
+        default="production-retired", description="a replaced champion's tag (plus <retired_tag>-<UTC date>)"
+    )
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_name(cls, value: str) -> str:
+        if not _METRIC_NAME.match(value):
+            raise ValueError("must be a dotted metric name such as bbox.AP, bbox.AP50 or f2")
+        return value
+
+    @field_validator("tag", "retired_tag")
+    @classmethod
+    def _tag_name(cls, value: str) -> str:
+        if not _TAG_NAME.match(value):
+            raise ValueError("must be a tag of letters, digits and _.:- (no spaces), e.g. production")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_tags(self) -> ChampionGate:
+        if self.tag == self.retired_tag:
+            raise ValueError(f"registry.champion.retired_tag must differ from registry.champion.tag ({self.tag!r})")
+        return self
+
+
 class RegistryConfig(_Strict):
     model_name: str = "d2ops-detector"
     tags: list[str] = Field(default_factory=list)
     quality_gate: QualityGate = Field(default_factory=QualityGate)
+    champion: ChampionGate = Field(default_factory=ChampionGate)
+    local_dir: str = Field(
+        default="outputs/registry",
+        description="offline model registry: <local_dir>/<model_name>/ holds promoted bundles and the champion",
+    )
+
+    @model_validator(mode="after")
+    def _gate_tags_not_static(self) -> RegistryConfig:
+        clash = {self.champion.tag, self.champion.retired_tag} & set(self.tags)
+        if clash:
+            raise ValueError(
+                f"registry.tags must not contain {sorted(clash)}: the champion gate alone sets those tags "
+                "(remove them from registry.tags)"
+            )
+        return self
 
 
 warnings.filterwarnings("ignore", message='Field name "register" in "QueuesConfig"', category=UserWarning)
@@ -167,28 +233,97 @@ class QueuesConfig(_Strict):
     register: str = "cpu"
 
 
+def _no_secret_docker_args(value: str | None) -> str | None:
+    lowered = (value or "").lower()
+    if any(word in lowered for word in _SECRET_WORDS) or "aws_" in lowered:
+        raise ValueError(
+            "docker arguments must not carry credentials (ClearML shows them in the UI); "
+            "configure them in the agent's clearml.conf or an env file on the worker"
+        )
+    return value
+
+
+class StepExecution(_Strict):
+    """How one pipeline step runs on a cluster (its queue is in ``clearml.queues``)."""
+
+    docker_image: str | None = Field(default=None, description="null = clearml.docker_image")
+    docker_args: str | None = Field(default=None, description="null = clearml.docker_args; never credentials")
+    retries: int = Field(default=0, ge=0, le=10, description="re-runs after a failure (pre-emption, lost worker)")
+    time_limit_min: float | None = Field(default=None, gt=0, description="abort and fail the step after this")
+
+    _check_args = field_validator("docker_args")(_no_secret_docker_args)
+
+
+StepName = Literal["download", "train", "evaluate", "infer", "register"]
+
+
+def _default_step_execution() -> dict[StepName, StepExecution]:
+    """GPU steps retry (pre-empted or lost workers); every step has a time limit."""
+    return {
+        "download": StepExecution(time_limit_min=60.0),
+        "train": StepExecution(retries=2, time_limit_min=24 * 60.0),
+        "evaluate": StepExecution(retries=2, time_limit_min=120.0),
+        "infer": StepExecution(retries=2, time_limit_min=120.0),
+        "register": StepExecution(time_limit_min=60.0),
+    }
+
+
 class ClearMLConfig(_Strict):
     project: str = "d2ops"
     queues: QueuesConfig = Field(default_factory=QueuesConfig)
     docker_image: str = "d2ops/detectron2:latest"
     docker_args: str = Field(default="", description="extra docker arguments; never put credentials here")
+    steps: dict[StepName, StepExecution] = Field(
+        default_factory=_default_step_execution,
+        description="per step: docker_image, docker_args, retries, time_limit_min (unset steps keep defaults)",
+    )
+    pool_frequency_s: float = Field(
+        default=2.0, gt=0, le=60, description="how often the pipeline controller polls its steps"
+    )
+    pipeline_time_limit_min: float | None = Field(default=None, gt=0, description="abort the whole pipeline after")
     output_uri: str | None = Field(default=None, description="where checkpoints and models go (s3://..., path)")
 
-    @field_validator("docker_args")
+    _check_args = field_validator("docker_args")(_no_secret_docker_args)
+
+    @field_validator("steps", mode="before")
     @classmethod
-    def _no_secrets(cls, value: str) -> str:
-        lowered = value.lower()
-        if any(word in lowered for word in _SECRET_WORDS):
-            raise ValueError(
-                "clearml.docker_args must not carry credentials (ClearML shows them in the UI); "
-                "configure them in the agent's clearml.conf or an env file on the worker"
-            )
-        return value
+    def _fill_steps(cls, value: Any) -> Any:
+        """A config names only the steps and fields it changes; everything else keeps its default."""
+        if not isinstance(value, dict):
+            return value
+        merged: dict[str, Any] = {name: ex.model_dump() for name, ex in _default_step_execution().items()}
+        for name, given in value.items():
+            given = given.model_dump(exclude_unset=True) if isinstance(given, StepExecution) else given
+            merged[name] = {**merged.get(name, {}), **given} if isinstance(given, dict) else given
+        return merged
+
+    def step(self, name: str) -> StepExecution:
+        """The effective execution settings of a step (image and args resolved)."""
+        own = self.steps[name]  # type: ignore[index]
+        return own.model_copy(
+            update={
+                "docker_image": own.docker_image or self.docker_image,
+                "docker_args": self.docker_args if own.docker_args is None else own.docker_args,
+            }
+        )
 
 
 class RuntimeConfig(_Strict):
+    """Where and how the steps run: device, local folder, resuming, GPUs and machines for training."""
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: str = "outputs/run"
+    resume: bool = Field(
+        default=True,
+        description="continue from this run's last checkpoint (local or in clearml.output_uri); false = from scratch",
+    )
+    num_gpus: int = Field(
+        default=1, ge=1, description="training processes per machine, one per GPU (device cpu: CPU processes, gloo)"
+    )
+    num_machines: int = Field(
+        default=1, ge=1, description="machines for training; > 1 uses ClearML's Task.launch_multi_node on agents"
+    )
+    dist_port: int = Field(default=29500, gt=0, lt=65536, description="the master machine's port when num_machines > 1")
 
 
 class ExperimentConfig(_Strict):

@@ -285,6 +285,8 @@ def _is_retryable(exc: BaseException) -> bool:
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return status >= 500 or error.get("Code", "") in _RETRYABLE_CODES
+    if isinstance(exc, bce.SSLError):
+        return False  # an http/https mismatch does not heal by retrying
     return isinstance(exc, bce.ConnectionError | bce.HTTPClientError | bce.IncompleteReadError | _TruncatedTransfer)
 
 
@@ -331,6 +333,12 @@ def _as_storage_error(exc: BaseException, uri: str, loc: S3Location) -> StorageE
         if code in {"NoSuchKey", "404"} or status == 404:
             return StorageError(f"no object at {uri}: check the bucket and prefix")
         return StorageError(f"S3 request for {uri} failed ({code or status}): {exc}")
+    if isinstance(exc, bce.SSLError) and loc.host:
+        return StorageError(
+            f"TLS handshake with {loc.endpoint_url} failed for {uri}: the server speaks plain http. "
+            f"Set secure: false in the sdk.aws.s3.credentials entry for host '{loc.host}' in clearml.conf "
+            "(or D2OPS_S3_SECURE=0); MinIO serves http unless it was given certificates"
+        )
     if isinstance(exc, bce.ConnectionError | bce.HTTPClientError):
         endpoint = loc.endpoint_url or "AWS S3"
         return StorageError(
@@ -543,6 +551,22 @@ def _download_s3(uri: str, dest: Path, workers: int, progress: bool) -> tuple[Tr
         stats.seconds,
     )
     return stats, (dest / remotes[0].info.key) if single else dest
+
+
+def remote_identity(uri_or_path: str) -> str:
+    """The dataset identity of ``uri_or_path`` without downloading it: one S3 listing (keys,
+    ETags, sizes), or a stat of local files. Equal data, equal identity; new data, a new one."""
+    if not is_s3_uri(uri_or_path):
+        return _local_stats(Path(uri_or_path)).identity
+    loc = parse_s3_uri(uri_or_path)
+    client = make_s3_client(loc)
+    try:
+        remotes, _ = _with_retries(lambda: _list_remote(client, loc), f"list {loc.uri()}")
+    except Exception as exc:
+        raise _as_storage_error(exc, loc.uri(), loc) from exc
+    if not remotes:
+        raise StorageError(f"no objects under {loc.uri()} — check the bucket and prefix")
+    return dataset_identity([remote.info for remote in remotes])
 
 
 def _key_uri(loc: S3Location, key: str) -> str:

@@ -1,32 +1,61 @@
-"""The remote PipelineController, built offline with the real ClearML SDK and inspected."""
+"""The remote PipelineController, built offline with the real ClearML SDK and inspected.
+
+Everything a cluster run depends on is read back from the built controller: queues, images,
+docker arguments, cache flags and the cache key, retries, time limits, polling, monitors, and
+how a UI clone's edited parameters reach the steps.
+"""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from d2ops.clearml_adapter import enable_offline
 from d2ops.config import load_config
-from d2ops.pipeline import build_controller, parse_overrides
+from d2ops.pipeline import (
+    MONITOR_METRICS,
+    build_controller,
+    dataset_identity_for,
+    download_cache_key,
+    parse_overrides,
+)
 from d2ops.steps import STEP_INPUTS, STEPS
 
 CONFIG = "configs/demo.yaml"
+OVERRIDES = [
+    "solver.max_iter=500",
+    "clearml.queues.train=gpu-a100",
+    "clearml.steps.evaluate.docker_image=d2ops/eval:1.2",
+    "clearml.steps.train.retries=3",
+    "clearml.steps.train.time_limit_min=90",
+]
 
 
-@pytest.fixture(scope="module")
-def dag(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    enable_offline(tmp_path_factory.mktemp("clearml"))
-    overrides = ["solver.max_iter=500", "clearml.queues.train=gpu-a100"]
-    pipe = build_controller(CONFIG, overrides)
-    yield {"pipe": pipe, "nodes": pipe.get_pipeline_dag(), "cfg": load_config(CONFIG, overrides)}
-    # The controller owns this process's main task; close it so later sessions can start.
+def _close_controller_task() -> None:
     from clearml import Task
 
     controller_task = Task.current_task()
     if controller_task is not None:
         controller_task.close()
+
+
+@pytest.fixture(scope="module")
+def dag(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    enable_offline(tmp_path_factory.mktemp("clearml"))
+    pipe = build_controller(CONFIG, OVERRIDES)
+    yield {"pipe": pipe, "nodes": pipe.get_pipeline_dag(), "cfg": load_config(CONFIG, OVERRIDES)}
+    # The controller owns this process's main task; close it so later sessions can start.
+    _close_controller_task()
+
+
+def _resolved(pipe: Any, node: Any) -> dict[str, str]:
+    """The step's pipeline-level parameters exactly as the controller resolves them at launch
+    (upstream artifact references need finished upstream jobs, so they are left out here)."""
+    return {key: pipe._parse_step_ref(value) for key, value in node.parameters.items() if "artifacts" not in value}
 
 
 def test_every_step_is_a_node_with_the_right_parents(dag: dict[str, Any]) -> None:
@@ -39,24 +68,36 @@ def test_every_step_is_a_node_with_the_right_parents(dag: dict[str, Any]) -> Non
     assert set(nodes["register"].parents) == {"download", "train", "evaluate"}
 
 
-def test_each_step_goes_to_its_queue_parameter(dag: dict[str, Any]) -> None:
+def test_gpu_steps_go_to_gpu_queues_and_the_rest_to_cpu(dag: dict[str, Any]) -> None:
     pipe, nodes, cfg = dag["pipe"], dag["nodes"], dag["cfg"]
     params = pipe.get_parameters()
     for step in STEPS:
         assert nodes[step].queue == f"${{pipeline.queue_{step}}}"
-        assert params[f"queue_{step}"] == getattr(cfg.clearml.queues, step)
+        assert pipe._parse_step_ref(nodes[step].queue) == getattr(cfg.clearml.queues, step)
     assert params["queue_train"] == "gpu-a100"
-    assert params["queue_download"] == "cpu"
+    assert params["queue_evaluate"] == params["queue_infer"] == "gpu"
+    assert params["queue_download"] == params["queue_register"] == "cpu"
+    assert cfg.clearml.queues.controller == "services"
+
+
+def test_each_step_image_and_docker_arguments_come_from_config(dag: dict[str, Any]) -> None:
+    nodes = dag["nodes"]
+    assert dag["pipe"].get_parameters()["docker_image"] == dag["cfg"].clearml.docker_image
+    for step in STEPS:
+        image = nodes[step].task_overrides["container.image"]
+        assert image == ("d2ops/eval:1.2" if step == "evaluate" else "${pipeline.docker_image}")
+        args = shlex.split(nodes[step].task_overrides["container.arguments"])
+        assert "--ipc=host" in args
+        # The agent runs the image's own Python: no venv, no reinstall of torch / detectron2.
+        assert args[args.index("CLEARML_AGENT_SKIP_PYTHON_ENV_INSTALL=1") - 1] == "-e"
 
 
 def test_pipeline_parameters_cover_dataset_config_queues_and_image(dag: dict[str, Any]) -> None:
     params = dag["pipe"].get_parameters()
     assert params["dataset_uri"] == dag["cfg"].data.source
+    assert params["dataset_id"] == ""
     assert params["config"] == CONFIG
-    assert parse_overrides(params["overrides"]) == ["solver.max_iter=500", "clearml.queues.train=gpu-a100"]
-    assert params["docker_image"] == dag["cfg"].clearml.docker_image
-    for node in dag["nodes"].values():
-        assert node.task_overrides == {"container.image": "${pipeline.docker_image}"}
+    assert parse_overrides(params["overrides"]) == OVERRIDES
 
 
 def test_step_parameters_are_wired_to_pipeline_and_upstream_artifacts(dag: dict[str, Any]) -> None:
@@ -64,18 +105,144 @@ def test_step_parameters_are_wired_to_pipeline_and_upstream_artifacts(dag: dict[
     for step in STEPS:
         override = nodes[step].parameters
         assert override["General/config"] == "${pipeline.config}"
-        assert "${pipeline.dataset_uri}" in override["General/overrides"]
+        assert "data.source=${pipeline.dataset_uri}" in override["General/overrides"]
+        assert "data.dataset_id=${pipeline.dataset_id}" in override["General/overrides"]
         for name, (src, artifact) in STEP_INPUTS[step].items():
             assert override[f"General/{name}"] == f"${{{src}.artifacts.{artifact}.url}}"
     assert nodes["evaluate"].parameters["General/weights"] == "${train.artifacts.weights.url}"
 
 
-def test_only_the_download_step_is_cached(dag: dict[str, Any]) -> None:
-    cached = {name for name, node in dag["nodes"].items() if node.cache_executed_step}
+def test_a_cloned_run_with_edited_parameters_changes_what_the_steps_do(dag: dict[str, Any]) -> None:
+    """On an agent, the controller's parameters are read back from its (cloned, edited) task."""
+    pipe, nodes = dag["pipe"], dag["nodes"]
+    saved = dict(pipe._pipeline_args)
+    try:
+        pipe._pipeline_args.update(
+            dataset_uri="s3://minio:9000/datasets/shapes-v2/",
+            dataset_id="ds-0042",
+            overrides="solver.max_iter=50 eval.score_threshold=0.3",
+            queue_train="gpu-h100",
+            docker_image="d2ops/detectron2:2.0",
+        )
+        for step in STEPS:
+            params = _resolved(pipe, nodes[step])
+            cfg = load_config(params["General/config"], parse_overrides(params["General/overrides"]))
+            assert cfg.data.source == "s3://minio:9000/datasets/shapes-v2/"
+            assert cfg.data.dataset_id == "ds-0042"
+            assert cfg.solver.max_iter == 50 and cfg.eval.score_threshold == 0.3
+        assert pipe._parse_step_ref(nodes["train"].queue) == "gpu-h100"
+        assert pipe._parse_step_ref(nodes["train"].task_overrides["container.image"]) == "d2ops/detectron2:2.0"
+    finally:
+        pipe._pipeline_args.clear()
+        pipe._pipeline_args.update(saved)
+
+
+def test_only_the_download_step_is_cached_and_keyed_on_the_dataset(dag: dict[str, Any]) -> None:
+    pipe, nodes = dag["pipe"], dag["nodes"]
+    cached = {name for name, node in nodes.items() if node.cache_executed_step}
     assert cached == {"download"}
+    assert pipe._pre_step_callbacks == {"download": download_cache_key}
+
+
+def test_gpu_steps_retry_and_every_step_has_a_time_limit(dag: dict[str, Any]) -> None:
+    pipe, nodes, cfg = dag["pipe"], dag["nodes"], dag["cfg"]
+    retries = {step: pipe._retries_callbacks[step].keywords["max_retries"] for step in STEPS}
+    assert retries == {"download": 0, "train": 3, "evaluate": 2, "infer": 2, "register": 0}
+    for step in STEPS:
+        limit_min = cfg.clearml.step(step).time_limit_min
+        assert limit_min is not None
+        # ClearML's own limit (seconds) backs up the step's: a little later, never sooner.
+        assert limit_min * 60 < nodes[step].timeout <= limit_min * 60 + 600
+    assert nodes["train"].timeout == pytest.approx(90 * 60 + 300)
+    assert set(pipe._status_change_callbacks) == set(STEPS)
+
+
+def test_the_pipeline_page_monitors_headline_metrics_and_the_model(dag: dict[str, Any]) -> None:
+    nodes = dag["nodes"]
+    assert [pair[0] for pair in nodes["evaluate"].monitor_metrics] == [
+        ("Summary", "bbox/AP"),
+        ("Summary", "bbox/AP50"),
+        ("Summary", "f2"),
+    ]
+    assert nodes["evaluate"].monitor_metrics == MONITOR_METRICS["evaluate"]
+    assert nodes["register"].monitor_models == [dag["cfg"].registry.model_name]
+    assert nodes["train"].monitor_metrics == [] and nodes["train"].monitor_models == []
+
+
+def test_controller_polls_every_two_seconds_by_default(dag: dict[str, Any], tmp_path: Path) -> None:
+    assert dag["pipe"]._pool_frequency == pytest.approx(2.0)  # seconds; ClearML's default is 12
+    assert load_config(CONFIG).clearml.pool_frequency_s <= 2.0
 
 
 def test_no_credentials_in_pipeline_parameters(dag: dict[str, Any]) -> None:
-    text = repr(dag["pipe"].get_parameters()) + repr({n: v.parameters for n, v in dag["nodes"].items()})
-    for word in ("AWS_SECRET", "secret_key", "aws_access_key_id"):
+    nodes = {name: (node.parameters, node.task_overrides) for name, node in dag["nodes"].items()}
+    text = repr(dag["pipe"].get_parameters()) + repr(nodes)
+    for word in ("AWS_SECRET", "secret_key", "aws_access_key_id", "d2ops-local-secret"):
         assert word.lower() not in text.lower()
+
+
+def test_cache_key_follows_the_data_not_the_run(dag: dict[str, Any], tmp_path: Path) -> None:
+    """New objects change the download step's ClearML cache hash; unchanged data keeps it."""
+    from clearml.automation.job import ClearmlJob
+
+    from d2ops import storage
+    from d2ops.s3server import local_s3_endpoint
+
+    pipe, node = dag["pipe"], dag["nodes"]["download"]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("one")
+    with local_s3_endpoint() as s3:
+        uri = s3.uri("cache-key", "shapes/")
+        storage.upload(tmp_path / "data", uri, create_bucket=True, progress=False)
+        saved = dict(pipe._pipeline_args)
+        pipe._pipeline_args["dataset_uri"] = uri
+
+        def launch_hash() -> tuple[str, str]:
+            params = _resolved(pipe, node)
+            assert download_cache_key(pipe, node, params) is True
+            return params["General/dataset_identity"], ClearmlJob._create_task_hash(pipe._task, params_override=params)
+
+        try:
+            first, again = launch_hash(), launch_hash()
+            (tmp_path / "data" / "b.txt").write_text("two")
+            storage.upload(tmp_path / "data", uri, progress=False)
+            changed = launch_hash()
+        finally:
+            pipe._pipeline_args.clear()
+            pipe._pipeline_args.update(saved)
+    assert first == again
+    assert changed[0] != first[0] and changed[1] != first[1]
+    # A ClearML dataset version is its own identity: no listing needed.
+    assert dataset_identity_for(CONFIG, ["data.dataset_id=abc123"]) == "clearml-dataset:abc123"
+
+
+def test_step_task_records_the_image_packages_and_entry_point(dag: dict[str, Any]) -> None:
+    """The template task each step launches from, as ClearML would create it (dry run)."""
+    from clearml.backend_interface.task.populate import CreateAndPopulate
+
+    from d2ops.cluster import DETECTRON2_REQUIREMENT, IMAGE_TORCH, IMAGE_TORCHVISION, step_task_spec
+
+    spec = step_task_spec("evaluate", dag["cfg"])
+    task = CreateAndPopulate(**spec, raise_on_missing_entries=True).create_task(dry_run=True)
+    assert task["script"]["entry_point"] == "tasks/evaluate.py"
+    assert task["script"]["working_dir"] == "."
+    packages = task["script"]["requirements"]["pip"].splitlines()
+    assert f"torch=={IMAGE_TORCH}" in packages and f"torchvision=={IMAGE_TORCHVISION}" in packages
+    assert DETECTRON2_REQUIREMENT in packages
+    assert any(p.startswith("clearml") for p in packages) and any(p.startswith("boto3") for p in packages)
+    assert not any(p.startswith("moto") for p in packages)
+    assert task["container"]["image"] == "d2ops/eval:1.2"
+    assert "CLEARML_AGENT_SKIP_PYTHON_ENV_INSTALL=1" in task["container"]["arguments"]
+    assert task["type"] == "testing"
+
+
+def test_image_pins_match_the_dockerfile() -> None:
+    """The packages tasks record are the ones docker/Dockerfile really installs."""
+    from d2ops.cluster import DETECTRON2_COMMIT, IMAGE_TORCH, IMAGE_TORCHVISION
+
+    dockerfile = (Path(__file__).resolve().parent.parent / "docker" / "Dockerfile").read_text()
+    assert f"ARG DETECTRON2_COMMIT={DETECTRON2_COMMIT}" in dockerfile
+    assert f"pytorch/pytorch:{IMAGE_TORCH}-" in dockerfile
+    # torchvision is the release paired with that torch (2.5 -> 0.20).
+    minor = int(IMAGE_TORCH.split(".")[1])
+    assert IMAGE_TORCHVISION.startswith(f"0.{minor + 15}.")
