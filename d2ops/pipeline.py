@@ -15,7 +15,7 @@ import logging
 import shlex
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -25,7 +25,7 @@ from typing import Any
 from d2ops.clearml_adapter import Mode, on_agent, open_step, register_model
 from d2ops.cluster import step_docker_args
 from d2ops.config import ExperimentConfig, load_config
-from d2ops.steps import STEP_FUNCTIONS, STEP_INPUTS, STEPS, StepContext
+from d2ops.steps import STEP_FUNCTIONS, STEP_INPUTS, STEPS, StepContext, StepOutput
 
 __all__ = [
     "PipelineRun",
@@ -84,6 +84,7 @@ def run_step(
     *,
     mode: Mode,
     queue: str | None = None,
+    function: Callable[[StepContext], StepOutput] | None = None,
 ) -> StepResult:
     """Run one step as a ClearML task: the body of every tasks/*.py script and of the offline pipeline.
 
@@ -114,7 +115,7 @@ def run_step(
             register_model=partial(register_model, run),
         )
         with step_time_limit(step, cfg.clearml.step(step).time_limit_min):
-            output = STEP_FUNCTIONS[step](ctx)
+            output = (function or STEP_FUNCTIONS[step])(ctx)
         artifacts = run.publish(output.files)
         run.reporter.artifact("step_result", json.loads(json.dumps(output.values, default=str)))
         return StepResult(step, run.task.id, dict(artifacts), output.values, run.session_folder)
@@ -164,17 +165,24 @@ class PipelineRun:
         return {name: asdict(result) for name, result in self.steps.items()}
 
 
-def run_offline(config: str, overrides: list[str]) -> PipelineRun:
+def run_offline(
+    config: str,
+    overrides: list[str],
+    *,
+    functions: Mapping[str, Callable[[StepContext], StepOutput]] | None = None,
+) -> PipelineRun:
     """Run every step in order, here, with no server: each step leaves an offline ClearML session.
 
     Step outputs are handed on exactly as the PipelineController hands them on: the next step's
     input parameter is the previous step's artifact URL (a path inside its offline session).
+    ``functions`` replaces step bodies by name (the hand-off benchmark runs near-empty steps).
     """
     result = PipelineRun()
     for step in STEPS:
         inputs = {name: result.steps[src].artifacts[art] for name, (src, art) in STEP_INPUTS[step].items()}
         log.info("=== step %s ===", step)
-        result.steps[step] = run_step(step, step_parameters(step, config, overrides, inputs), mode="offline")
+        params = step_parameters(step, config, overrides, inputs)
+        result.steps[step] = run_step(step, params, mode="offline", function=(functions or {}).get(step))
     return result
 
 
