@@ -1,16 +1,18 @@
 """Training: build the detectron2 config from an experiment and run detectron2's trainer.
 
 Metrics leave the trainer through detectron2's own writer mechanism (:class:`ReporterWriter`),
-so the training loop itself is detectron2's, untouched.
+so the training loop itself is detectron2's, untouched. Checkpoints are crash-safe and scoped
+to the run (:mod:`d2ops.checkpoints`): a killed or retried run resumes where it stopped, and a
+checkpoint of another training is never taken for this one's. Several GPUs or machines go
+through detectron2's ``launch`` (:mod:`d2ops.distributed`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +23,24 @@ from detectron2.engine import DefaultTrainer, HookBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils.events import EventWriter, get_event_storage
 
-from d2ops import storage
-from d2ops.config import ExperimentConfig
+from d2ops.checkpoints import (
+    AtomicCheckpointer,
+    CheckpointConflict,
+    CheckpointSync,
+    ResumePoint,
+    RunRecord,
+    find_resume_point,
+    new_run_record,
+    prepare_output_dir,
+    restore_checkpoints,
+)
+from d2ops.config import DataConfig, ExperimentConfig
 from d2ops.datasets import RegisteredDataset
+from d2ops.distributed import EventRelay, FileReporter, LaunchPlan, launch_plan
 from d2ops.reporting import Reporter
 
 __all__ = [
+    "CheckpointConflict",
     "ReporterWriter",
     "TrainResult",
     "Trainer",
@@ -146,66 +160,14 @@ def _diverged_message(iteration: int | str) -> str:
     )
 
 
-def restore_checkpoints(uri: str, local_dir: Path) -> bool:
-    """Bring the checkpoints under ``uri`` into ``local_dir`` so training resumes from them."""
-    if storage.is_s3_uri(uri):
-        try:
-            storage.download(uri, local_dir, progress=False)
-        except storage.StorageError as err:
-            if "no object" not in str(err):
-                raise
-            return False
-    else:
-        src = Path(uri)
-        if not (src / "last_checkpoint").is_file():
-            return False
-        local_dir.mkdir(parents=True, exist_ok=True)
-        for item in src.iterdir():
-            if item.is_file() and not (local_dir / item.name).exists():
-                shutil.copy2(item, local_dir / item.name)
-    return (local_dir / "last_checkpoint").is_file()
-
-
-class CheckpointSync(HookBase):
-    """Mirrors detectron2's checkpoints to ``uri`` (S3 or a folder) after each one is written.
-
-    The checkpoint file goes first and the ``last_checkpoint`` pointer after it, so a reader
-    never sees a pointer to a file that is not there yet.
-    """
-
-    def __init__(self, uri: str, period: int) -> None:
-        self.uri = uri.rstrip("/")
-        self.period = period
-
-    def after_step(self) -> None:
-        if (self.trainer.iter + 1) % self.period == 0:
-            self.sync()
-
-    def after_train(self) -> None:
-        self.sync()
-
-    def sync(self) -> None:
-        out = Path(self.trainer.cfg.OUTPUT_DIR)
-        pointer = out / "last_checkpoint"
-        if not pointer.is_file():
-            return
-        for path in (out / pointer.read_text().strip(), pointer):
-            if not path.is_file():
-                continue
-            if storage.is_s3_uri(self.uri):
-                storage.upload(path, f"{self.uri}/", progress=False)
-            else:
-                Path(self.uri).mkdir(parents=True, exist_ok=True)
-                tmp = Path(self.uri) / f".{path.name}.part"
-                shutil.copy2(path, tmp)
-                os.replace(tmp, Path(self.uri) / path.name)
-
-
 class Trainer(DefaultTrainer):
-    """detectron2's DefaultTrainer, with COCO evaluation and a Reporter writer attached."""
+    """detectron2's DefaultTrainer with COCO evaluation, a Reporter writer, crash-safe checkpoints
+    (:class:`AtomicCheckpointer`, keeping ``run_record`` up to date) and their mirror on
+    ``checkpoint_uri``."""
 
     reporter: Reporter = Reporter()
     checkpoint_uri: str | None = None
+    run_record: RunRecord | None = None
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> COCOEvaluator:
@@ -216,6 +178,9 @@ class Trainer(DefaultTrainer):
         return [*super().build_writers(), ReporterWriter(self.reporter)]
 
     def build_hooks(self) -> list[HookBase]:
+        # DefaultTrainer builds its PeriodicCheckpointer here, around self.checkpointer: swap it first.
+        old: Any = self.checkpointer  # type: ignore[has-type]
+        self.checkpointer = AtomicCheckpointer(old.model, old.save_dir, record=self.run_record, **old.checkpointables)
         hooks = super().build_hooks()
         if self.checkpoint_uri:
             hooks.append(CheckpointSync(self.checkpoint_uri, self.cfg.SOLVER.CHECKPOINT_PERIOD))
@@ -228,7 +193,13 @@ def _eval_tasks(cfg: CfgNode) -> tuple[str, ...]:
 
 @dataclass
 class TrainResult:
-    """What a training run leaves behind."""
+    """What a training run leaves behind.
+
+    ``iterations`` were trained by this call, from ``start_iter`` to ``solver.max_iter``;
+    ``resumed_from`` names the checkpoint it continued from; ``reused`` is True when this run's
+    own finished training was found and returned without training (a retried step).
+    On a machine other than the first of a multi-machine run, ``weights`` is empty.
+    """
 
     weights: str
     d2_config: str
@@ -236,9 +207,141 @@ class TrainResult:
     seconds: float
     device: str
     eval_metrics: dict[str, Any] = field(default_factory=dict)
+    start_iter: int = 0
+    resumed_from: str | None = None
+    reused: bool = False
+    world_size: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class TrainJob:
+    """Everything one training process needs; picklable, for detectron2's spawned workers."""
+
+    d2: CfgNode
+    record: RunRecord
+    checkpoint_uri: str | None = None
+    resume_from: ResumePoint | None = None
+    data_root: Path | None = None
+    data: DataConfig | None = None
+
+
+def _load_resume_point(trainer: Trainer, point: ResumePoint) -> None:
+    """Load the checkpoint with all its state (model, optimizer, scheduler, iteration)."""
+    trainer.checkpointer.load(str(point.path))
+    trainer.start_iter = trainer.iter + 1
+    if trainer.start_iter != point.start_iter:
+        raise CheckpointConflict(
+            f"{point.path} holds iteration {trainer.iter} but its run record says {point.iteration}; "
+            "the checkpoint folder was modified by hand: use a fresh runtime.output_dir"
+        )
+
+
+def _fit(job: TrainJob, reporter: Reporter) -> dict[str, Any]:
+    """Build the trainer, load the resume point (or the initial weights) and train to max_iter."""
+    attrs = {"reporter": reporter, "checkpoint_uri": job.checkpoint_uri, "run_record": job.record}
+    trainer = type("BoundTrainer", (Trainer,), attrs)(job.d2)
+    if job.resume_from is not None:
+        _load_resume_point(trainer, job.resume_from)
+    else:
+        trainer.resume_or_load(resume=False)
+    log.info("training on %s from iteration %d to %d", job.d2.MODEL.DEVICE, trainer.start_iter, trainer.max_iter)
+    try:
+        trainer.train()
+    except FloatingPointError as err:
+        raise TrainingDiverged(_diverged_message(str(err).rsplit("=", 1)[-1].rstrip("!"))) from err
+    metrics = _flatten(getattr(trainer, "_last_eval_results", None) or {})
+    return {"start_iter": trainer.start_iter, "eval_metrics": metrics}
+
+
+def _allow_cpu_ddp() -> None:
+    """Let DefaultTrainer wrap a CPU model in DDP (gloo): detectron2 passes ``device_ids=[rank]``,
+    which PyTorch accepts only for GPU modules. Patched in the spawned worker process only."""
+    from functools import partial
+
+    from detectron2.engine import defaults
+
+    defaults.create_ddp_model = partial(defaults.create_ddp_model, device_ids=None)
+
+
+def _train_worker(job: TrainJob, events: Path, result: Path) -> None:
+    """One process of a multi-process run (spawned by detectron2's launch): register the data,
+    train; the first process reports through ``events`` and writes its outcome to ``result``."""
+    from detectron2.utils import comm
+
+    from d2ops.datasets import register_splits
+
+    main = comm.is_main_process()
+    if job.d2.MODEL.DEVICE == "cpu":
+        _allow_cpu_ddp()
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    if job.data_root is not None and job.data is not None:
+        register_splits(job.data_root, job.data)
+    outcome = _fit(job, FileReporter(events) if main else Reporter())
+    if main:
+        result.write_text(json.dumps(outcome, default=str))
+
+
+def _launch(job: TrainJob, plan: LaunchPlan, reporter: Reporter, output_dir: Path) -> dict[str, Any]:
+    """Train in this process (one GPU or the CPU) or in ``plan``'s processes via detectron2's launch."""
+    if plan.world_size == 1:
+        return _fit(job, reporter)
+    from detectron2.engine import launch
+    from torch.multiprocessing import ProcessRaisedException
+
+    events, result = output_dir / "d2ops_events.jsonl", output_dir / "d2ops_rank0.json"
+    result.unlink(missing_ok=True)
+    log.info(
+        "launching %d process(es) on machine %d of %d", plan.num_gpus_per_machine, plan.machine_rank, plan.num_machines
+    )
+    try:
+        with EventRelay(events, reporter):
+            launch(
+                _train_worker,
+                plan.num_gpus_per_machine,
+                num_machines=plan.num_machines,
+                machine_rank=plan.machine_rank,
+                dist_url=plan.dist_url,
+                args=(job, events, result),
+            )
+    except ProcessRaisedException as err:
+        if "TrainingDiverged" in str(err):
+            raise TrainingDiverged(str(err).strip().splitlines()[-1].partition(": ")[2]) from None
+        raise
+    if not plan.is_master:
+        return {"start_iter": job.resume_from.start_iter if job.resume_from else 0, "eval_metrics": {}}
+    return dict(json.loads(result.read_text()))
+
+
+def _resume_point(output_dir: Path, checkpoint_uri: str | None, record: RunRecord, resume: bool) -> ResumePoint | None:
+    prepare_output_dir(output_dir, resume=resume)
+    if not resume:
+        return None
+    if checkpoint_uri and restore_checkpoints(checkpoint_uri, output_dir, record):
+        log.info("restored checkpoints from %s", checkpoint_uri)
+    return find_resume_point(output_dir, record)
+
+
+def _reused(point: ResumePoint, config_path: Path, device: str, reporter: Reporter) -> TrainResult:
+    log.info(
+        "reusing %s: this run's own training already finished at iteration %d (solver.max_iter); "
+        "nothing is trained again",
+        point.path,
+        point.start_iter,
+    )
+    reporter.single_value("train/reused_checkpoint", 1.0)
+    return TrainResult(
+        weights=str(point.path),
+        d2_config=str(config_path),
+        iterations=0,
+        seconds=0.0,
+        device=device,
+        start_iter=point.start_iter,
+        resumed_from=point.path.name,
+        reused=True,
+    )
 
 
 def train(
@@ -250,50 +353,59 @@ def train(
     reporter: Reporter | None = None,
     resume: bool = True,
     checkpoint_uri: str | None = None,
+    run: RunRecord | None = None,
+    data_root: Path | None = None,
+    plan: LaunchPlan | None = None,
 ) -> TrainResult:
-    """Train a detector; resume from the last checkpoint when there is one.
+    """Train a detector; resume from this run's last checkpoint when there is one.
 
-    With ``checkpoint_uri`` (``<output_uri>/.../checkpoints``), checkpoints are mirrored there
-    and a rerun on another machine resumes from them.
+    ``run`` identifies the training (:func:`d2ops.checkpoints.new_run_record`; default: from
+    ``cfg`` alone). With ``checkpoint_uri`` (``<output_uri>/.../checkpoints/<run key>``),
+    checkpoints are mirrored there and a rerun on another machine resumes from them. A
+    checkpoint of another training, or one already at ``max_iter`` that is not this run's
+    finished training, raises :class:`CheckpointConflict`; this run's finished training is
+    returned as is (``reused=True``). ``plan`` (default: from ``cfg.runtime``, one machine)
+    says how many processes train; more than one needs ``data_root`` so that each can
+    register the dataset.
     """
     reporter = reporter or Reporter()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if resume and checkpoint_uri and restore_checkpoints(checkpoint_uri, output_dir):
-        log.info("restored checkpoints from %s", checkpoint_uri)
+    record = replace(run or new_run_record(cfg, ""), checkpoints={})
+    plan = plan or launch_plan(
+        cfg.runtime.num_gpus,
+        cfg.runtime.num_machines,
+        device=cfg.runtime.device,
+        visible_gpus=torch.cuda.device_count(),
+    )
+    if plan.world_size > 1 and data_root is None:
+        raise ValueError("training in several processes needs data_root, the dataset folder each process registers")
+    point = _resume_point(output_dir, checkpoint_uri, record, resume)
     d2 = build_d2_config(cfg, dataset, output_dir, weights)
     config_path = output_dir / "config.yaml"
     config_path.write_text(d2.dump())
     reporter.configuration("detectron2", d2.dump(), "the merged detectron2 config of this run")
-
-    trainer_cls = type("BoundTrainer", (Trainer,), {"reporter": reporter, "checkpoint_uri": checkpoint_uri})
-    trainer = trainer_cls(d2)
-    trainer.resume_or_load(resume=resume)
-    start_iter = trainer.start_iter
-    if start_iter >= d2.SOLVER.MAX_ITER:
-        log.warning(
-            "the checkpoint in %s is already at iteration %d >= solver.max_iter %d: nothing to train; "
-            "use a fresh runtime.output_dir (or raise solver.max_iter) to train again",
-            output_dir,
-            start_iter,
-            d2.SOLVER.MAX_ITER,
-        )
-    log.info("training on %s from iteration %d to %d", d2.MODEL.DEVICE, start_iter, d2.SOLVER.MAX_ITER)
+    if point is not None and point.reusable:
+        return _reused(point, config_path, d2.MODEL.DEVICE, reporter)
+    if point is not None:
+        found = RunRecord.read(output_dir)
+        record.checkpoints = dict(found.checkpoints) if found else {}
+        log.info("resuming from %s at iteration %d", point.path, point.start_iter)
+    job = TrainJob(d2, record, checkpoint_uri, point, data_root, cfg.data)
     tic = time.perf_counter()
-    try:
-        trainer.train()
-    except FloatingPointError as err:
-        raise TrainingDiverged(_diverged_message(str(err).rsplit("=", 1)[-1].rstrip("!"))) from err
+    outcome = _launch(job, plan, reporter, output_dir)
     seconds = time.perf_counter() - tic
     final = output_dir / "model_final.pth"
-    if not final.is_file():
+    if plan.is_master and not final.is_file():
         raise RuntimeError(f"training finished but {final} was not written; check the log above")
     return TrainResult(
-        weights=str(final),
+        weights=str(final) if plan.is_master else "",
         d2_config=str(config_path),
-        iterations=d2.SOLVER.MAX_ITER - start_iter,
+        iterations=d2.SOLVER.MAX_ITER - outcome["start_iter"],
         seconds=seconds,
         device=d2.MODEL.DEVICE,
-        eval_metrics=_flatten(getattr(trainer, "_last_eval_results", None) or {}),
+        eval_metrics=outcome["eval_metrics"],
+        start_iter=outcome["start_iter"],
+        resumed_from=point.path.name if point else None,
+        world_size=plan.world_size,
     )
 
 

@@ -1,0 +1,396 @@
+"""Checkpoints that survive pre-emption: atomic writes, a run record, a mirror on ``output_uri``.
+
+A train step can be killed at any moment (a pre-empted spot instance, an agent restart, a
+retried pipeline step). This module makes its rerun resume exactly where the killed run left
+off, and refuse a checkpoint that is not its own:
+
+- :class:`AtomicCheckpointer` (detectron2's checkpointer) writes each checkpoint to a temp file,
+  fsyncs it and renames it into place, then the run record, then the ``last_checkpoint``
+  pointer (also renamed into place): a kill leaves the old state or the new one, never a
+  pointer to a torn file.
+- :class:`RunRecord` (``d2ops_run.json`` beside the checkpoints) says which training wrote
+  them: the run key, the training identity (config + data), ``max_iter`` and every checkpoint
+  it saved with its iteration. A checkpoint not listed in a matching record is never resumed.
+- :class:`CheckpointSync` mirrors the newest checkpoint, then the record, then the pointer to
+  ``output_uri`` (S3 or a folder); :func:`restore_checkpoints` brings them back on a fresh machine.
+- :func:`find_resume_point` decides where training continues, and whether a finished training
+  of this very run can be reused, before any GPU time is spent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+
+from d2ops import storage
+from d2ops.config import ExperimentConfig, config_hash
+
+__all__ = [
+    "FINAL",
+    "POINTER",
+    "RUN_RECORD",
+    "AtomicCheckpointer",
+    "CheckpointConflict",
+    "CheckpointSync",
+    "ResumePoint",
+    "RunRecord",
+    "find_resume_point",
+    "new_run_record",
+    "prepare_output_dir",
+    "restore_checkpoints",
+    "training_identity",
+]
+
+log = logging.getLogger(__name__)
+
+RUN_RECORD = "d2ops_run.json"
+POINTER = "last_checkpoint"
+FINAL = "model_final.pth"
+_TMP_SUFFIX = ".tmp"
+_RESTORE_DIR = ".d2ops-restore"
+
+# Solver keys that change how a run is operated, not what it learns: a rerun that differs
+# only in these continues the same training (max_iter in particular may be raised to train on).
+_OPERATIONAL_SOLVER_KEYS = ("max_iter", "checkpoint_period", "eval_period", "num_workers")
+
+
+class CheckpointConflict(ValueError):
+    """Checkpoints exist where this run would resume, but they are not this run's to use.
+
+    A ``ValueError``, so the step scripts report it as one clear message (exit code 2).
+    """
+
+
+def training_identity(cfg: ExperimentConfig, dataset_identity: str) -> str:
+    """A short hash of everything that decides what a training run learns.
+
+    The model, the data (its identity from the download manifest, and how it is read) and the
+    optimisation settings; not the operational ones (``solver.max_iter``, periods, workers),
+    where it runs, or where it writes.
+    """
+    data = cfg.data.model_dump(mode="json", exclude={"source", "cache_dir"})
+    solver = cfg.solver.model_dump(mode="json", exclude=set(_OPERATIONAL_SOLVER_KEYS))
+    blob = {"data": data, "dataset": dataset_identity, "model": cfg.model.model_dump(mode="json"), "solver": solver}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class RunRecord:
+    """Which training wrote the checkpoints of a folder, and which checkpoints it wrote.
+
+    ``run_key`` scopes the checkpoint location (the ClearML pipeline run, else the identity);
+    ``identity`` is :func:`training_identity`; ``checkpoints`` maps file name -> the iteration
+    it holds (detectron2 stores the iteration that just finished; training resumes at +1).
+    """
+
+    run_key: str
+    identity: str
+    max_iter: int
+    dataset_identity: str = ""
+    config_hash: str = ""
+    checkpoints: dict[str, int] = field(default_factory=dict)
+
+    def same_run(self, other: RunRecord) -> bool:
+        return self.run_key == other.run_key and self.identity == other.identity
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def read(cls, folder: Path) -> RunRecord | None:
+        """The record in ``folder``, or None when there is none; an unreadable one is an error."""
+        path = folder / RUN_RECORD
+        if not path.is_file():
+            return None
+        try:
+            raw = json.loads(path.read_text())
+            return cls(**{**raw, "checkpoints": {str(k): int(v) for k, v in raw.get("checkpoints", {}).items()}})
+        except (ValueError, TypeError) as err:
+            raise CheckpointConflict(
+                f"{path} is not a d2ops run record ({err}); remove the folder's checkpoints or set "
+                "runtime.resume=false to train from scratch"
+            ) from None
+
+
+def new_run_record(cfg: ExperimentConfig, dataset_identity: str, run_key: str | None = None) -> RunRecord:
+    """The record of a run about to start; ``run_key`` defaults to the training identity."""
+    identity = training_identity(cfg, dataset_identity)
+    return RunRecord(
+        run_key=run_key or identity,
+        identity=identity,
+        max_iter=cfg.solver.max_iter,
+        dataset_identity=dataset_identity,
+        config_hash=config_hash(cfg),
+    )
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not supported on every platform / filesystem
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_for(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
+
+
+def _replace_atomically(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a kill leaves the old content or the new, never half."""
+    tmp = _temp_for(path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _replace_atomically(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """detectron2's checkpointer with crash-safe writes and the run record kept up to date.
+
+    ``save`` writes ``<name>.pth`` through a fsynced temp file renamed into place, then the run
+    record listing it, then the ``last_checkpoint`` pointer, so the pointer only ever names a
+    complete file of this run. Only the main process writes (as detectron2's own checkpointer).
+    """
+
+    def __init__(self, model: Any, save_dir: str, *, record: RunRecord | None = None, **checkpointables: Any) -> None:
+        super().__init__(model, save_dir, **checkpointables)
+        self.record = record
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data: dict[str, Any] = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        path = Path(self.save_dir) / basename
+        self.logger.info("Saving checkpoint to %s", path)
+        tmp = _temp_for(path)
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(data, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            _replace_atomically(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if self.record is not None:
+            self.record.checkpoints[basename] = int(
+                kwargs.get("iteration", data.get("trainer", {}).get("iteration", -1))
+            )
+            write_text_atomic(Path(self.save_dir) / RUN_RECORD, self.record.to_json())
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        write_text_atomic(Path(self.save_dir) / POINTER, last_filename_basename)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run continues: the checkpoint file and the iteration it holds."""
+
+    path: Path
+    iteration: int
+    reusable: bool  # this run's own finished training: nothing left to train
+
+    @property
+    def start_iter(self) -> int:
+        return self.iteration + 1
+
+
+def _newest_recorded(folder: Path, record: RunRecord) -> str | None:
+    present = [(it, name == FINAL, name) for name, it in record.checkpoints.items() if (folder / name).is_file()]
+    return max(present)[2] if present else None
+
+
+def _mismatch_message(folder: Path | str, found: RunRecord, expected: RunRecord) -> str:
+    return (
+        f"the checkpoints in {folder} belong to another training (run key {found.run_key}, identity "
+        f"{found.identity}; this run: run key {expected.run_key}, identity {expected.identity}); "
+        "they are not resumed. Use a fresh runtime.output_dir / clearml.output_uri, or set "
+        "runtime.resume=false to train from scratch and overwrite them."
+    )
+
+
+def find_resume_point(folder: Path, expected: RunRecord) -> ResumePoint | None:
+    """The checkpoint of this run to continue from in ``folder``, if any.
+
+    Raises :class:`CheckpointConflict` when the folder's checkpoints are another training's, or
+    when this run's checkpoint is already at or past ``max_iter`` without being its own finished
+    training at this ``max_iter`` (which is reused: ``reusable=True``).
+    """
+    record = RunRecord.read(folder)
+    pointer = folder / POINTER
+    if record is None:
+        if pointer.is_file():
+            raise CheckpointConflict(
+                f"{folder} has a checkpoint ({pointer.read_text().strip()}) but no run record ({RUN_RECORD}), "
+                "so nothing says which training wrote it; it is not resumed. Use a fresh runtime.output_dir, "
+                "or set runtime.resume=false to train from scratch and overwrite it."
+            )
+        return None
+    if not record.same_run(expected):
+        raise CheckpointConflict(_mismatch_message(folder, record, expected))
+    name = pointer.read_text().strip() if pointer.is_file() else ""
+    if name not in record.checkpoints or not (folder / name).is_file():
+        fallback = _newest_recorded(folder, record)
+        if fallback is None:
+            return None
+        log.warning("%s names %r, not a checkpoint of this run; resuming from %s", pointer, name, fallback)
+        name = fallback
+    point = ResumePoint(folder / name, record.checkpoints[name], False)
+    if point.start_iter < expected.max_iter:
+        return point
+    if name == FINAL and point.start_iter == expected.max_iter and record.max_iter == expected.max_iter:
+        return ResumePoint(point.path, point.iteration, True)
+    raise CheckpointConflict(
+        f"checkpoint {point.path} has already trained {point.start_iter} iterations, and solver.max_iter is "
+        f"{expected.max_iter}: there is nothing left to train, and it is not this run's finished training "
+        f"(that run had max_iter {record.max_iter}). Raise solver.max_iter above {point.iteration} to train on "
+        "from it, or use a fresh runtime.output_dir / clearml.output_uri (or runtime.resume=false) to train anew."
+    )
+
+
+def _remove_torn_files(folder: Path) -> None:
+    for tmp in folder.glob(f".*{_TMP_SUFFIX}"):
+        log.info("removing %s, left by an interrupted write", tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def prepare_output_dir(folder: Path, *, resume: bool) -> None:
+    """Create ``folder`` and drop leftovers of a killed write; without resume, forget old checkpoints.
+
+    ``resume=False`` removes the pointer and run record (not the checkpoint files), so a rerun
+    of this fresh run never resumes from the checkpoints it was told to ignore.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_torn_files(folder)
+    if not resume:
+        for name in (POINTER, RUN_RECORD):
+            (folder / name).unlink(missing_ok=True)
+
+
+def _fetch(uri: str, name: str, staging: Path) -> Path | None:
+    """``<uri>/<name>`` (S3 or a folder) as a local file in ``staging``, or None when it is not there."""
+    if storage.is_s3_uri(uri):
+        try:
+            storage.download(f"{uri}/{name}", staging, progress=False)
+        except storage.StorageError as err:
+            if "no objects under" not in str(err):
+                raise
+            return None
+    else:
+        src = Path(uri) / name
+        if not src.is_file():
+            return None
+        staging.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, staging / name)
+    return staging / name if (staging / name).is_file() else None
+
+
+def _local_iteration(folder: Path, expected: RunRecord) -> int:
+    try:
+        point = find_resume_point(folder, expected)
+    except CheckpointConflict:
+        return -1
+    return point.iteration if point else -1
+
+
+def restore_checkpoints(uri: str, local_dir: Path, expected: RunRecord) -> bool:
+    """Bring this run's newest checkpoint under ``uri`` into ``local_dir`` (if newer than the local one).
+
+    Reads the small run record first and raises :class:`CheckpointConflict` for another
+    training's checkpoints before any large file is fetched; then fetches only the checkpoint
+    the pointer names, and installs it, the record and the pointer in that order.
+    Returns whether a checkpoint was restored.
+    """
+    uri = uri.rstrip("/")
+    staging = local_dir / _RESTORE_DIR
+    record_file = _fetch(uri, RUN_RECORD, staging)
+    if record_file is None:
+        return False
+    record = RunRecord.read(staging)
+    assert record is not None
+    if not record.same_run(expected):
+        raise CheckpointConflict(_mismatch_message(uri, record, expected))
+    pointer = _fetch(uri, POINTER, staging)
+    name = pointer.read_text().strip() if pointer else ""
+    if name not in record.checkpoints:
+        candidates = sorted(record.checkpoints.items(), key=lambda kv: (kv[1], kv[0] == FINAL))
+        name = candidates[-1][0] if candidates else ""
+    if not name or record.checkpoints[name] <= _local_iteration(local_dir, expected):
+        return False
+    checkpoint = _fetch(uri, name, staging)
+    if checkpoint is None:
+        raise CheckpointConflict(
+            f"{uri}/{POINTER} names {name}, which is missing there; restore it or use a fresh clearml.output_uri"
+        )
+    os.replace(checkpoint, local_dir / name)
+    os.replace(record_file, local_dir / RUN_RECORD)
+    write_text_atomic(local_dir / POINTER, name)
+    log.info("restored %s (iteration %d) from %s", name, record.checkpoints[name], uri)
+    return True
+
+
+class CheckpointSync(HookBase):
+    """Mirrors each new checkpoint to ``uri`` (S3 or a folder), in a crash-safe order.
+
+    The checkpoint file goes first, then the run record, then the ``last_checkpoint`` pointer,
+    so a reader never sees a pointer to a file that is not there yet. Main process only.
+    """
+
+    def __init__(self, uri: str, period: int) -> None:
+        self.uri = uri.rstrip("/")
+        self.period = period
+
+    def after_step(self) -> None:
+        if (self.trainer.iter + 1) % self.period == 0:
+            self.sync()
+
+    def after_train(self) -> None:
+        self.sync()
+
+    def sync(self) -> None:
+        if not comm.is_main_process():
+            return
+        out = Path(self.trainer.cfg.OUTPUT_DIR)
+        pointer = out / POINTER
+        if not pointer.is_file():
+            return
+        for path in (out / pointer.read_text().strip(), out / RUN_RECORD, pointer):
+            if path.is_file():
+                self._upload(path)
+
+    def _upload(self, path: Path) -> None:
+        if storage.is_s3_uri(self.uri):
+            storage.upload(path, f"{self.uri}/", progress=False)
+            return
+        Path(self.uri).mkdir(parents=True, exist_ok=True)
+        tmp = Path(self.uri) / f".{path.name}.part"
+        shutil.copy2(path, tmp)
+        os.replace(tmp, Path(self.uri) / path.name)
