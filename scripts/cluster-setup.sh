@@ -96,7 +96,7 @@ except ValueError:
     sys.exit("not a JSON reply: is CLEARML_API the apiserver (port 8008)?")
 meta = doc.get("meta") or {}
 if meta.get("result_code", 200) != 200:
-    sys.exit(f"{meta.get(\"endpoint\", {}).get(\"name\", \"call\")} failed: {meta.get(\"result_code\")} {meta.get(\"result_msg\")}")
+    sys.exit("API call failed: {} {}".format(meta.get("result_code"), meta.get("result_msg")))
 value = doc
 for part in sys.argv[1].split("."):
     value = value.get(part) if isinstance(value, dict) else None
