@@ -98,8 +98,8 @@ def run_step(
         launch = {
             "project": cfg.clearml.project,
             "queue": queue or getattr(cfg.clearml.queues, step),
-            "docker_image": cfg.clearml.docker_image,
-            "docker_args": cfg.clearml.docker_args,
+            "docker_image": cfg.clearml.step(step).docker_image,
+            "docker_args": step_docker_args(cfg, step),
             "output_uri": cfg.clearml.output_uri,
             "tags": [cfg.name],
         }
