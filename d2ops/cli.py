@@ -11,11 +11,12 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from d2ops.config import ConfigError, load_config
 from d2ops.steps import STEP_INPUTS, STEPS
 
-__all__ = ["main", "pipeline_main", "step_main"]
+__all__ = ["main", "pipeline_main", "schedule_main", "step_main"]
 
 log = logging.getLogger("d2ops")
 
@@ -126,16 +127,78 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
 
         preflight(cfg, check_queues=not args.local)
         pipe = build_controller(args.config, overrides, cfg)
+        # Before start: in remote mode this process hands the controller to the services queue.
+        print(json.dumps({"pipeline_task_id": pipe.id, "project": cfg.clearml.project}), flush=True)
         start_controller(pipe, "local" if args.local else "remote", cfg.clearml.queues.controller)
     except user_errors as err:
         return fail(err)
     return 0
 
 
+def schedule_main(argv: Sequence[str] | None = None) -> int:
+    """``d2ops schedule cron|on-data``: retrain by cloning a template pipeline run (see d2ops.scheduling)."""
+    from d2ops import scheduling
+
+    parser = argparse.ArgumentParser(prog="d2ops schedule", description="scheduled or data-triggered retraining")
+    kinds = parser.add_subparsers(dest="kind", required=True)
+    cron = kinds.add_parser("cron", help="retrain on a cron schedule (UTC)")
+    cron.add_argument("--expr", required=True, help="5-field cron expression in UTC, e.g. '0 3 * * 1'")
+    data = kinds.add_parser("on-data", help="retrain when a new version of a ClearML dataset is published")
+    data.add_argument("--dataset-project", required=True, help="ClearML dataset project to watch")
+    data.add_argument("--dataset-name", help="only datasets of this name")
+    data.add_argument("--tags", nargs="*", default=[], help="only versions carrying all these tags")
+    data.add_argument("--on-finalize", action="store_true", help="fire on finalized versions, not only published")
+    for sub in (cron, data):
+        sub.add_argument("--pipeline-id", default="", help="controller task id of a pipeline run to clone")
+        sub.add_argument("--config", help="set the clone's Pipeline/config (default: the template's)")
+        sub.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="clone's overrides"
+        )
+        sub.add_argument("--queue", default="services", help="queue of the scheduler service")
+        sub.add_argument("--pipeline-queue", help="queue the cloned pipeline controller goes to (default: --queue)")
+        sub.add_argument("--target-project", help="project of the cloned runs (default: the template's)")
+        sub.add_argument("--name", help="schedule name (default: derived from the pipeline id)")
+        sub.add_argument("--dry-run", action="store_true", help="print what would be scheduled; start nothing")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        docker_image = load_config(args.config, args.overrides).clearml.docker_image if args.config else None
+        common: dict[str, Any] = {
+            "queue": args.pipeline_queue or args.queue,
+            "name": args.name,
+            "task_parameters": scheduling.pipeline_task_parameters(args.config, args.overrides),
+            "target_project": args.target_project,
+            "docker_image": docker_image,
+        }
+        if args.kind == "cron":
+            schedule = scheduling.cron_to_schedule(args.expr)
+            scheduler = scheduling.build_cron_scheduler(args.pipeline_id, schedule, **common)
+        else:
+            scheduler = scheduling.build_dataset_trigger(
+                args.pipeline_id,
+                args.dataset_project,
+                dataset_name=args.dataset_name,
+                tags=args.tags,
+                on_publish=not args.on_finalize,
+                **common,
+            )
+        print(json.dumps(scheduling.describe_scheduler(scheduler), indent=2, default=str))
+        if args.dry_run:
+            scheduler._task.close()
+            return 0
+        scheduling.start_scheduler(scheduler, args.queue)
+    except user_errors_types() as err:
+        return fail(err)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``d2ops <command>``: demo | pipeline | step <name> | serve | export nuclio | serving register."""
+    """``d2ops <command>``: demo | pipeline | step <name> | serve | export nuclio | serving register | schedule."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = "demo | pipeline | step {" + ",".join(STEPS) + "} | serve | export nuclio | serving register"
+    steps = ",".join(STEPS)
+    commands = (
+        f"demo | pipeline | step {{{steps}}} | serve | export nuclio | serving register | schedule {{cron,on-data}}"
+    )
     if not argv or argv[0] in {"-h", "--help"}:
         print(f"usage: d2ops {commands} [options]")
         return 0 if argv else 2
@@ -156,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from d2ops.nuclio import export_main
 
         return export_main(rest)
+    if command == "schedule":
+        return schedule_main(rest)
     if command == "serving":
         from d2ops.clearml_serving import serving_main
 
