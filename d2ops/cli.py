@@ -182,10 +182,12 @@ def schedule_main(argv: Sequence[str] | None = None) -> int:
                 on_publish=not args.on_finalize,
                 **common,
             )
-        print(json.dumps(scheduling.describe_scheduler(scheduler), indent=2, default=str))
+        described = json.dumps(scheduling.describe_scheduler(scheduler), indent=2, default=str)
         if args.dry_run:
-            scheduler._task.close()
+            scheduler._task.close()  # its offline session; ClearML prints where it went
+            print(described)
             return 0
+        print(described)
         scheduling.start_scheduler(scheduler, args.queue)
     except user_errors_types() as err:
         return fail(err)

@@ -245,7 +245,7 @@ def build_cron_scheduler(
 
     _check_pipeline_id(pipeline_id)
     name = name or f"retrain {pipeline_id[:8]} '{schedule.expr}'"
-    scheduler = TaskScheduler(force_create_task_name=name, force_create_task_project=scheduler_project)
+    scheduler: Any = TaskScheduler(force_create_task_name=name, force_create_task_project=scheduler_project)
     scheduler.add_task(
         schedule_task_id=pipeline_id,
         queue=queue,
@@ -284,7 +284,7 @@ def build_dataset_trigger(
 
     _check_pipeline_id(pipeline_id)
     name = name or f"retrain {pipeline_id[:8]} on {dataset_project}" + (f"/{dataset_name}" if dataset_name else "")
-    scheduler = TriggerScheduler(force_create_task_name=name, force_create_task_project=scheduler_project)
+    scheduler: Any = TriggerScheduler(force_create_task_name=name, force_create_task_project=scheduler_project)
     scheduler.add_dataset_trigger(
         schedule_task_id=pipeline_id,
         schedule_queue=queue,
