@@ -162,33 +162,102 @@ def _initial_weights(ctx: StepContext) -> str | None:
 
 
 def run_train(ctx: StepContext) -> StepOutput:
-    """Train on the train split, evaluating periodically on val."""
+    """Train on the train split, evaluating periodically on val; resume this run's checkpoints.
+
+    The run key that scopes the checkpoints under ``clearml.output_uri`` is the ClearML pipeline
+    run when the step runs in one (so a retried step resumes and a new pipeline run starts
+    fresh), else the training identity (config + dataset identity: a rerun of the same
+    training resumes, or reuses it when it had finished).
+    """
+    import torch
+
+    from d2ops.checkpoints import new_run_record
     from d2ops.datasets import register_splits
+    from d2ops.distributed import check_gpus, launch_plan
     from d2ops.training import train
 
+    runtime = ctx.cfg.runtime
+    check_gpus(runtime.num_gpus, device=runtime.device, visible_gpus=torch.cuda.device_count())
     _localize_config_file(ctx)
-    root, _ = _validated_dataset(ctx)
+    stats, root = storage.sync(ctx.cfg.data.source, _dataset_cache(ctx.cfg), progress=False)
+    _validated_dataset(ctx, root)
     dataset = register_splits(root, ctx.cfg.data)
+    multi_node = _multi_node(ctx.cfg)
+    plan = launch_plan(
+        runtime.num_gpus,
+        runtime.num_machines,
+        device=runtime.device,
+        visible_gpus=torch.cuda.device_count(),
+        multi_node=multi_node,
+    )
+    manifest = json.loads(ctx.input_path("dataset_manifest").read_text()) if ctx.inputs.get("dataset_manifest") else {}
+    run = new_run_record(ctx.cfg, manifest.get("identity") or stats.identity, _pipeline_run_id(plan.machine_rank))
     result = train(
         ctx.cfg,
         dataset,
         ctx.workdir / "train",
         weights=_initial_weights(ctx),
         reporter=ctx.reporter,
-        checkpoint_uri=_checkpoint_uri(ctx.cfg),
+        resume=runtime.resume,
+        checkpoint_uri=_checkpoint_uri(ctx.cfg, run.run_key),
+        run=run,
+        data_root=root,
+        plan=plan,
     )
+    values = {**result.to_dict(), "run_key": run.run_key, "training_identity": run.identity}
+    if not plan.is_master:
+        return StepOutput(values=values)
     labels = ctx.workdir / "train" / "labels.json"
     labels.write_text(json.dumps(dataset.class_names))
     return StepOutput(
         files={"weights": Path(result.weights), "d2_config": Path(result.d2_config), "labels": labels},
-        values=result.to_dict(),
+        values=values,
     )
 
 
-def _checkpoint_uri(cfg: ExperimentConfig) -> str | None:
+def _checkpoint_uri(cfg: ExperimentConfig, run_key: str) -> str | None:
+    """``<output_uri>/<project>/<name>/checkpoints/<run key>``: one folder per run, never shared."""
     if not cfg.clearml.output_uri:
         return None
-    return f"{cfg.clearml.output_uri.rstrip('/')}/{cfg.clearml.project}/{cfg.name}/checkpoints"
+    return f"{cfg.clearml.output_uri.rstrip('/')}/{cfg.clearml.project}/{cfg.name}/checkpoints/{run_key}"
+
+
+def _current_task() -> Any | None:
+    from clearml import Task
+
+    return Task.current_task()
+
+
+def _pipeline_run_id(machine_rank: int = 0) -> str | None:
+    """The ClearML pipeline run of this step (its task's parent), or None outside a pipeline or offline.
+
+    The extra machines of a multi-machine run are clones whose parent is the first machine's task;
+    their pipeline run is that task's parent.
+    """
+    task = _current_task()
+    parent = getattr(task, "parent", None) if task is not None else None
+    if parent and machine_rank > 0:
+        from clearml import Task
+
+        parent = Task.get_task(task_id=parent).parent
+    return str(parent) if parent else None
+
+
+def _multi_node(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """ClearML's multi-node launch (rank, master address and port) when training spans machines.
+
+    On the first machine this enqueues the other machines' tasks and waits for them to start.
+    None with one machine, or where there is no agent to start the others on.
+    """
+    from d2ops.clearml_adapter import on_agent
+
+    task = _current_task() if cfg.runtime.num_machines > 1 else None
+    if task is None or not on_agent():
+        return None
+    runtime = cfg.runtime
+    return dict(
+        task.launch_multi_node(runtime.num_machines, port=runtime.dist_port, wait=True, devices=runtime.num_gpus)
+    )
 
 
 def _detector(ctx: StepContext) -> tuple[Any, Any, Path]:

@@ -46,6 +46,7 @@ __all__ = [
     "Trainer",
     "TrainingDiverged",
     "build_d2_config",
+    "load_resume_point",
     "resolve_device",
     "train",
 ]
@@ -228,7 +229,7 @@ class TrainJob:
     data: DataConfig | None = None
 
 
-def _load_resume_point(trainer: Trainer, point: ResumePoint) -> None:
+def load_resume_point(trainer: Trainer, point: ResumePoint) -> None:
     """Load the checkpoint with all its state (model, optimizer, scheduler, iteration)."""
     trainer.checkpointer.load(str(point.path))
     trainer.start_iter = trainer.iter + 1
@@ -244,7 +245,7 @@ def _fit(job: TrainJob, reporter: Reporter) -> dict[str, Any]:
     attrs = {"reporter": reporter, "checkpoint_uri": job.checkpoint_uri, "run_record": job.record}
     trainer = type("BoundTrainer", (Trainer,), attrs)(job.d2)
     if job.resume_from is not None:
-        _load_resume_point(trainer, job.resume_from)
+        load_resume_point(trainer, job.resume_from)
     else:
         trainer.resume_or_load(resume=False)
     log.info("training on %s from iteration %d to %d", job.d2.MODEL.DEVICE, trainer.start_iter, trainer.max_iter)

@@ -62,6 +62,7 @@ def test_resume_from_checkpoints_on_s3(dataset: Path, tmp_path: Path) -> None:
         cfg2 = _cfg(dataset, "solver.max_iter=9", "solver.checkpoint_period=3")
         second = train(cfg2, register_splits(dataset, cfg2.data), tmp_path / "b", checkpoint_uri=uri)
         assert second.iterations == 3
+        assert (second.start_iter, second.resumed_from, second.reused) == (6, "model_final.pth", False)
         assert (tmp_path / "b" / "model_final.pth").is_file()
 
 

@@ -1,0 +1,266 @@
+"""Pre-emption: a killed train step resumes from its last checkpoint on S3, never from another run's.
+
+The train step runs as a user runs it (``python tasks/train.py --offline``, a real subprocess)
+with ``clearml.output_uri`` on a real local S3 endpoint (moto). It is SIGKILLed as soon as its
+first checkpoint is on S3, then rerun in a fresh work folder, as a retried step on another
+machine would be. One killed-and-resumed run is shared by the tests of this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+MAX_ITER = 12
+PREFIX = "d2ops/smoke/smoke/checkpoints/"  # <output_uri>/<clearml.project>/<name>/checkpoints/<run key>/
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    """This process's environment (with the S3 endpoint's dummy keys), minus ClearML's master-process
+    marker, which would make the child's Task.init return a stub."""
+    env = {k: v for k, v in os.environ.items() if k not in {"CLEARML_PROC_MASTER_ID", "TRAINS_PROC_MASTER_ID"}}
+    return {**env, "CLEARML_CACHE_DIR": str(tmp / "clearml")}
+
+
+def _train_cmd(dataset: Path, output_uri: str, workdir: Path, *extra: str) -> list[str]:
+    sets = [
+        f"solver.max_iter={MAX_ITER}",
+        "solver.checkpoint_period=3",
+        "solver.eval_period=0",
+        f"clearml.output_uri={output_uri}",
+        f"runtime.output_dir={workdir}",
+        *extra,
+    ]
+    args = [sys.executable, "tasks/train.py", "--config", SMOKE, "--offline", "--dataset-uri", str(dataset)]
+    for item in sets:
+        args += ["--set", item]
+    return args
+
+
+def _run(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=REPO, env=_env(tmp), capture_output=True, text=True, timeout=600)
+
+
+def _step_result(proc: subprocess.CompletedProcess[str], tmp: Path) -> dict[str, Any]:
+    """The train step's ``step_result`` artifact, read from its offline ClearML session."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    task_id = json.loads(proc.stdout[proc.stdout.index("{") :])["task_id"]
+    session = tmp / "clearml" / "offline" / task_id
+    return dict(json.loads(next(session.glob("data/**/artifacts/step_result/*.json")).read_text()))
+
+
+def _s3_objects(client: Any) -> dict[str, bytes]:
+    listing = client.list_objects_v2(Bucket="ckpt", Prefix=PREFIX).get("Contents", [])
+    small = {
+        o["Key"]: client.get_object(Bucket="ckpt", Key=o["Key"])["Body"].read() for o in listing if o["Size"] < 4096
+    }
+    return {**{o["Key"]: b"" for o in listing}, **small}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from d2ops.datasets import generate_shapes_dataset
+
+    return generate_shapes_dataset(tmp_path_factory.mktemp("shapes"), counts={"train": 8, "valid": 4, "test": 4})
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Run the step, SIGKILL it once its first checkpoint is on S3, rerun it in a fresh folder."""
+    import boto3
+
+    from d2ops.s3server import local_s3_endpoint
+
+    tmp = tmp_path_factory.mktemp("resume")
+    with local_s3_endpoint() as s3:
+        client = boto3.client("s3", endpoint_url=s3.endpoint_url)
+        client.create_bucket(Bucket="ckpt")
+        output_uri = s3.uri("ckpt")
+        log = (tmp / "first.log").open("w")
+        first = subprocess.Popen(
+            _train_cmd(dataset, output_uri, tmp / "first"), cwd=REPO, env=_env(tmp), stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + 300
+        pointers: list[str] = []
+        while not pointers and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pointers = [k for k in _s3_objects(client) if k.endswith("/last_checkpoint")]
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        log.close()
+        assert pointers, f"no checkpoint reached S3; log:\n{(tmp / 'first.log').read_text()[-3000:]}"
+        location = pointers[0].rsplit("/", 1)[0]
+        after_kill = _s3_objects(client)
+        name = after_kill[f"{location}/last_checkpoint"].decode()
+        record = json.loads(after_kill[f"{location}/d2ops_run.json"])
+        killed_at = record["checkpoints"][name]
+        # Keep the checkpoint the rerun resumes from, to compare its optimizer/scheduler state later.
+        saved = tmp / "resumed_from.pth"
+        client.download_file("ckpt", f"{location}/{name}", str(saved))
+
+        second = _run(_train_cmd(dataset, output_uri, tmp / "second"), tmp)
+        yield {
+            "tmp": tmp,
+            "client": client,
+            "output_uri": output_uri,
+            "location": location,
+            "first_returncode": first.returncode,
+            "after_kill": after_kill,
+            "killed_at": killed_at,
+            "resumed_from": name,
+            "saved_checkpoint": saved,
+            "second": second,
+            "second_result": _step_result(second, tmp),
+        }
+
+
+@pytest.mark.slow
+def test_killed_step_resumes_at_the_next_iteration_and_ends_at_max_iter(killed_and_resumed: dict[str, Any]) -> None:
+    run = killed_and_resumed
+    assert run["first_returncode"] == -signal.SIGKILL
+    assert not any(k.endswith("/model_final.pth") for k in run["after_kill"]), "killed after it had finished"
+    n = run["killed_at"]
+    assert run["resumed_from"] == f"model_{n:07d}.pth"
+    result = run["second_result"]
+    assert result["resumed_from"] == run["resumed_from"]
+    assert result["start_iter"] == n + 1
+    assert result["iterations"] == MAX_ITER - (n + 1)
+    assert result["reused"] is False
+    # The training iterations detectron2's EventStorage logged in the rerun: after the checkpoint, up to max_iter - 1.
+    lines = [json.loads(line) for line in (run["tmp"] / "second" / "train" / "metrics.json").open()]
+    iterations = [line["iteration"] for line in lines if "total_loss" in line]
+    assert iterations and n + 1 <= min(iterations) and max(iterations) == MAX_ITER - 1
+    assert f"Starting training from iteration {n + 1}" in run["second"].stderr
+    # The finished run is on S3: model_final at the last iteration, listed in the run record.
+    objects = _s3_objects(run["client"])
+    record = json.loads(objects[f"{run['location']}/d2ops_run.json"])
+    assert objects[f"{run['location']}/last_checkpoint"] == b"model_final.pth"
+    assert record["checkpoints"]["model_final.pth"] == MAX_ITER - 1
+    assert record["run_key"] == result["run_key"] == run["location"].rsplit("/", 1)[1]
+
+
+@pytest.mark.slow
+def test_resume_restores_optimizer_and_scheduler_state(killed_and_resumed: dict[str, Any], dataset: Path) -> None:
+    from d2ops.checkpoints import ResumePoint
+    from d2ops.config import load_config
+    from d2ops.datasets import register_splits
+    from d2ops.training import Trainer, build_d2_config, load_resume_point
+
+    n, path = killed_and_resumed["killed_at"], killed_and_resumed["saved_checkpoint"]
+    cfg = load_config(SMOKE, [f"data.source={dataset}", f"solver.max_iter={MAX_ITER}"])
+    d2 = build_d2_config(cfg, register_splits(dataset, cfg.data), killed_and_resumed["tmp"] / "probe")
+    trainer = Trainer(d2)
+    assert trainer.optimizer.state_dict()["state"] == {}  # a fresh optimizer has no momentum yet
+    load_resume_point(trainer, ResumePoint(path, n, reusable=False))
+    saved = torch.load(path, map_location="cpu", weights_only=False)["trainer"]
+    saved_optimizer = saved["_trainer"]["optimizer"]
+    assert trainer.iter == n and trainer.start_iter == n + 1
+    assert trainer.scheduler.last_epoch == saved["hooks"]["LRScheduler"]["last_epoch"] == n + 1
+    lrs = [group["lr"] for group in trainer.optimizer.param_groups]
+    assert lrs == [group["lr"] for group in saved_optimizer["param_groups"]]
+    assert lrs[0] > cfg.solver.base_lr * 0.001  # past warmup's first step: not a restart from zero
+    state, saved_state = trainer.optimizer.state_dict()["state"], saved_optimizer["state"]
+    assert saved_state and state.keys() == saved_state.keys()
+    for key, buffers in saved_state.items():
+        assert torch.equal(state[key]["momentum_buffer"], buffers["momentum_buffer"])
+
+
+@pytest.mark.slow
+def test_a_retried_finished_step_reuses_its_training_explicitly(
+    killed_and_resumed: dict[str, Any], dataset: Path
+) -> None:
+    run, tmp = killed_and_resumed, killed_and_resumed["tmp"]
+    third = _run(_train_cmd(dataset, run["output_uri"], tmp / "third"), tmp)
+    result = _step_result(third, tmp)
+    assert result["reused"] is True and result["iterations"] == 0
+    assert result["start_iter"] == MAX_ITER and result["resumed_from"] == "model_final.pth"
+    assert "reusing" in third.stderr and "nothing is trained again" in third.stderr
+    assert Path(result["weights"]).is_file()
+
+
+@pytest.mark.slow
+def test_a_finished_checkpoint_past_max_iter_fails_the_step_with_advice(
+    killed_and_resumed: dict[str, Any], dataset: Path
+) -> None:
+    """Same training, lower max_iter: the checkpoint is past it and not this run's finished training."""
+    run, tmp = killed_and_resumed, killed_and_resumed["tmp"]
+    proc = _run(_train_cmd(dataset, run["output_uri"], tmp / "fourth", "solver.max_iter=9"), tmp)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"has already trained {MAX_ITER} iterations, and solver.max_iter is 9" in proc.stderr
+    assert "model_final.pth" in proc.stderr and "Raise solver.max_iter" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp / "fourth" / "train" / "metrics.json").exists()  # nothing was trained
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_training_is_never_used(killed_and_resumed: dict[str, Any], dataset: Path) -> None:
+    """Another training's finished checkpoints where this run looks (same run key, as when a pipeline
+    step's parameters were edited before a retry): a clear error before anything is fetched or trained."""
+    from d2ops.checkpoints import CheckpointConflict, new_run_record
+    from d2ops.config import load_config
+    from d2ops.datasets import register_splits
+    from d2ops.training import train
+
+    run, tmp = killed_and_resumed, killed_and_resumed["tmp"]
+    cfg = load_config(SMOKE, [f"data.source={dataset}", f"solver.max_iter={MAX_ITER}", "solver.base_lr=0.004"])
+    record = new_run_record(cfg, "data-v1", run_key=run["location"].rsplit("/", 1)[1])
+    uri = f"{run['output_uri'].rstrip('/')}/{run['location']}"
+    with pytest.raises(CheckpointConflict, match="belong to another training") as err:
+        train(cfg, register_splits(dataset, cfg.data), tmp / "other", checkpoint_uri=uri, run=record)
+    assert record.identity in str(err.value) and "runtime.resume=false" in str(err.value)
+    assert not (tmp / "other" / "model_final.pth").exists()
+
+
+_SAVE_FOREVER = textwrap.dedent(
+    """
+    import sys, torch
+    from d2ops.checkpoints import AtomicCheckpointer, RunRecord
+    model = torch.nn.Linear(2048, 4096)
+    ckpt = AtomicCheckpointer(model, sys.argv[1], record=RunRecord("run", "identity", max_iter=10**6))
+    i = 0
+    while True:
+        ckpt.save(f"model_{i:07d}", iteration=i)
+        i += 1
+    """
+)
+
+
+def test_a_kill_mid_write_never_leaves_a_torn_last_checkpoint(tmp_path: Path) -> None:
+    """SIGKILL a process that does nothing but write 32 MB checkpoints: after every kill, the pointer
+    names a complete, loadable checkpoint of the run; the torn temp file is ignored, then removed."""
+    from d2ops.checkpoints import RunRecord, find_resume_point, prepare_output_dir
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    expected = RunRecord("run", "identity", max_iter=10**6)
+    torn = 0
+    for delay in (0.7, 1.1, 1.6):
+        proc = subprocess.Popen([sys.executable, "-c", _SAVE_FOREVER, str(folder)], cwd=REPO)
+        deadline = time.monotonic() + 120
+        while not (folder / "last_checkpoint").is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        torn += len(list(folder.glob(".*.tmp")))
+        point = find_resume_point(folder, expected)
+        assert point is not None and point.path.name == (folder / "last_checkpoint").read_text()
+        state = torch.load(point.path, map_location="cpu", weights_only=False)
+        assert state["iteration"] == point.iteration and state["model"]["weight"].shape == (4096, 2048)
+        prepare_output_dir(folder, resume=True)
+        assert not list(folder.glob(".*.tmp"))
+        assert find_resume_point(folder, expected) == point
+    assert torn > 0, "no kill landed mid-write; the test proved nothing"
