@@ -308,52 +308,112 @@ def run_infer(ctx: StepContext) -> StepOutput:
 
 
 def run_register(ctx: StepContext) -> StepOutput:
-    """Bundle the model and register it; publish only when the quality gate passes."""
-    from d2ops.registry import build_bundle, check_gate, zip_bundle
+    """Bundle the model, gate it against the production model (champion/challenger) and register it.
 
+    The candidate is published and tagged ``registry.champion.tag`` only if it passes the absolute
+    ``quality_gate`` (a floor) and beats the current champion on ``registry.champion.metric`` by
+    ``min_improvement``; with no champion the floor alone decides. When there is a champion, both
+    models are evaluated here, on the configured eval split, by the same code on the same device:
+    the candidate is re-scored rather than taken from the evaluate step, so the two numbers compared
+    can only differ by the models (the evaluate step may have run on another machine or device).
+    Where the champion lives (ClearML registry or ``registry.local_dir``) is the store's business.
+    """
+    from d2ops.clearml_adapter import open_champion_store, step_lineage
+    from d2ops.datasets import register_splits
+    from d2ops.registry import (
+        LocalChampionStore,
+        build_bundle,
+        check_gate,
+        decide,
+        evaluate_model,
+        gate_headline,
+        labels_mismatch,
+        metric_value,
+        report_gate,
+        zip_bundle,
+    )
+
+    reg, gate_cfg = ctx.cfg.registry, ctx.cfg.registry.champion
     metrics = json.loads(ctx.input_path("metrics").read_text())
     manifest = json.loads(ctx.input_path("dataset_manifest").read_text())
-    gate_cfg = ctx.cfg.registry.quality_gate
-    gate = check_gate(metrics, gate_cfg.metric, gate_cfg.min_value)
     labels = json.loads(ctx.input_path("labels").read_text())
-    metadata = {
+    store = (
+        open_champion_store(ctx.cfg)
+        if ctx.register_model is not None
+        else LocalChampionStore(reg.local_dir, reg.model_name, gate_cfg.tag, gate_cfg.retired_tag)
+    )
+    champion = store.current() if gate_cfg.enabled else None
+    scored, champion_score, not_comparable = metrics, None, None
+    if champion is not None:
+        root, _ = _validated_dataset(ctx)
+        dataset = register_splits(root, ctx.cfg.data)
+        split, device, out = dataset.name(ctx.cfg.eval.split), ctx.cfg.runtime.device, ctx.workdir / "register"
+        candidate = (ctx.input_path("d2_config"), ctx.input_path("weights"), labels)
+        scored = evaluate_model(*candidate, split, ctx.cfg.eval, out / "candidate", device)
+        champion_labels = json.loads((champion.bundle / "labels.json").read_text())
+        not_comparable = labels_mismatch(champion_labels, dataset.class_names)
+        if not not_comparable:
+            champ = (champion.bundle / "config.yaml", champion.bundle / "model_final.pth", champion_labels)
+            champion_metrics = evaluate_model(*champ, split, ctx.cfg.eval, out / "champion", device)
+            champion_score = metric_value(champion_metrics, gate_cfg.metric, "registry.champion.metric")
+    floor = check_gate(scored, reg.quality_gate.metric, reg.quality_gate.min_value)
+    metric = gate_cfg.metric if gate_cfg.enabled else floor.metric
+    decision = decide(
+        floor,
+        metric=metric,
+        candidate_score=metric_value(scored, metric, "registry.champion.metric"),
+        champion_id=champion.id if champion else None,
+        champion_score=champion_score,
+        min_improvement=gate_cfg.min_improvement,
+        not_comparable=not_comparable,
+        compare=gate_cfg.enabled,
+    )
+    gate_record = {**decision.to_dict(), "scored_in": "register step" if champion else "evaluate step"}
+    lineage = {
         "dataset_source": ctx.cfg.data.source,
         "dataset_identity": manifest.get("identity"),
+        "dataset_clearml_id": manifest.get("clearml_dataset_id") or manifest.get("dataset_id"),
+        **step_lineage(),
         "config_hash": config_hash(ctx.cfg),
         "experiment": ctx.cfg.name,
-        "quality_gate": gate.to_dict(),
     }
     bundle = build_bundle(
-        ctx.workdir / "bundle" / ctx.cfg.registry.model_name,
+        ctx.workdir / "bundle" / reg.model_name,
         weights=ctx.input_path("weights"),
         d2_config=ctx.input_path("d2_config"),
         labels=labels,
         metrics=metrics,
-        metadata=metadata,
+        metadata={**lineage, "quality_gate": floor.to_dict(), "champion_gate": gate_record},
     )
     archive = zip_bundle(bundle)
+    headline = gate_headline(decision, gate_cfg.tag)
     registration: dict[str, Any] = {}
     if ctx.register_model is not None:
         registration = ctx.register_model(
             archive,
-            name=ctx.cfg.registry.model_name,
-            tags=ctx.cfg.registry.tags,
+            name=reg.model_name,
+            tags=[*reg.tags, *([gate_cfg.tag] if decision.promote and gate_cfg.enabled else [])],
             labels=labels,
-            metadata=metadata,
-            publish=gate.passed,
+            metadata=json.loads((bundle / "metadata.json").read_text()),
+            publish=decision.promote,
             config=yaml.safe_load((bundle / "config.yaml").read_text()),
+            headline=headline,
         )
-    ctx.reporter.single_value("quality_gate_passed", float(gate.passed))
-    log.info(
-        "quality gate %s: %s = %.2f (min %.2f)",
-        "passed" if gate.passed else "FAILED",
-        gate.metric,
-        gate.value,
-        gate.min_value,
-    )
+    promotion = None
+    if decision.promote and gate_cfg.enabled:
+        promotion = store.promote(bundle, registration=registration, decision=decision, previous=champion)
+    report_gate(ctx.reporter, decision, gate_record)
+    log.info("%s", headline)
     return StepOutput(
         files={"model_bundle": archive},
-        values={"bundle": str(bundle), "gate": gate.to_dict(), "registration": registration},
+        values={
+            "bundle": str(bundle),
+            "gate": floor.to_dict(),
+            "champion_gate": gate_record,
+            "promotion": promotion.to_dict() if promotion else None,
+            "lineage": {**lineage, "code_version": json.loads((bundle / "metadata.json").read_text())["code_version"]},
+            "registration": registration,
+        },
     )
 
 
