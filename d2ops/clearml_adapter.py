@@ -15,21 +15,29 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from d2ops.registry import Champion, ChampionStore, GateDecision, LocalChampionStore, Promotion, retired_tags
 from d2ops.reporting import Reporter
 
+if TYPE_CHECKING:
+    from d2ops.config import ExperimentConfig
+
 __all__ = [
+    "ClearMLChampionStore",
     "ClearMLReporter",
     "Mode",
     "StepRun",
     "enable_offline",
     "on_agent",
+    "open_champion_store",
     "open_step",
     "register_model",
+    "step_lineage",
 ]
 
 log = logging.getLogger(__name__)
@@ -213,12 +221,18 @@ def register_model(
     metadata: dict[str, Any],
     publish: bool,
     config: dict[str, Any] | None = None,
+    headline: str | None = None,
 ) -> dict[str, Any]:
     """Register a bundle as a ClearML OutputModel with label enumeration, tags and metadata.
+
+    ``publish`` is the gate's verdict: with a server the model is published (and its ``tags``
+    carry the production tag when the caller added it); offline it is only recorded. ``headline``
+    opens the model's comment (default: the verdict).
 
     The model's configuration is the detectron2 config (``config.yaml`` as a dict); its comment carries the
     metadata as JSON too, because offline sessions cannot hold model metadata (ClearML's
     offline API has no metadata call, and only the model's init fields are replayed on import).
+    Online each metadata key is also a model metadata entry (nested values as JSON).
 
     Offline workaround: ClearML (1.18 to 2.1.12) raises ``AttributeError: 'DummyModel' object has
     no attribute 'locked'`` from ``OutputModel.update_weights`` in offline mode, because its
@@ -236,7 +250,8 @@ def register_model(
         label_enumeration={label: i + 1 for i, label in enumerate(labels)},
         framework="PyTorch",
         config_dict=config or None,
-        comment=f"d2ops detectron2 bundle; quality gate {'passed' if publish else 'failed'}\n"
+        comment=(headline or f"d2ops detectron2 bundle; quality gate {'passed' if publish else 'failed'}")
+        + "\n"
         + json.dumps(metadata, sort_keys=True, default=str),
     )
     if run.mode == "offline":
@@ -246,7 +261,8 @@ def register_model(
     model.update_weights(weights_filename=str(bundle_zip), auto_delete_file=False, is_package=True, async_enable=False)
     if run.mode != "offline":
         for key, value in metadata.items():
-            model.set_metadata(key, str(value), v_type="str")
+            text = json.dumps(value, default=str) if isinstance(value, dict | list) else str(value)
+            model.set_metadata(key, text, v_type="str")
         if publish:
             model.publish()
     record = {
@@ -261,3 +277,106 @@ def register_model(
     }
     run.reporter.artifact("model_registration", record)
     return record
+
+
+def _live_task() -> Any:
+    """The ClearML task this process runs in, when one is open and connected to a server (else ``None``)."""
+    from clearml import Task
+
+    task: Any = Task.current_task()
+    if task is None or Task.is_offline():
+        return None
+    return task
+
+
+def step_lineage() -> dict[str, str | None]:
+    """Which ClearML run produced this: the step task and its pipeline (the controller, the step's parent).
+
+    Offline sessions have no pipeline controller (``pipeline_run`` is ``None``); outside ClearML both are ``None``.
+    """
+    from clearml import Task
+
+    task: Any = Task.current_task()
+    if task is None:
+        return {"step_task": None, "pipeline_run": None}
+    parent = None if Task.is_offline() else task.parent
+    return {"step_task": str(task.id), "pipeline_run": str(parent) if parent else None}
+
+
+class ClearMLChampionStore:
+    """The champion in the ClearML model registry: the newest *published* model named ``model_name``
+    in ``project`` tagged ``tag`` (exactly what ``clearml://<project>/<model_name>@<tag>`` serves).
+
+    Promotion: the candidate was registered published and tagged ``tag`` by :func:`register_model`;
+    the old champion is re-tagged (``tag`` removed, ``retired_tag`` and a dated tag added, metadata
+    ``retired_at``/``retired_by`` set). It stays published and is never deleted.
+    """
+
+    def __init__(
+        self, project: str, model_name: str, tag: str, retired_tag: str, cache_dir: Path | str = "outputs/cache/models"
+    ) -> None:
+        self.project = project
+        self.model_name = model_name
+        self.tag = tag
+        self.retired_tag = retired_tag
+        self.cache_dir = Path(cache_dir)
+
+    def _query(self) -> Any:
+        from clearml import Model
+
+        try:
+            found = Model.query_models(
+                project_name=self.project,
+                model_name=self.model_name,
+                tags=[self.tag],
+                only_published=True,
+                include_archived=False,
+                max_results=1,
+            )
+        except ValueError:  # ClearML raises ValueError for a project that does not exist yet
+            log.info("ClearML project %r does not exist yet: no champion", self.project)
+            return None
+        return found[0] if found else None
+
+    def current(self) -> Champion | None:
+        from d2ops.model_source import resolve_model
+
+        model = self._query()
+        if model is None:
+            return None
+        bundle = resolve_model(str(model.id), self.cache_dir)
+        meta_file = bundle / "metadata.json"
+        metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        return Champion(str(model.id), bundle, tuple(model.tags or ()), metadata)
+
+    def promote(
+        self, bundle: Path, *, registration: dict[str, Any], decision: GateDecision, previous: Champion | None
+    ) -> Promotion:
+        from clearml import Model
+
+        new_id = str(registration.get("id"))
+        if not registration.get("published"):
+            raise RuntimeError(
+                f"model {new_id} was not published, so it cannot become the {self.tag} model; "
+                "register it through d2ops.clearml_adapter.register_model with publish=True"
+            )
+        if previous is None:
+            return Promotion(new_id, None, [], "clearml")
+        now = datetime.now(timezone.utc)
+        old: Any = Model(model_id=previous.id)
+        tags = [t for t in (old.tags or []) if t != self.tag]
+        tags += [t for t in retired_tags(self.retired_tag, now) if t not in tags]
+        old.tags = tags  # models.edit: allowed on published models; the record and its weights stay
+        old.set_metadata("retired_at", now.isoformat(), v_type="str")
+        old.set_metadata("retired_by", new_id, v_type="str")
+        log.info("ClearML model %s is now %s; %s retired as %s", new_id, self.tag, previous.id, tags)
+        return Promotion(new_id, previous.id, tags, "clearml")
+
+
+def open_champion_store(cfg: ExperimentConfig) -> ChampionStore:
+    """The champion store for this process: the ClearML registry inside a server-connected task,
+    else the local folder ``registry.local_dir`` (offline sessions, plain library use, tests)."""
+    gate = cfg.registry.champion
+    if _live_task() is not None:
+        return ClearMLChampionStore(cfg.clearml.project, cfg.registry.model_name, gate.tag, gate.retired_tag)
+    return LocalChampionStore(cfg.registry.local_dir, cfg.registry.model_name, gate.tag, gate.retired_tag)
