@@ -173,6 +173,56 @@ def test_local_store_names_a_broken_pointer(tmp_path: Path) -> None:
         store.current()
 
 
+# --------------------------------------------------------------------------- store selection, ClearML store
+
+
+def test_offline_sessions_and_plain_library_use_the_local_store(tmp_path: Path) -> None:
+    from d2ops.clearml_adapter import enable_offline, open_champion_store, open_step, step_lineage
+
+    cfg = load_config(SMOKE, [f"registry.local_dir={tmp_path}"])
+    store = open_champion_store(cfg)
+    assert isinstance(store, LocalChampionStore) and store.folder == tmp_path / cfg.registry.model_name
+    previous = os.environ.get("CLEARML_CACHE_DIR")
+    enable_offline(tmp_path / "clearml")
+    try:
+        with open_step("register", {"config": SMOKE}, mode="offline", project="d2ops/test") as run:
+            assert isinstance(open_champion_store(cfg), LocalChampionStore)
+            assert step_lineage() == {"step_task": str(run.task.id), "pipeline_run": None}
+    finally:
+        if previous is None:
+            os.environ.pop("CLEARML_CACHE_DIR", None)
+        else:
+            os.environ["CLEARML_CACHE_DIR"] = previous
+
+
+def test_clearml_store_calls_the_sdk_with_its_real_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No server here: the query is checked against ``Model.query_models``' real signature, and a
+    promotion of a model the gate did not publish is refused before any server call."""
+    import inspect
+
+    from clearml import Model
+
+    from d2ops.clearml_adapter import ClearMLChampionStore
+
+    real = inspect.signature(Model.query_models)
+    calls: list[dict[str, Any]] = []
+
+    def query_models(*args: Any, **kwargs: Any) -> list[Any]:
+        calls.append(real.bind(*args, **kwargs).arguments)
+        return []
+
+    monkeypatch.setattr(Model, "query_models", query_models)
+    store = ClearMLChampionStore("d2ops/smoke", "d2ops-shapes-smoke", "production", "production-retired")
+    assert store.current() is None
+    (call,) = calls
+    assert call["project_name"] == "d2ops/smoke" and call["model_name"] == "d2ops-shapes-smoke"
+    assert call["tags"] == ["production"] and call["only_published"] is True and call["max_results"] == 1
+    with pytest.raises(RuntimeError, match="was not published"):
+        store.promote(
+            Path("."), registration={"id": "x", "published": False}, decision=_decide(1.0, None), previous=None
+        )
+
+
 # --------------------------------------------------------------------------- real models, real step
 
 
