@@ -454,3 +454,14 @@ def test_lineage_metadata_in_bundle_model_record_and_step_values(
     for key, value in expected.items():
         assert record[key] == value, key
     assert record["champion_gate"] == gate and record["config_hash"] == meta["config_hash"]
+
+
+@pytest.mark.slow
+def test_unknown_champion_metric_fails_before_any_evaluation(
+    models: dict[str, Any], good_champion: dict[str, Any], tmp_path: Path
+) -> None:
+    registry = _copy_registry(good_champion, tmp_path)
+    with pytest.raises(KeyError, match=r"registry\.champion\.metric 'bbox\.APX' is not in the evaluation metrics"):
+        _register(models, "bad", registry, "registry.champion.metric=bbox.APX")
+    assert not list(tmp_path.glob("run-*/register")), "no model was evaluated"
+    assert len(_store(registry).history()) == 1
