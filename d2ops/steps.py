@@ -101,25 +101,9 @@ def _dataset_cache(cfg: ExperimentConfig) -> Path:
     return Path(cfg.data.cache_dir) / name
 
 
-def sync_dataset(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[storage.TransferStats, Path]:
-    """The dataset's local folder and what the transfer did.
-
-    From the ClearML Dataset version ``data.dataset_id`` when set (its identity is that version),
-    else from ``data.source``: downloaded (cached by ETag) when it is on S3, used in place when local.
-    """
-    dataset_id = cfg.data.dataset_id
-    if not dataset_id:
-        return storage.sync(cfg.data.source, _dataset_cache(cfg), progress=progress)
-    from d2ops.clearml_datasets import dataset_local_copy
-
-    stats, root = storage.sync(str(dataset_local_copy(dataset_id)), _dataset_cache(cfg), progress=progress)
-    stats.identity = f"clearml-dataset:{dataset_id}"
-    return stats, root
-
-
 def dataset_dir(ctx: StepContext) -> Path:
-    """The dataset's local folder (see :func:`sync_dataset`)."""
-    return sync_dataset(ctx.cfg)[1]
+    """The dataset's local folder: downloaded (cached by ETag) when it is on S3."""
+    return storage.resolve_local(ctx.cfg.data.source, _dataset_cache(ctx.cfg))
 
 
 def _validated_dataset(ctx: StepContext, root: Path | None = None) -> tuple[Path, dict[str, Any]]:
@@ -145,14 +129,9 @@ def run_download(ctx: StepContext) -> StepOutput:
     _localize_config_file(ctx)
     check_model_config(ctx.cfg)
     source = ctx.cfg.data.source
-    stats, root = sync_dataset(ctx.cfg)
+    stats, root = storage.sync(source, _dataset_cache(ctx.cfg))
     manifest: dict[str, Any] = {"source": source, **stats.to_dict()}
-    if ctx.cfg.data.dataset_id:
-        manifest["clearml_dataset_id"] = ctx.cfg.data.dataset_id
-    _check_cache_key(ctx, stats.identity)
     _, summaries = _validated_dataset(ctx, root)
-    if ctx.cfg.data.register_dataset and not ctx.cfg.data.dataset_id:
-        manifest["clearml_dataset_id"] = _register_dataset(ctx.cfg, manifest)
     if ctx.cfg.model.weights and storage.is_s3_uri(ctx.cfg.model.weights):
         fetch(ctx.cfg.model.weights, ctx.workdir / "weights")
     manifest["splits"] = summaries
@@ -164,35 +143,6 @@ def run_download(ctx: StepContext) -> StepOutput:
     return StepOutput(
         files={"dataset_manifest": path},
         values={"identity": manifest.get("identity"), "bytes_transferred": manifest.get("bytes_transferred")},
-    )
-
-
-def _check_cache_key(ctx: StepContext, identity: str) -> None:
-    """The controller keyed this step's cache on the data it listed at launch; say if it changed since."""
-    expected = ctx.inputs.get("dataset_identity")
-    if expected and expected != identity:
-        log.warning(
-            "the dataset changed between launch and download (cache key %s, downloaded %s): "
-            "this run uses and records the downloaded data",
-            expected[:16],
-            identity[:16],
-        )
-
-
-def _register_dataset(cfg: ExperimentConfig, manifest: dict[str, Any]) -> str | None:
-    """Register the S3 data as a ClearML Dataset of links (no copy), for triggers and lineage."""
-    from clearml import Task
-
-    from d2ops.clearml_datasets import register_s3_dataset
-
-    if not storage.is_s3_uri(cfg.data.source):
-        log.warning("data.register_dataset: %s is not on S3; only S3 objects can be linked", cfg.data.source)
-        return None
-    if Task.is_offline():
-        log.warning("data.register_dataset: ClearML is offline, and offline datasets cannot be created in a step")
-        return None
-    return register_s3_dataset(
-        cfg.data.source, f"{cfg.clearml.project}/data", cfg.name, tags=[cfg.name], manifest=manifest, publish=True
     )
 
 
@@ -229,7 +179,7 @@ def run_train(ctx: StepContext) -> StepOutput:
     runtime = ctx.cfg.runtime
     check_gpus(runtime.num_gpus, device=runtime.device, visible_gpus=torch.cuda.device_count())
     _localize_config_file(ctx)
-    stats, root = sync_dataset(ctx.cfg, progress=False)
+    stats, root = storage.sync(ctx.cfg.data.source, _dataset_cache(ctx.cfg), progress=False)
     _validated_dataset(ctx, root)
     dataset = register_splits(root, ctx.cfg.data)
     multi_node = _multi_node(ctx.cfg)
