@@ -33,10 +33,13 @@ __all__ = [
     "Mode",
     "StepRun",
     "enable_offline",
+    "launch_multi_node",
     "on_agent",
     "open_champion_store",
     "open_step",
+    "pipeline_run_id",
     "register_model",
+    "scrub_recorded_diff",
     "step_lineage",
 ]
 
@@ -186,6 +189,8 @@ def open_step(
         auto_resource_monitoring=mode != "offline",
         output_uri=output_uri,
     )
+    if Task.running_locally():
+        scrub_recorded_diff(task)
     connected = task.connect(dict(params), name="General")
     if mode == "remote" and Task.running_locally():
         if not queue:
@@ -202,6 +207,33 @@ def open_step(
         raise
     finally:
         task.close()
+
+
+def scrub_recorded_diff(task: Any, timeout_s: float = 30.0) -> int:
+    """Remove credential values from the uncommitted ``git diff`` ClearML records with a task.
+
+    ClearML detects the repository in a background thread; this waits for it (bounded), then
+    rewrites the diff if any line holds a credential the process can see. Returns the number of
+    lines removed. An agent cannot apply such a diff: commit or stash the file instead.
+    """
+    from d2ops.secrets import known_secret_values, redact
+
+    try:
+        task._wait_for_repo_detection(timeout=timeout_s)
+        diff = str(getattr(task.data.script, "diff", "") or "")
+    except Exception:  # no repository detected: nothing recorded, nothing to scrub
+        log.debug("no script diff to check", exc_info=True)
+        return 0
+    clean, removed = redact(diff, known_secret_values())
+    if removed:
+        task.set_script(diff=clean)
+        log.warning(
+            "removed %d line(s) holding credentials from the uncommitted git diff recorded with task %s; "
+            "commit or stash the file that holds them, and keep credentials in the environment or clearml.conf",
+            removed,
+            task.id,
+        )
+    return removed
 
 
 def _mark_failed(task: Any, err: BaseException) -> None:
@@ -289,6 +321,23 @@ def _live_task() -> Any:
     return task
 
 
+def pipeline_run_id(machine_rank: int = 0) -> str | None:
+    """The ClearML pipeline run (controller task) of this step: its task's parent; None offline or outside one.
+
+    The extra machines of a multi-machine run are clones whose parent is the first machine's
+    task; their pipeline run is that task's parent.
+    """
+    from clearml import Task
+
+    task: Any = Task.current_task()
+    if task is None or Task.is_offline():
+        return None
+    parent = task.parent
+    if parent and machine_rank > 0:
+        parent = Task.get_task(task_id=parent).parent
+    return str(parent) if parent else None
+
+
 def step_lineage() -> dict[str, str | None]:
     """Which ClearML run produced this: the step task and its pipeline (the controller, the step's parent).
 
@@ -299,8 +348,21 @@ def step_lineage() -> dict[str, str | None]:
     task: Any = Task.current_task()
     if task is None:
         return {"step_task": None, "pipeline_run": None}
-    parent = None if Task.is_offline() else task.parent
-    return {"step_task": str(task.id), "pipeline_run": str(parent) if parent else None}
+    return {"step_task": str(task.id), "pipeline_run": pipeline_run_id()}
+
+
+def launch_multi_node(num_machines: int, num_gpus: int, port: int) -> dict[str, Any] | None:
+    """ClearML's multi-node launch (rank, master address and port) when training spans machines.
+
+    On the first machine this enqueues the other machines' tasks and waits for them to start.
+    None with one machine, or where there is no agent to start the others on.
+    """
+    from clearml import Task
+
+    task: Any = Task.current_task() if num_machines > 1 else None
+    if task is None or not on_agent():
+        return None
+    return dict(task.launch_multi_node(num_machines, port=port, wait=True, devices=num_gpus))
 
 
 class ClearMLChampionStore:

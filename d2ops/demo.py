@@ -54,7 +54,7 @@ def run_demo(out_dir: Path, config: str, overrides: Sequence[str] = ()) -> dict[
 
     tic = time.perf_counter()
     out_dir = out_dir.resolve()
-    for stale in ("run", "cache", "clearml"):
+    for stale in ("run", "cache", "clearml", "registry"):
         shutil.rmtree(out_dir / stale, ignore_errors=True)
     enable_offline(out_dir / "clearml")
     dataset = generate_shapes_dataset(out_dir / "dataset", seed=0)
@@ -69,6 +69,7 @@ def run_demo(out_dir: Path, config: str, overrides: Sequence[str] = ()) -> dict[
             f"data.source={uri}",
             f"data.cache_dir={out_dir / 'cache'}",
             f"runtime.output_dir={out_dir / 'run'}",
+            f"registry.local_dir={out_dir / 'registry'}",  # the offline model registry (champion)
         ]
         load_config(config, all_overrides)  # fail fast on a bad config, before any work
         run = run_offline(config, all_overrides)

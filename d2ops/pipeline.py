@@ -206,7 +206,10 @@ MONITOR_METRICS: dict[str, list[tuple[tuple[str, str], tuple[str, str]]]] = {
         (("Summary", "bbox/AP50"), ("evaluate", "bbox AP50")),
         (("Summary", "f2"), ("evaluate", "F2")),
     ],
-    "register": [(("Summary", "quality_gate_passed"), ("register", "quality gate passed"))],
+    "register": [
+        (("Summary", "quality_gate_passed"), ("register", "quality gate passed")),
+        (("Summary", "gate/promoted"), ("register", "promoted to production")),
+    ],
 }
 
 

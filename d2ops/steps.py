@@ -101,9 +101,25 @@ def _dataset_cache(cfg: ExperimentConfig) -> Path:
     return Path(cfg.data.cache_dir) / name
 
 
+def sync_dataset(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[storage.TransferStats, Path]:
+    """The dataset's local folder and what the transfer did.
+
+    From the ClearML Dataset version ``data.dataset_id`` when set (its identity is that version),
+    else from ``data.source``: downloaded (cached by ETag) when it is on S3, used in place when local.
+    """
+    dataset_id = cfg.data.dataset_id
+    if not dataset_id:
+        return storage.sync(cfg.data.source, _dataset_cache(cfg), progress=progress)
+    from d2ops.clearml_datasets import dataset_local_copy
+
+    stats, root = storage.sync(str(dataset_local_copy(dataset_id)), _dataset_cache(cfg), progress=progress)
+    stats.identity = f"clearml-dataset:{dataset_id}"
+    return stats, root
+
+
 def dataset_dir(ctx: StepContext) -> Path:
-    """The dataset's local folder: downloaded (cached by ETag) when it is on S3."""
-    return storage.resolve_local(ctx.cfg.data.source, _dataset_cache(ctx.cfg))
+    """The dataset's local folder (see :func:`sync_dataset`)."""
+    return sync_dataset(ctx.cfg)[1]
 
 
 def _validated_dataset(ctx: StepContext, root: Path | None = None) -> tuple[Path, dict[str, Any]]:
@@ -129,9 +145,14 @@ def run_download(ctx: StepContext) -> StepOutput:
     _localize_config_file(ctx)
     check_model_config(ctx.cfg)
     source = ctx.cfg.data.source
-    stats, root = storage.sync(source, _dataset_cache(ctx.cfg))
+    stats, root = sync_dataset(ctx.cfg)
     manifest: dict[str, Any] = {"source": source, **stats.to_dict()}
+    if ctx.cfg.data.dataset_id:
+        manifest["clearml_dataset_id"] = ctx.cfg.data.dataset_id
+    _check_cache_key(ctx, stats.identity)
     _, summaries = _validated_dataset(ctx, root)
+    if ctx.cfg.data.register_dataset and not ctx.cfg.data.dataset_id:
+        manifest["clearml_dataset_id"] = _register_dataset(ctx.cfg, manifest)
     if ctx.cfg.model.weights and storage.is_s3_uri(ctx.cfg.model.weights):
         fetch(ctx.cfg.model.weights, ctx.workdir / "weights")
     manifest["splits"] = summaries
@@ -143,6 +164,35 @@ def run_download(ctx: StepContext) -> StepOutput:
     return StepOutput(
         files={"dataset_manifest": path},
         values={"identity": manifest.get("identity"), "bytes_transferred": manifest.get("bytes_transferred")},
+    )
+
+
+def _check_cache_key(ctx: StepContext, identity: str) -> None:
+    """The controller keyed this step's cache on the data it listed at launch; say if it changed since."""
+    expected = ctx.inputs.get("dataset_identity")
+    if expected and expected != identity:
+        log.warning(
+            "the dataset changed between launch and download (cache key %s, downloaded %s): "
+            "this run uses and records the downloaded data",
+            expected[:16],
+            identity[:16],
+        )
+
+
+def _register_dataset(cfg: ExperimentConfig, manifest: dict[str, Any]) -> str | None:
+    """Register the S3 data as a ClearML Dataset of links (no copy), for triggers and lineage."""
+    from clearml import Task
+
+    from d2ops.clearml_datasets import register_s3_dataset
+
+    if not storage.is_s3_uri(cfg.data.source):
+        log.warning("data.register_dataset: %s is not on S3; only S3 objects can be linked", cfg.data.source)
+        return None
+    if Task.is_offline():
+        log.warning("data.register_dataset: ClearML is offline, and offline datasets cannot be created in a step")
+        return None
+    return register_s3_dataset(
+        cfg.data.source, f"{cfg.clearml.project}/data", cfg.name, tags=[cfg.name], manifest=manifest, publish=True
     )
 
 
@@ -172,6 +222,7 @@ def run_train(ctx: StepContext) -> StepOutput:
     import torch
 
     from d2ops.checkpoints import new_run_record
+    from d2ops.clearml_adapter import launch_multi_node, pipeline_run_id
     from d2ops.datasets import register_splits
     from d2ops.distributed import check_gpus, launch_plan
     from d2ops.training import train
@@ -179,10 +230,10 @@ def run_train(ctx: StepContext) -> StepOutput:
     runtime = ctx.cfg.runtime
     check_gpus(runtime.num_gpus, device=runtime.device, visible_gpus=torch.cuda.device_count())
     _localize_config_file(ctx)
-    stats, root = storage.sync(ctx.cfg.data.source, _dataset_cache(ctx.cfg), progress=False)
+    stats, root = sync_dataset(ctx.cfg, progress=False)
     _validated_dataset(ctx, root)
     dataset = register_splits(root, ctx.cfg.data)
-    multi_node = _multi_node(ctx.cfg)
+    multi_node = launch_multi_node(runtime.num_machines, runtime.num_gpus, runtime.dist_port)
     plan = launch_plan(
         runtime.num_gpus,
         runtime.num_machines,
@@ -191,7 +242,7 @@ def run_train(ctx: StepContext) -> StepOutput:
         multi_node=multi_node,
     )
     manifest = json.loads(ctx.input_path("dataset_manifest").read_text()) if ctx.inputs.get("dataset_manifest") else {}
-    run = new_run_record(ctx.cfg, manifest.get("identity") or stats.identity, _pipeline_run_id(plan.machine_rank))
+    run = new_run_record(ctx.cfg, manifest.get("identity") or stats.identity, pipeline_run_id(plan.machine_rank))
     result = train(
         ctx.cfg,
         dataset,
@@ -220,44 +271,6 @@ def _checkpoint_uri(cfg: ExperimentConfig, run_key: str) -> str | None:
     if not cfg.clearml.output_uri:
         return None
     return f"{cfg.clearml.output_uri.rstrip('/')}/{cfg.clearml.project}/{cfg.name}/checkpoints/{run_key}"
-
-
-def _current_task() -> Any | None:
-    from clearml import Task
-
-    return Task.current_task()
-
-
-def _pipeline_run_id(machine_rank: int = 0) -> str | None:
-    """The ClearML pipeline run of this step (its task's parent), or None outside a pipeline or offline.
-
-    The extra machines of a multi-machine run are clones whose parent is the first machine's task;
-    their pipeline run is that task's parent.
-    """
-    task = _current_task()
-    parent = getattr(task, "parent", None) if task is not None else None
-    if parent and machine_rank > 0:
-        from clearml import Task
-
-        parent = Task.get_task(task_id=parent).parent
-    return str(parent) if parent else None
-
-
-def _multi_node(cfg: ExperimentConfig) -> dict[str, Any] | None:
-    """ClearML's multi-node launch (rank, master address and port) when training spans machines.
-
-    On the first machine this enqueues the other machines' tasks and waits for them to start.
-    None with one machine, or where there is no agent to start the others on.
-    """
-    from d2ops.clearml_adapter import on_agent
-
-    task = _current_task() if cfg.runtime.num_machines > 1 else None
-    if task is None or not on_agent():
-        return None
-    runtime = cfg.runtime
-    return dict(
-        task.launch_multi_node(runtime.num_machines, port=runtime.dist_port, wait=True, devices=runtime.num_gpus)
-    )
 
 
 def _detector(ctx: StepContext) -> tuple[Any, Any, Path]:

@@ -176,7 +176,7 @@ def test_credential_key_is_rejected(section: str | None, dotted: str) -> None:
 def test_credential_in_docker_args_is_rejected() -> None:
     raw = {**_minimal(), "clearml": {"docker_args": "--ipc=host -e AWS_SECRET_ACCESS_KEY=not-a-real-secret"}}
     message = _error(raw)
-    assert "clearml.docker_args must not carry credentials" in message
+    assert "clearml.docker_args: docker arguments must not carry credentials" in message
     assert "clearml.conf" in message
 
 
