@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from d2ops.config import ExperimentConfig
 
 __all__ = [
+    "TASK_TYPES",
     "ClearMLChampionStore",
     "ClearMLReporter",
     "Mode",
@@ -47,7 +48,8 @@ log = logging.getLogger(__name__)
 
 Mode = Literal["offline", "local", "remote"]
 
-_TASK_TYPES = {
+#: The ClearML task type of each step (how the UI files and filters them).
+TASK_TYPES = {
     "download": "data_processing",
     "train": "training",
     "evaluate": "testing",
@@ -181,7 +183,7 @@ def open_step(
     task: Any = Task.init(
         project_name=project,
         task_name=step,
-        task_type=_TASK_TYPES.get(step, "custom"),
+        task_type=TASK_TYPES.get(step, "custom"),
         tags=list(tags),
         reuse_last_task_id=False,
         auto_connect_frameworks=False,

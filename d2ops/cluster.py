@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from d2ops import storage
+from d2ops.clearml_adapter import TASK_TYPES
 from d2ops.config import ExperimentConfig
 
 __all__ = [
@@ -58,13 +59,6 @@ IMAGE_TORCHVISION = "0.20.1"
 AGENT_ENV = {"CLEARML_AGENT_SKIP_PYTHON_ENV_INSTALL": "1"}
 
 _STEP_SCRIPT = "tasks/{step}.py"
-_TASK_TYPES = {
-    "download": "data_processing",
-    "train": "training",
-    "evaluate": "testing",
-    "infer": "inference",
-    "register": "custom",
-}
 _PKG_NAME = re.compile(r"^\s*([A-Za-z0-9_.\-]+)")
 _IMAGE_PROVIDED = {"torch", "torchvision", "detectron2", "installer", "moto"}
 
@@ -108,7 +102,7 @@ def step_task_spec(step: str, cfg: ExperimentConfig) -> dict[str, Any]:
     return {
         "project_name": cfg.clearml.project,
         "task_name": step,
-        "task_type": _TASK_TYPES[step],
+        "task_type": TASK_TYPES[step],
         "script": _STEP_SCRIPT.format(step=step),
         "working_directory": ".",
         "packages": agent_requirements(),

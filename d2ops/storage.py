@@ -493,8 +493,8 @@ def _fetch_once(client: S3Client, bucket: str, remote: _Remote, target: Path, pr
     return ObjectInfo(remote.info.key, response.get("ETag", remote.info.etag).strip('"'), written)
 
 
-def _download_s3(uri: str, dest: Path, workers: int, progress: bool) -> tuple[TransferStats, Path]:
-    started = time.perf_counter()
+def _listing(uri: str, workers: int = 10) -> tuple[S3Location, S3Client, list[_Remote], bool]:
+    """Parse ``uri``, open a client and list what is under it; nothing there is an error."""
     loc = parse_s3_uri(uri)
     client = make_s3_client(loc, max_pool_connections=max(workers, 10))
     try:
@@ -503,6 +503,12 @@ def _download_s3(uri: str, dest: Path, workers: int, progress: bool) -> tuple[Tr
         raise _as_storage_error(exc, loc.uri(), loc) from exc
     if not remotes:
         raise StorageError(f"no objects under {loc.uri()} — check the bucket and prefix")
+    return loc, client, remotes, single
+
+
+def _download_s3(uri: str, dest: Path, workers: int, progress: bool) -> tuple[TransferStats, Path]:
+    started = time.perf_counter()
+    loc, client, remotes, single = _listing(uri, workers)
 
     dest.mkdir(parents=True, exist_ok=True)
     old_index = _read_index(dest)
@@ -558,14 +564,7 @@ def remote_identity(uri_or_path: str) -> str:
     ETags, sizes), or a stat of local files. Equal data, equal identity; new data, a new one."""
     if not is_s3_uri(uri_or_path):
         return _local_stats(Path(uri_or_path)).identity
-    loc = parse_s3_uri(uri_or_path)
-    client = make_s3_client(loc)
-    try:
-        remotes, _ = _with_retries(lambda: _list_remote(client, loc), f"list {loc.uri()}")
-    except Exception as exc:
-        raise _as_storage_error(exc, loc.uri(), loc) from exc
-    if not remotes:
-        raise StorageError(f"no objects under {loc.uri()} — check the bucket and prefix")
+    _, _, remotes, _ = _listing(uri_or_path)
     return dataset_identity([remote.info for remote in remotes])
 
 
