@@ -35,6 +35,7 @@ def summarize(run: Any, seconds: float) -> dict[str, Any]:
         "recall": metrics["recall"],
         "score_threshold": metrics["score_threshold"],
         "quality_gate": register["gate"],
+        "champion_gate": register.get("champion_gate"),
         "model_bundle": register["bundle"],
         "model_registration": register["registration"],
         "predictions": run.steps["infer"].artifacts.get("predictions"),
@@ -89,6 +90,7 @@ def format_summary(summary: dict[str, Any], path: Path) -> str:
         f"  precision {summary['precision']:.3f}  recall {summary['recall']:.3f}  F2 {summary['f2']:.3f}"
         f"  (score >= {summary['score_threshold']})",
         f"  quality gate {gate['metric']} >= {gate['min_value']}: {'PASSED' if gate['passed'] else 'FAILED'}",
+        *_champion_line(summary.get("champion_gate")),
         f"  model bundle      {summary['model_bundle']}",
         f"  predictions       {summary['predictions']}",
         "  ClearML offline sessions (import with Task.import_offline_session(<folder>.zip)):",
@@ -97,6 +99,13 @@ def format_summary(summary: dict[str, Any], path: Path) -> str:
         f"  summary written to {path}",
     ]
     return "\n".join(lines)
+
+
+def _champion_line(decision: dict[str, Any] | None) -> list[str]:
+    if not decision:
+        return []
+    verdict = "PROMOTED to production" if decision.get("promote") else "not promoted"
+    return [f"  champion/challenger: {verdict} ({decision.get('reason', '')})"]
 
 
 def demo_main(argv: Sequence[str] | None = None) -> int:

@@ -35,6 +35,9 @@ def test_quality_on_held_out_images(pipeline_run: dict[str, Any]) -> None:
     assert set(summary["bbox"]["per_class"]) == {"square", "circle", "triangle"}
     assert 0.0 < summary["f2"] <= 1.0
     assert summary["quality_gate"]["passed"] is True
+    # The run's own offline registry had no champion: the candidate became production.
+    assert summary["champion_gate"]["promote"] is True
+    assert summary["champion_gate"]["champion_id"] is None
     for key in ("AP", "AP50", "AP75"):
         assert key in summary["bbox"]
 
