@@ -282,12 +282,23 @@ def _remove_torn_files(folder: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def prepare_output_dir(folder: Path, *, resume: bool) -> None:
+def prepare_output_dir(folder: Path, *, resume: bool, expected: RunRecord | None = None) -> None:
     """Create ``folder`` and drop leftovers of a killed write; without resume, forget old checkpoints.
 
+    A local folder left by another run (another run key: an earlier pipeline run in the same
+    checkout or agent folder) is moved aside to ``<folder>.run-<its key>``, kept, and this run
+    starts in an empty folder. (Checkpoints of the same run key but another training identity
+    still stop the step, in :func:`find_resume_point`.)
     ``resume=False`` removes the pointer and run record (not the checkpoint files), so a rerun
     of this fresh run never resumes from the checkpoints it was told to ignore.
     """
+    found = RunRecord.read(folder) if expected is not None and folder.is_dir() else None
+    if found is not None and expected is not None and found.run_key != expected.run_key:
+        aside = folder.with_name(f"{folder.name}.run-{found.run_key[:24]}")
+        if aside.exists():
+            shutil.rmtree(aside)
+        folder.rename(aside)
+        log.warning("%s held run %s's checkpoints; moved to %s, this run starts afresh", folder, found.run_key, aside)
     folder.mkdir(parents=True, exist_ok=True)
     _remove_torn_files(folder)
     if not resume:

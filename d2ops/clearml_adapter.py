@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from d2ops.registry import Champion, ChampionStore, GateDecision, LocalChampionStore, Promotion, retired_tags
+from d2ops.registry import (
+    Champion,
+    ChampionConflictError,
+    ChampionStore,
+    GateDecision,
+    LocalChampionStore,
+    Promotion,
+    retired_tags,
+)
 from d2ops.reporting import Reporter
 
 if TYPE_CHECKING:
@@ -371,10 +379,15 @@ class ClearMLChampionStore:
     """The champion in the ClearML model registry: the newest *published* model named ``model_name``
     in ``project`` tagged ``tag`` (exactly what ``clearml://<project>/<model_name>@<tag>`` serves).
 
-    Promotion: the candidate was registered published and tagged ``tag`` by :func:`register_model`;
-    the old champion is re-tagged (``tag`` removed, ``retired_tag`` and a dated tag added, metadata
-    ``retired_at``/``retired_by`` set). It stays published and is never deleted.
+    Promotion: the candidate was registered published (without ``tag``) by :func:`register_model`.
+    If the production models are still the ones this step compared against, the old champion is
+    re-tagged (``tag`` removed, ``retired_tag`` and a dated tag added, metadata ``retired_at``/
+    ``retired_by`` set; it stays published and is never deleted), and only then does the candidate
+    get ``tag``: a failure in between leaves no production model rather than two.
     """
+
+    #: The candidate is tagged by :meth:`promote`, after the old champion is retired.
+    tag_on_register = False
 
     def __init__(
         self, project: str, model_name: str, tag: str, retired_tag: str, cache_dir: Path | str = "outputs/cache/models"
@@ -385,21 +398,26 @@ class ClearMLChampionStore:
         self.retired_tag = retired_tag
         self.cache_dir = Path(cache_dir)
 
-    def _query(self) -> Any:
+    def _query_all(self, max_results: int | None = None) -> list[Any]:
         from clearml import Model
 
         try:
-            found = Model.query_models(
-                project_name=self.project,
-                model_name=self.model_name,
-                tags=[self.tag],
-                only_published=True,
-                include_archived=False,
-                max_results=1,
+            return list(
+                Model.query_models(
+                    project_name=self.project,
+                    model_name=self.model_name,
+                    tags=[self.tag],
+                    only_published=True,
+                    include_archived=False,
+                    max_results=max_results,
+                )
             )
         except ValueError:  # ClearML raises ValueError for a project that does not exist yet
             log.info("ClearML project %r does not exist yet: no champion", self.project)
-            return None
+            return []
+
+    def _query(self) -> Any:
+        found = self._query_all(max_results=1)
         return found[0] if found else None
 
     def current(self) -> Champion | None:
@@ -424,17 +442,27 @@ class ClearMLChampionStore:
                 f"model {new_id} was not published, so it cannot become the {self.tag} model; "
                 "register it through d2ops.clearml_adapter.register_model with publish=True"
             )
-        if previous is None:
-            return Promotion(new_id, None, [], "clearml")
+        current = {str(m.id) for m in self._query_all() if str(m.id) != new_id}
+        expected = {previous.id} if previous else set()
+        if current != expected:
+            raise ChampionConflictError(
+                f"the {self.tag} model changed while this step was evaluating (compared against "
+                f"{sorted(expected) or 'none'}, now {sorted(current) or 'none'}): model {new_id} stays "
+                "registered and published but not promoted; rerun the register step to compare it with the new champion"
+            )
         now = datetime.now(timezone.utc)
-        old: Any = Model(model_id=previous.id)
-        tags = [t for t in (old.tags or []) if t != self.tag]
-        tags += [t for t in retired_tags(self.retired_tag, now) if t not in tags]
-        old.tags = tags  # models.edit: allowed on published models; the record and its weights stay
-        old.set_metadata("retired_at", now.isoformat(), v_type="str")
-        old.set_metadata("retired_by", new_id, v_type="str")
-        log.info("ClearML model %s is now %s; %s retired as %s", new_id, self.tag, previous.id, tags)
-        return Promotion(new_id, previous.id, tags, "clearml")
+        retired: list[str] = []
+        if previous is not None:
+            old: Any = Model(model_id=previous.id)
+            retired = [t for t in (old.tags or []) if t != self.tag]
+            retired += [t for t in retired_tags(self.retired_tag, now) if t not in retired]
+            old.tags = retired  # models.edit: allowed on published models; the record and its weights stay
+            old.set_metadata("retired_at", now.isoformat(), v_type="str")
+            old.set_metadata("retired_by", new_id, v_type="str")
+        new: Any = Model(model_id=new_id)
+        new.tags = [*(t for t in (new.tags or []) if t != self.tag), self.tag]
+        log.info("ClearML model %s is now %s; retired: %s", new_id, self.tag, previous.id if previous else "none")
+        return Promotion(new_id, previous.id if previous else None, retired, "clearml")
 
 
 def open_champion_store(cfg: ExperimentConfig) -> ChampionStore:

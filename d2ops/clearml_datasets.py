@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from d2ops import storage
+from d2ops.clearml_adapter import scrub_recorded_diff
 
 __all__ = ["DatasetError", "dataset_local_copy", "register_s3_dataset"]
 
@@ -69,6 +70,7 @@ def register_s3_dataset(
         dataset_tags=list(tags) or None,
         description=f"links to {source_uri} (d2ops)",
     )
+    scrub_recorded_diff(dataset._task)
     try:
         _check_manifest(source_uri, dataset.add_external_files(source_url=_prefix(source_uri)), manifest)
     except DatasetError:

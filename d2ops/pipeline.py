@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from d2ops.clearml_adapter import Mode, on_agent, open_step, register_model
+from d2ops.clearml_adapter import Mode, on_agent, open_step, register_model, scrub_recorded_diff
 from d2ops.cluster import step_docker_args
 from d2ops.config import ExperimentConfig, load_config
 from d2ops.steps import STEP_FUNCTIONS, STEP_INPUTS, STEPS, StepContext, StepOutput
@@ -194,6 +194,7 @@ def _step_task_factory(step: str, cfg: ExperimentConfig, node: Any) -> Any:
 
     spec = step_task_spec(step, cfg)
     task: Any = Task.create(**spec)
+    scrub_recorded_diff(task)  # Task.create records the launching checkout's uncommitted diff too
     # Declare the step's parameters so the controller's General/ overrides have slots to fill.
     task.set_parameters({f"General/{key}": value for key, value in step_parameters(step, "", []).items()})
     return task
@@ -239,6 +240,17 @@ def dataset_identity_for(config: str, overrides: list[str]) -> str:
     return storage.remote_identity(cfg.data.source)
 
 
+def retry_unless_timed_out(pipe: Any, node: Any, retries: int, *, max_retries: int) -> bool:
+    """``retry_on_failure``: re-run a failed step (a pre-empted or lost worker) up to ``max_retries``
+    times, but not one that ran past its time limit: a retry would only spend that time again."""
+    job = getattr(node, "job", None)
+    reason = str(getattr(job.task.data, "status_reason", "") or "") if job is not None else ""
+    if reason.startswith(StepTimeLimitExceeded.__name__):
+        log.error("step %s ran past its time limit; not retried: %s", node.name, reason)
+        return False
+    return retries < max_retries
+
+
 def report_step_failure(pipe: Any, node: Any, previous_status: str) -> None:
     """``status_change_callback``: a failed step's reason goes into the pipeline's own log."""
     job = getattr(node, "job", None)
@@ -267,6 +279,8 @@ def build_controller(config: str, overrides: list[str], cfg: ExperimentConfig | 
         add_pipeline_tags=True,
         pool_frequency=cfg.clearml.pool_frequency_s / 60.0,
     )
+    if pipe._task is not None:
+        scrub_recorded_diff(pipe._task)
     if cfg.clearml.pipeline_time_limit_min:
         pipe.set_pipeline_execution_time_limit(cfg.clearml.pipeline_time_limit_min)
     pipe.add_parameter("dataset_uri", cfg.data.source, "s3://host:port/bucket/prefix or a path on the agent")
@@ -307,7 +321,7 @@ def _add_step(pipe: Any, step: str, cfg: ExperimentConfig) -> None:
         cache_executed_step=step == "download",
         pre_execute_callback=download_cache_key if step == "download" else None,
         status_change_callback=report_step_failure,
-        retry_on_failure=execution.retries,
+        retry_on_failure=partial(retry_unless_timed_out, max_retries=execution.retries),
         # ClearML's backstop, in seconds; the step enforces its own limit first (run_step).
         time_limit=_backstop_seconds(execution.time_limit_min),
         monitor_metrics=MONITOR_METRICS.get(step),

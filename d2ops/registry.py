@@ -245,6 +245,10 @@ class ChampionConflictError(RuntimeError):
 class ChampionStore(Protocol):
     """Where the production model is found and replaced (a ClearML registry, or a local folder)."""
 
+    #: Whether the registered model carries the production tag from the start (an offline record of
+    #: the verdict), or gets it from :meth:`promote` once the old champion is retired (a registry).
+    tag_on_register: bool
+
     def current(self) -> Champion | None:
         """The champion with a local bundle to evaluate, or ``None`` when nothing is in production."""
         ...
@@ -281,6 +285,8 @@ class LocalChampionStore:
     Promotions take an exclusive lock on the folder, and fail with :class:`ChampionConflictError`
     when the champion changed since the caller read it.
     """
+
+    tag_on_register = True
 
     def __init__(
         self, root: Path | str, model_name: str, tag: str = "production", retired_tag: str = "production-retired"

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from d2ops.clearml_adapter import scrub_recorded_diff
 from d2ops.pipeline import join_overrides
 
 __all__ = [
@@ -246,6 +247,7 @@ def build_cron_scheduler(
     _check_pipeline_id(pipeline_id)
     name = name or f"retrain {pipeline_id[:8]} '{schedule.expr}'"
     scheduler: Any = TaskScheduler(force_create_task_name=name, force_create_task_project=scheduler_project)
+    scrub_recorded_diff(scheduler._task)
     scheduler.add_task(
         schedule_task_id=pipeline_id,
         queue=queue,
@@ -285,6 +287,7 @@ def build_dataset_trigger(
     _check_pipeline_id(pipeline_id)
     name = name or f"retrain {pipeline_id[:8]} on {dataset_project}" + (f"/{dataset_name}" if dataset_name else "")
     scheduler: Any = TriggerScheduler(force_create_task_name=name, force_create_task_project=scheduler_project)
+    scrub_recorded_diff(scheduler._task)
     scheduler.add_dataset_trigger(
         schedule_task_id=pipeline_id,
         schedule_queue=queue,

@@ -401,12 +401,13 @@ def run_register(ctx: StepContext) -> StepOutput:
     )
     archive = zip_bundle(bundle)
     headline = gate_headline(decision, gate_cfg.tag)
+    promoting = decision.promote and gate_cfg.enabled
     registration: dict[str, Any] = {}
     if ctx.register_model is not None:
         registration = ctx.register_model(
             archive,
             name=reg.model_name,
-            tags=[*reg.tags, *([gate_cfg.tag] if decision.promote and gate_cfg.enabled else [])],
+            tags=[*reg.tags, *([gate_cfg.tag] if promoting and store.tag_on_register else [])],
             labels=labels,
             metadata=json.loads((bundle / "metadata.json").read_text()),
             publish=decision.promote,
@@ -414,7 +415,7 @@ def run_register(ctx: StepContext) -> StepOutput:
             headline=headline,
         )
     promotion = None
-    if decision.promote and gate_cfg.enabled:
+    if promoting:
         promotion = store.promote(bundle, registration=registration, decision=decision, previous=champion)
     report_gate(ctx.reporter, decision, gate_record)
     log.info("%s", headline)

@@ -311,13 +311,32 @@ def _launch(job: TrainJob, plan: LaunchPlan, reporter: Reporter, output_dir: Pat
         if "TrainingDiverged" in str(err):
             raise TrainingDiverged(str(err).strip().splitlines()[-1].partition(": ")[2]) from None
         raise
+    except BaseException:
+        # A time limit or Ctrl-C interrupts the wait in this process; the workers (non-daemon) would
+        # otherwise keep training and hold the process open until they finish.
+        _stop_workers()
+        raise
     if not plan.is_master:
         return {"start_iter": job.resume_from.start_iter if job.resume_from else 0, "eval_metrics": {}}
     return dict(json.loads(result.read_text()))
 
 
+def _stop_workers(grace_s: float = 10.0) -> None:
+    import multiprocessing
+
+    workers = multiprocessing.active_children()
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join(grace_s)
+        if worker.is_alive():
+            worker.kill()
+    if workers:
+        log.warning("stopped %d training worker process(es)", len(workers))
+
+
 def _resume_point(output_dir: Path, checkpoint_uri: str | None, record: RunRecord, resume: bool) -> ResumePoint | None:
-    prepare_output_dir(output_dir, resume=resume)
+    prepare_output_dir(output_dir, resume=resume, expected=record)
     if not resume:
         return None
     if checkpoint_uri and restore_checkpoints(checkpoint_uri, output_dir, record):

@@ -71,7 +71,8 @@ def registered(s3: LocalS3, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     script = tmp_path / "register.py"
     script.write_text(CHILD)
     cache = tmp_path / "clearml"
-    env = {k: v for k, v in os.environ.items() if k not in ("CLEARML_PROC_MASTER_ID", "CLEARML_TASK_ID")}
+    inherited = ("CLEARML_PROC_MASTER_ID", "TRAINS_PROC_MASTER_ID", "CLEARML_TASK_ID", "TRAINS_TASK_ID")
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
     env.update(CLEARML_CONFIG_FILE=str(conf), CLEARML_CACHE_DIR=str(cache), PYTHONPATH=str(REPO))
     manifest = {"source": uri, "files_total": stats.files_total, "identity": stats.identity}
     run = subprocess.run(

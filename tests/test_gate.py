@@ -223,6 +223,31 @@ def test_clearml_store_calls_the_sdk_with_its_real_signature(monkeypatch: pytest
         )
 
 
+def test_clearml_store_refuses_a_stale_decision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another run promoted a model while this one evaluated: nothing is re-tagged, the step says why."""
+    import inspect
+    from types import SimpleNamespace
+
+    from clearml import Model
+
+    from d2ops.clearml_adapter import ClearMLChampionStore
+    from d2ops.registry import ChampionConflictError
+
+    real = inspect.signature(Model.query_models)
+
+    def query_models(*args: Any, **kwargs: Any) -> list[Any]:
+        real.bind(*args, **kwargs)
+        return [SimpleNamespace(id="model-new"), SimpleNamespace(id="model-from-another-run")]
+
+    monkeypatch.setattr(Model, "query_models", query_models)
+    store = ClearMLChampionStore("d2ops/smoke", "d2ops-shapes-smoke", "production", "production-retired")
+    assert store.tag_on_register is False  # the tag is added only after the old champion is retired
+    with pytest.raises(ChampionConflictError, match=r"now \['model-from-another-run'\].*rerun the register step"):
+        store.promote(
+            Path("."), registration={"id": "model-new", "published": True}, decision=_decide(1.0, None), previous=None
+        )
+
+
 # --------------------------------------------------------------------------- real models, real step
 
 

@@ -157,6 +157,24 @@ def test_gpu_steps_retry_and_every_step_has_a_time_limit(dag: dict[str, Any]) ->
     assert set(pipe._status_change_callbacks) == set(STEPS)
 
 
+def test_a_step_that_ran_past_its_time_limit_is_not_retried(dag: dict[str, Any]) -> None:
+    """The controller asks the step's retry callback after a failure: a pre-empted worker is retried,
+    a step that hit its own time limit is not (it would spend that time again)."""
+    from types import SimpleNamespace
+
+    retry = dag["pipe"]._retries_callbacks["train"]
+
+    def node(reason: str) -> Any:
+        return SimpleNamespace(
+            name="train", job=SimpleNamespace(task=SimpleNamespace(data=SimpleNamespace(status_reason=reason)))
+        )
+
+    lost = node("Worker lost: the instance was pre-empted")
+    timed_out = node("StepTimeLimitExceeded: step train ran past its time limit of 90 min")
+    assert [retry(dag["pipe"], lost, n) for n in range(4)] == [True, True, True, False]
+    assert retry(dag["pipe"], timed_out, 0) is False
+
+
 def test_the_pipeline_page_monitors_headline_metrics_and_the_model(dag: dict[str, Any]) -> None:
     nodes = dag["nodes"]
     assert [pair[0] for pair in nodes["evaluate"].monitor_metrics] == [

@@ -264,3 +264,25 @@ def test_a_kill_mid_write_never_leaves_a_torn_last_checkpoint(tmp_path: Path) ->
         assert not list(folder.glob(".*.tmp"))
         assert find_resume_point(folder, expected) == point
     assert torn > 0, "no kill landed mid-write; the test proved nothing"
+
+
+def test_a_new_pipeline_run_sets_an_earlier_runs_local_folder_aside(tmp_path: Path) -> None:
+    """Run 2 of a pipeline in the same checkout/agent folder: run 1's local checkpoints are kept
+    beside, not resumed and not an error; the same run key with another identity still stops."""
+    from d2ops.checkpoints import RUN_RECORD, CheckpointConflict, RunRecord, find_resume_point, prepare_output_dir
+
+    folder = tmp_path / "train"
+    folder.mkdir()
+    (folder / "model_0000009.pth").write_bytes(b"run 1")
+    (folder / RUN_RECORD).write_text(RunRecord("pipeline-run-1", "identity", max_iter=20).to_json())
+    run2 = RunRecord("pipeline-run-2", "identity", max_iter=20)
+    prepare_output_dir(folder, resume=True, expected=run2)
+    assert list(folder.iterdir()) == []
+    aside = tmp_path / "train.run-pipeline-run-1"
+    assert (aside / "model_0000009.pth").read_bytes() == b"run 1"
+    assert find_resume_point(folder, run2) is None
+
+    (folder / RUN_RECORD).write_text(RunRecord("pipeline-run-2", "other-identity", max_iter=20).to_json())
+    prepare_output_dir(folder, resume=True, expected=run2)
+    with pytest.raises(CheckpointConflict, match="belong to another training"):
+        find_resume_point(folder, run2)
