@@ -50,6 +50,7 @@ __all__ = [
     "register_model",
     "scrub_recorded_diff",
     "step_lineage",
+    "task_output_uri",
 ]
 
 log = logging.getLogger(__name__)
@@ -346,6 +347,17 @@ def pipeline_run_id(machine_rank: int = 0) -> str | None:
     if parent and machine_rank > 0:
         parent = Task.get_task(task_id=parent).parent
     return str(parent) if parent else None
+
+
+def task_output_uri() -> str | None:
+    """The output URI of this process's ClearML task (an agent's ``default_output_uri``); None offline."""
+    from clearml import Task
+
+    task: Any = Task.current_task()
+    if task is None or Task.is_offline():
+        return None
+    uri = task.output_uri
+    return str(uri) if uri else None
 
 
 def step_lineage() -> dict[str, str | None]:

@@ -39,6 +39,7 @@ __all__ = [
     "fetch_queue_state",
     "preflight",
     "queue_warnings",
+    "resume_warnings",
     "step_docker_args",
     "step_task_spec",
     "storage_warnings",
@@ -222,9 +223,19 @@ def storage_warnings(cfg: ExperimentConfig, credentials: Sequence[Mapping[str, A
 # --------------------------------------------------------------------------- all together
 
 
+def resume_warnings(cfg: ExperimentConfig) -> list[str]:
+    """A train step that retries must mirror its checkpoints somewhere every worker can read."""
+    if cfg.clearml.output_uri or cfg.clearml.step("train").retries == 0:
+        return []
+    return [
+        "clearml.output_uri is not set: a retried train step resumes on another worker only if the agents set "
+        "sdk.development.default_output_uri (docker/clearml-agent.conf does); otherwise it starts from iteration 0"
+    ]
+
+
 def preflight(cfg: ExperimentConfig, *, check_queues: bool = True) -> list[str]:
     """Every warning for launching ``cfg`` on a cluster; logged, and returned for the caller."""
-    problems = storage_warnings(cfg)
+    problems = storage_warnings(cfg) + resume_warnings(cfg)
     if check_queues:
         wanted = {role: getattr(cfg.clearml.queues, role) for role in type(cfg.clearml.queues).model_fields}
         try:

@@ -191,8 +191,15 @@ def _register_dataset(cfg: ExperimentConfig, manifest: dict[str, Any]) -> str | 
     if Task.is_offline():
         log.warning("data.register_dataset: ClearML is offline, and offline datasets cannot be created in a step")
         return None
+    # Finalized, not published: `d2ops schedule on-data` watches published versions, and a version the
+    # pipeline registers itself must not trigger a second run on the same data.
     return register_s3_dataset(
-        cfg.data.source, f"{cfg.clearml.project}/data", cfg.name, tags=[cfg.name], manifest=manifest, publish=True
+        cfg.data.source,
+        f"{cfg.clearml.project}/data",
+        cfg.name,
+        tags=[cfg.name, "d2ops-pipeline"],
+        manifest=manifest,
+        publish=False,
     )
 
 
@@ -243,6 +250,12 @@ def run_train(ctx: StepContext) -> StepOutput:
     )
     manifest = json.loads(ctx.input_path("dataset_manifest").read_text()) if ctx.inputs.get("dataset_manifest") else {}
     run = new_run_record(ctx.cfg, manifest.get("identity") or stats.identity, pipeline_run_id(plan.machine_rank))
+    checkpoint_uri = _checkpoint_uri(ctx.cfg, run.run_key)
+    if plan.num_machines > 1 and not checkpoint_uri:
+        raise ValueError(
+            "runtime.num_machines > 1 needs clearml.output_uri (or the agents' default_output_uri): every machine "
+            "must resume from the same checkpoint, and only the first one writes them"
+        )
     result = train(
         ctx.cfg,
         dataset,
@@ -250,7 +263,7 @@ def run_train(ctx: StepContext) -> StepOutput:
         weights=_initial_weights(ctx),
         reporter=ctx.reporter,
         resume=runtime.resume,
-        checkpoint_uri=_checkpoint_uri(ctx.cfg, run.run_key),
+        checkpoint_uri=checkpoint_uri,
         run=run,
         data_root=root,
         plan=plan,
@@ -267,10 +280,17 @@ def run_train(ctx: StepContext) -> StepOutput:
 
 
 def _checkpoint_uri(cfg: ExperimentConfig, run_key: str) -> str | None:
-    """``<output_uri>/<project>/<name>/checkpoints/<run key>``: one folder per run, never shared."""
-    if not cfg.clearml.output_uri:
+    """``<output_uri>/<project>/<name>/checkpoints/<run key>``: one folder per run, never shared.
+
+    ``output_uri`` is ``clearml.output_uri``, else the task's own (an agent's
+    ``sdk.development.default_output_uri``), so a retried step on another worker finds them.
+    """
+    from d2ops.clearml_adapter import task_output_uri
+
+    base = cfg.clearml.output_uri or task_output_uri()
+    if not base:
         return None
-    return f"{cfg.clearml.output_uri.rstrip('/')}/{cfg.clearml.project}/{cfg.name}/checkpoints/{run_key}"
+    return f"{base.rstrip('/')}/{cfg.clearml.project}/{cfg.name}/checkpoints/{run_key}"
 
 
 def _detector(ctx: StepContext) -> tuple[Any, Any, Path]:

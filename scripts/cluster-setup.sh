@@ -169,8 +169,9 @@ main() {
   local agent_key agent_secret
   agent_key=$(env_get CLEARML_AGENT_ACCESS_KEY)
   agent_secret=$(env_get CLEARML_AGENT_SECRET_KEY)
-  TOKEN=$(login "$agent_key" "$agent_secret") \
-    || die "the agents' credentials (CLEARML_AGENT_ACCESS_KEY in $ENV_FILE) do not log in: was the stack started with this env file? (docker compose --env-file $ENV_FILE up -d)"
+  local no_login="the agents' credentials (CLEARML_AGENT_ACCESS_KEY in $ENV_FILE) do not log in: was the stack started with this env file? (docker compose --env-file $ENV_FILE up -d)"
+  TOKEN=$(login "$agent_key" "$agent_secret") || die "$no_login"
+  [ -n "$TOKEN" ] || die "$no_login"
   ensure_laptop_credentials
   ensure_queues
   log "done: the agents listen on $QUEUES; use the CLEARML_API_* keys of $ENV_FILE on this machine"

@@ -136,3 +136,12 @@ def test_a_step_past_its_time_limit_fails_with_the_reason(tmp_path: Path) -> Non
     task = json.loads((session / "task.json").read_text())
     assert not (tmp_path / "run" / "train" / "model_final.pth").exists()
     assert task.get("name") == "train"
+
+
+def test_a_retrying_train_step_without_output_uri_is_warned_about() -> None:
+    from d2ops.cluster import resume_warnings
+
+    [warning] = resume_warnings(load_config("configs/demo.yaml"))
+    assert "clearml.output_uri is not set" in warning and "default_output_uri" in warning
+    assert resume_warnings(load_config("configs/demo.yaml", ["clearml.output_uri=s3://minio:9000/models"])) == []
+    assert resume_warnings(load_config("configs/demo.yaml", ["clearml.steps.train.retries=0"])) == []
