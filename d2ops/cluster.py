@@ -188,8 +188,8 @@ def storage_warnings(cfg: ExperimentConfig, credentials: Sequence[Mapping[str, A
         raw = str(entry.get("host") or "").strip()
         if not raw:
             continue
-        bare = re.sub(r"^https?://", "", raw).rstrip("/")
-        hosts[bare.lower()] = entry
+        bare = storage._normalise_host(raw)
+        hosts[bare] = entry
         if ":" not in bare:
             problems.append(
                 f"clearml.conf credentials host '{raw}' has no port: ClearML sends its requests to AWS. "

@@ -240,11 +240,16 @@ def dataset_identity_for(config: str, overrides: list[str]) -> str:
     return storage.remote_identity(cfg.data.source)
 
 
+def _failure_reason(node: Any) -> str:
+    """The status reason of a step's task (what :func:`d2ops.clearml_adapter.open_step` marked it failed with)."""
+    job = getattr(node, "job", None)
+    return str(getattr(job.task.data, "status_reason", "") or "") if job is not None else ""
+
+
 def retry_unless_timed_out(pipe: Any, node: Any, retries: int, *, max_retries: int) -> bool:
     """``retry_on_failure``: re-run a failed step (a pre-empted or lost worker) up to ``max_retries``
     times, but not one that ran past its time limit: a retry would only spend that time again."""
-    job = getattr(node, "job", None)
-    reason = str(getattr(job.task.data, "status_reason", "") or "") if job is not None else ""
+    reason = _failure_reason(node)
     if reason.startswith(StepTimeLimitExceeded.__name__):
         log.error("step %s ran past its time limit; not retried: %s", node.name, reason)
         return False
@@ -256,7 +261,7 @@ def report_step_failure(pipe: Any, node: Any, previous_status: str) -> None:
     job = getattr(node, "job", None)
     if job is None or not job.is_failed():
         return
-    reason = getattr(job.task.data, "status_reason", "") or "see the step's console log"
+    reason = _failure_reason(node) or "see the step's console log"
     log.error("pipeline step %s failed (task %s): %s", node.name, job.task_id(), reason)
 
 

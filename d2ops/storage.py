@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache, partial
 from hashlib import sha256
@@ -375,6 +376,22 @@ class _Progress:
         with self._lock:
             self._bar.update(n)
 
+    @contextmanager
+    def attempt(self) -> Iterator[Callable[[int], None]]:
+        """A byte callback for one transfer attempt; a failed attempt takes its bytes back off the bar."""
+        counted = 0
+
+        def on_bytes(n: int) -> None:
+            nonlocal counted
+            counted += n
+            self.update(n)
+
+        try:
+            yield on_bytes
+        except BaseException:
+            self.update(-counted)
+            raise
+
     def close(self) -> None:
         self._bar.close()
 
@@ -471,23 +488,16 @@ def _fetch_once(client: S3Client, bucket: str, remote: _Remote, target: Path, pr
     """Download one object to a temp file next to ``target``, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(target)
-    counted = 0
-
-    def on_bytes(n: int) -> None:
-        nonlocal counted
-        counted += n
-        progress.update(n)
-
     try:
-        with open(tmp, "xb") as fh:
-            response = client.get_object(Bucket=bucket, Key=remote.key)
-            expected = response["ContentLength"]
-            written = _copy_stream(response["Body"], fh, on_bytes)
-        if written != expected:
-            raise _TruncatedTransfer(f"got {written} of {expected} bytes")
-        os.replace(tmp, target)
+        with progress.attempt() as on_bytes:
+            with open(tmp, "xb") as fh:
+                response = client.get_object(Bucket=bucket, Key=remote.key)
+                expected = response["ContentLength"]
+                written = _copy_stream(response["Body"], fh, on_bytes)
+            if written != expected:
+                raise _TruncatedTransfer(f"got {written} of {expected} bytes")
+            os.replace(tmp, target)
     except BaseException:
-        progress.update(-counted)
         tmp.unlink(missing_ok=True)
         raise
     return ObjectInfo(remote.info.key, response.get("ETag", remote.info.etag).strip('"'), written)
@@ -707,18 +717,8 @@ def _put_once(client: S3Client, bucket: str, key: str, rel: str, path: Path, pro
             response = client.put_object(Bucket=bucket, Key=key, Body=fh)
         progress.update(size)
         return ObjectInfo(rel, response["ETag"].strip('"'), size)
-    counted = 0
-
-    def on_bytes(n: int) -> None:
-        nonlocal counted
-        counted += n
-        progress.update(n)
-
-    try:
+    with progress.attempt() as on_bytes:
         client.upload_file(str(path), bucket, key, Callback=on_bytes, Config=_MULTIPART)
-    except BaseException:
-        progress.update(-counted)
-        raise
     head = client.head_object(Bucket=bucket, Key=key)
     return ObjectInfo(rel, head["ETag"].strip('"'), size)
 
