@@ -229,7 +229,7 @@ def run_train(ctx: StepContext) -> StepOutput:
     import torch
 
     from d2ops.checkpoints import new_run_record
-    from d2ops.clearml_adapter import launch_multi_node, pipeline_run_id
+    from d2ops.clearml_adapter import launch_multi_node, on_agent, pipeline_run_id, task_output_uri
     from d2ops.datasets import register_splits
     from d2ops.distributed import check_gpus, launch_plan
     from d2ops.training import train
@@ -240,6 +240,12 @@ def run_train(ctx: StepContext) -> StepOutput:
     stats, root = sync_dataset(ctx.cfg, progress=False)
     _validated_dataset(ctx, root)
     dataset = register_splits(root, ctx.cfg.data)
+    if runtime.num_machines > 1 and on_agent() and not (ctx.cfg.clearml.output_uri or task_output_uri()):
+        # Checked before the other machines are enqueued, not after.
+        raise ValueError(
+            "runtime.num_machines > 1 needs clearml.output_uri (or the agents' default_output_uri): every machine "
+            "must resume from the same checkpoint, and only the first one writes them"
+        )
     multi_node = launch_multi_node(runtime.num_machines, runtime.num_gpus, runtime.dist_port)
     plan = launch_plan(
         runtime.num_gpus,
@@ -251,11 +257,6 @@ def run_train(ctx: StepContext) -> StepOutput:
     manifest = json.loads(ctx.input_path("dataset_manifest").read_text()) if ctx.inputs.get("dataset_manifest") else {}
     run = new_run_record(ctx.cfg, manifest.get("identity") or stats.identity, pipeline_run_id(plan.machine_rank))
     checkpoint_uri = _checkpoint_uri(ctx.cfg, run.run_key)
-    if plan.num_machines > 1 and not checkpoint_uri:
-        raise ValueError(
-            "runtime.num_machines > 1 needs clearml.output_uri (or the agents' default_output_uri): every machine "
-            "must resume from the same checkpoint, and only the first one writes them"
-        )
     result = train(
         ctx.cfg,
         dataset,
