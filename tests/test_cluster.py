@@ -145,3 +145,23 @@ def test_a_retrying_train_step_without_output_uri_is_warned_about() -> None:
     assert "clearml.output_uri is not set" in warning and "default_output_uri" in warning
     assert resume_warnings(load_config("configs/demo.yaml", ["clearml.output_uri=s3://minio:9000/models"])) == []
     assert resume_warnings(load_config("configs/demo.yaml", ["clearml.steps.train.retries=0"])) == []
+
+
+def test_download_says_when_the_data_changed_since_the_cache_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The controller keyed the cached step on the data it listed at launch; newer data is used and said."""
+    import logging
+
+    from d2ops.datasets import generate_shapes_dataset
+    from d2ops.steps import StepContext, run_download
+
+    data = generate_shapes_dataset(tmp_path / "data", counts={"train": 2, "valid": 1, "test": 1})
+    cfg = load_config("configs/smoke.yaml", [f"data.source={data}"])
+    identity = storage.remote_identity(str(data))
+    with caplog.at_level(logging.WARNING, logger="d2ops.steps"):
+        out = run_download(StepContext(cfg=cfg, workdir=tmp_path / "run", inputs={"dataset_identity": identity}))
+        assert not [r for r in caplog.records if "changed between launch and download" in r.message]
+        out = run_download(StepContext(cfg=cfg, workdir=tmp_path / "run", inputs={"dataset_identity": "0" * 64}))
+    assert [r for r in caplog.records if "changed between launch and download" in r.message]
+    assert out.values["identity"] == identity  # the data actually downloaded is what is recorded
