@@ -58,7 +58,7 @@ def _near_empty(step: str, marks: list[tuple[str, float, float]]) -> Callable:  
 
 
 def _pipeline_round(work: Path) -> list[float]:
-    from d2ops.pipeline import run_offline
+    from d2ops.clearml.step import run_offline
     from d2ops.steps import STEPS
 
     marks: list[tuple[str, float, float]] = []
@@ -71,8 +71,9 @@ def _pipeline_round(work: Path) -> list[float]:
 
 def _child(step: str, work: Path, inputs_json: str) -> None:
     """One near-empty step in its own process, as on an agent: prints its marks and artifacts."""
-    from d2ops.clearml_adapter import enable_offline
-    from d2ops.pipeline import run_step, step_parameters
+    from d2ops.clearml.session import enable_offline
+    from d2ops.clearml.step import run_step
+from d2ops.pipeline import step_parameters
 
     enable_offline(work / "clearml")
     marks: list[tuple[str, float, float]] = []
@@ -140,7 +141,7 @@ def main() -> None:
         _child(args.child, args.work, args.inputs)
         return
 
-    from d2ops.clearml_adapter import enable_offline
+    from d2ops.clearml.session import enable_offline
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -38,7 +38,7 @@ def _baseline(d2cfg) -> float:  # type: ignore[no-untyped-def]
 def _project(cfg, dataset, out: Path) -> float:  # type: ignore[no-untyped-def]
     from clearml import Task
 
-    from d2ops.clearml_adapter import ClearMLReporter
+    from d2ops.clearml.step import ClearMLReporter
     from d2ops.training import train
 
     task = Task.init(
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results.json")
     args = parser.parse_args()
 
-    from d2ops.clearml_adapter import enable_offline
+    from d2ops.clearml.session import enable_offline
     from d2ops.config import load_config
     from d2ops.datasets import generate_shapes_dataset, register_splits
     from d2ops.training import build_d2_config

@@ -48,7 +48,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def user_errors_types() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: reported as one clear message, not a traceback."""
-    from d2ops.pipeline import StepTimeLimitExceeded
+    from d2ops.pipeline import StepStopped, StepTimeLimitExceeded
     from d2ops.storage import StorageError
     from d2ops.training import TrainingDiverged
     from d2ops.validation import DataValidationError
@@ -59,6 +59,7 @@ def user_errors_types() -> tuple[type[BaseException], ...]:
         StorageError,
         TrainingDiverged,
         StepTimeLimitExceeded,
+        StepStopped,
         FileNotFoundError,
         ValueError,
         KeyError,
@@ -72,8 +73,9 @@ def fail(err: BaseException) -> int:
 
 def step_main(step: str, argv: Sequence[str] | None = None) -> int:
     """Run one pipeline step as a ClearML task (offline, here with a server, or on a queue)."""
-    from d2ops.clearml_adapter import on_agent
-    from d2ops.pipeline import run_step, step_parameters
+    from d2ops.clearml.session import on_agent
+    from d2ops.clearml.step import run_step
+    from d2ops.pipeline import step_parameters
 
     # On a clearml-agent the script runs without arguments; its parameters come from the task.
     agent = on_agent()
@@ -106,8 +108,14 @@ def step_main(step: str, argv: Sequence[str] | None = None) -> int:
 
 def pipeline_main(argv: Sequence[str] | None = None) -> int:
     """Run the whole pipeline: --offline (no server), --local (server, local steps) or on queues."""
-    from d2ops.pipeline import build_controller, run_offline, start_controller
+    from d2ops.clearml.cluster import preflight
+    from d2ops.clearml.controller import build_controller, controller_experiment, start_controller
+    from d2ops.clearml.session import on_agent
+    from d2ops.clearml.step import run_offline
 
+    # On the services agent the controller script starts with no arguments: the experiment is read
+    # back from the controller task (controller_experiment), never from the default --config.
+    agent = on_agent()
     parser = argparse.ArgumentParser(prog="pipelines/run_pipeline.py", description="d2ops training pipeline")
     _add_config_args(parser, "configs/demo.yaml")
     mode = parser.add_mutually_exclusive_group()
@@ -118,26 +126,29 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
     overrides = _overrides(args)
     user_errors = user_errors_types()
     try:
-        cfg = load_config(args.config, overrides)
+        launched = None if agent else load_config(args.config, overrides)
         if args.offline:
             run = run_offline(args.config, overrides)
             print(json.dumps(run.sessions, indent=2))
             return 0
-        from d2ops.cluster import preflight
-
-        preflight(cfg, check_queues=not args.local)
-        pipe = build_controller(args.config, overrides, cfg)
+        cfg = controller_experiment(launched)
+        if not agent:
+            preflight(cfg, check_queues=not args.local)
+        pipe = build_controller(cfg, "" if agent else args.config)
         # Before start: in remote mode this process hands the controller to the services queue.
         print(json.dumps({"pipeline_task_id": pipe.id, "project": cfg.clearml.project}), flush=True)
         start_controller(pipe, "local" if args.local else "remote", cfg.clearml.queues.controller)
     except user_errors as err:
         return fail(err)
+    except RuntimeError as err:  # the controller failed; its task is marked failed with the reason
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
 def schedule_main(argv: Sequence[str] | None = None) -> int:
-    """``d2ops schedule cron|on-data``: retrain by cloning a template pipeline run (see d2ops.scheduling)."""
-    from d2ops import scheduling
+    """``d2ops schedule cron|on-data``: retrain by cloning a template pipeline run (see d2ops.clearml.schedules)."""
+    from d2ops.clearml import schedules as scheduling
 
     parser = argparse.ArgumentParser(prog="d2ops schedule", description="scheduled or data-triggered retraining")
     kinds = parser.add_subparsers(dest="kind", required=True)
@@ -150,9 +161,9 @@ def schedule_main(argv: Sequence[str] | None = None) -> int:
     data.add_argument("--on-finalize", action="store_true", help="fire on finalized versions, not only published")
     for sub in (cron, data):
         sub.add_argument("--pipeline-id", default="", help="controller task id of a pipeline run to clone")
-        sub.add_argument("--config", help="set the clone's Pipeline/config (default: the template's)")
+        sub.add_argument("--config", help="the clone's whole experiment (default: the template's)")
         sub.add_argument(
-            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="clone's overrides"
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="change one key of the clone"
         )
         sub.add_argument("--queue", default="services", help="queue of the scheduler service")
         sub.add_argument("--pipeline-queue", help="queue the cloned pipeline controller goes to (default: --queue)")
@@ -184,7 +195,7 @@ def schedule_main(argv: Sequence[str] | None = None) -> int:
             )
         described = json.dumps(scheduling.describe_scheduler(scheduler), indent=2, default=str)
         if args.dry_run:
-            scheduler._task.close()  # its offline session; ClearML prints where it went
+            scheduling.close_scheduler(scheduler)  # its offline session; ClearML prints where it went
             print(described)
             return 0
         print(described)
@@ -205,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"usage: d2ops {commands} [options]")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    from d2ops.clearml import install
+
+    install()  # ClearML model references (clearml://, model ids) for serve, export and the steps
     if command == "demo":
         from d2ops.demo import demo_main
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from d2ops.clearml_adapter import enable_offline
+from d2ops.clearml.session import enable_offline
 from d2ops.config import load_config
 
 __all__ = ["demo_main", "run_demo", "summarize"]
@@ -50,7 +50,7 @@ def run_demo(out_dir: Path, config: str, overrides: Sequence[str] = ()) -> dict[
     """Generate data, serve it over local S3, run the offline pipeline; returns the summary."""
     from d2ops import storage
     from d2ops.datasets import generate_shapes_dataset
-    from d2ops.pipeline import run_offline
+    from d2ops.clearml.step import run_offline
     from d2ops.s3server import local_s3_endpoint
 
     tic = time.perf_counter()

@@ -17,10 +17,19 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from d2ops import storage
 
-__all__ = ["ModelNotFoundError", "ModelRef", "parse_model_ref", "resolve_model"]
+__all__ = [
+    "ModelNotFoundError",
+    "ModelRef",
+    "ModelRegistryClient",
+    "model_registry",
+    "parse_model_ref",
+    "resolve_model",
+    "use_model_registry",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,29 +109,39 @@ def _local(path: Path, ref: str, cache_dir: Path) -> Path:
     raise ModelNotFoundError(f"model {ref} does not exist")
 
 
-def _clearml_local_copy(ref: ModelRef) -> Path:
-    from clearml import InputModel, Model
+class ModelRegistryClient(Protocol):
+    """What resolving ``clearml://`` references and ClearML model ids needs from a model registry.
 
-    model: InputModel | Model
-    if ref.kind == "clearml_id":
-        model = InputModel(model_id=ref.value)
-    else:
-        found = Model.query_models(
-            project_name=ref.project,
-            model_name=ref.name,
-            tags=[ref.tag] if ref.tag else None,
-            only_published=True,
-            include_archived=False,
-            max_results=1,
+    The ClearML implementation lives in :mod:`d2ops.clearml.models` and is installed by
+    :func:`d2ops.clearml.install` (the CLI does this at start), so this layer never imports ClearML.
+    """
+
+    def local_copy(self, ref: ModelRef) -> Path:
+        """Download the registered bundle (zip or folder) of ``ref``; raise :class:`ModelNotFoundError`."""
+        ...
+
+    def newest_id(self, ref: ModelRef) -> str | None:
+        """The id of the newest published model matching a ``clearml_query`` ref, or None."""
+        ...
+
+
+_registry: ModelRegistryClient | None = None
+
+
+def use_model_registry(client: ModelRegistryClient | None) -> None:
+    """Install the client that resolves ClearML model references (``None`` removes it)."""
+    global _registry
+    _registry = client
+
+
+def model_registry() -> ModelRegistryClient:
+    """The installed model registry client; a clear error where there is none."""
+    if _registry is None:
+        raise ModelNotFoundError(
+            "ClearML model references need the ClearML integration: call d2ops.clearml.install() first "
+            "(the d2ops command does), or pass a bundle folder, zip or s3:// URI"
         )
-        if not found:
-            tag = f" tagged {ref.tag!r}" if ref.tag else ""
-            raise ModelNotFoundError(f"no published ClearML model {ref.name!r}{tag} in project {ref.project!r}")
-        model = found[0]
-    local = model.get_local_copy(extract_archive=True)
-    if not local:
-        raise ModelNotFoundError(f"ClearML model {ref.value} has no downloadable weights")
-    return Path(local)
+    return _registry
 
 
 def resolve_model(ref: str, cache_dir: Path | str = "outputs/cache/models") -> Path:
@@ -134,5 +153,5 @@ def resolve_model(ref: str, cache_dir: Path | str = "outputs/cache/models") -> P
     if parsed.kind == "s3":
         dest = cache_dir / ("s3-" + hashlib.sha256(ref.encode()).hexdigest()[:16])
         return _local(storage.resolve_local(ref, dest, progress=False), ref, cache_dir)
-    local = _clearml_local_copy(parsed)
+    local = model_registry().local_copy(parsed)
     return _local(local, ref, cache_dir) if local.suffix == ".zip" else _check_bundle(local, ref)

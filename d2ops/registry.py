@@ -7,7 +7,7 @@ config hash; and the gate decision).
 The champion/challenger gate (:func:`decide`) is a pure function of two scores. Where the
 current champion lives is behind the small :class:`ChampionStore` protocol, so the register
 step reads the same in every mode: :class:`LocalChampionStore` (a folder; offline and tests)
-here, ``ClearMLChampionStore`` (the ClearML model registry) in :mod:`d2ops.clearml_adapter`.
+here, ``ClearMLChampionStore`` (the ClearML model registry) in :mod:`d2ops.clearml.models`.
 This module is pure files.
 """
 

@@ -2,7 +2,7 @@
 
 Library functions take a :class:`Reporter` and call it; they never import ClearML. The base
 class is a no-op, so the library runs (and is tested) with no tracking at all; the ClearML
-implementation lives in :mod:`d2ops.clearml_adapter`. Call order inside a step is free.
+implementation lives in :mod:`d2ops.clearml.step`. Call order inside a step is free.
 """
 
 from __future__ import annotations

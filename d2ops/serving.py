@@ -323,17 +323,9 @@ class SourceWatcher:
         return storage.dataset_identity([r.info for r in remotes])
 
     def _clearml_fingerprint(self) -> str | None:
-        from clearml import Model
+        from d2ops.model_source import model_registry
 
-        found = Model.query_models(
-            project_name=self.parsed.project,
-            model_name=self.parsed.name,
-            tags=[self.parsed.tag] if self.parsed.tag else None,
-            only_published=True,
-            include_archived=False,
-            max_results=1,
-        )
-        return str(found[0].id) if found else None
+        return model_registry().newest_id(self.parsed)
 
 
 # ------------------------------------------------------------------------------------------- batching

@@ -22,6 +22,7 @@ import yaml
 
 from d2ops import storage
 from d2ops.config import ExperimentConfig, config_hash
+from d2ops.registry import ChampionStore, LocalChampionStore
 from d2ops.reporting import Reporter
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "STEP_INPUTS",
     "StepContext",
     "StepOutput",
+    "StepRuntime",
     "fetch",
 ]
 
@@ -52,7 +54,50 @@ STEP_INPUTS: dict[str, dict[str, tuple[str, str]]] = {
     },
 }
 
-ModelRegistrar = Callable[..., dict[str, Any]]
+class StepRuntime:
+    """What a step asks of the system it runs in; this base is plain library use (no ClearML).
+
+    :class:`d2ops.clearml.step.ClearMLStepRuntime` answers the same questions from the step's
+    ClearML task: its fileserver, datasets, pipeline run, output URI, model registry.
+    """
+
+    #: True where the step can register models (the register step then uses :meth:`champion_store`).
+    registers_models = False
+
+    def fetch_url(self, uri: str) -> Path:
+        """A local copy of a URL that is neither a path nor ``s3://`` (e.g. a ClearML fileserver artifact)."""
+        raise FileNotFoundError(f"cannot fetch {uri}: only local paths and s3:// URIs are readable outside ClearML")
+
+    def dataset_local_copy(self, dataset_id: str) -> Path:
+        raise ValueError(f"data.dataset_id {dataset_id}: ClearML datasets are read only inside a ClearML task")
+
+    def register_dataset(self, cfg: ExperimentConfig, manifest: dict[str, Any]) -> str | None:
+        log.warning("data.register_dataset: not inside a ClearML task; nothing registered")
+        return None
+
+    def on_agent(self) -> bool:
+        return False
+
+    def pipeline_run_id(self, machine_rank: int = 0) -> str | None:
+        return None
+
+    def output_uri(self) -> str | None:
+        """The output URI the system gives this step (an agent's ``default_output_uri``), if any."""
+        return None
+
+    def launch_multi_node(self, num_machines: int, num_gpus: int, port: int) -> dict[str, Any] | None:
+        return None
+
+    def champion_store(self, cfg: ExperimentConfig) -> ChampionStore:
+        gate = cfg.registry.champion
+        return LocalChampionStore(cfg.registry.local_dir, cfg.registry.model_name, gate.tag, gate.retired_tag)
+
+    def lineage(self) -> dict[str, str | None]:
+        return {"step_task": None, "pipeline_run": None}
+
+    def register_model(self, bundle_zip: Path, **kwargs: Any) -> dict[str, Any]:
+        """Register a bundle in a model registry; plain library use has none."""
+        return {}
 
 
 @dataclass
@@ -63,12 +108,12 @@ class StepContext:
     workdir: Path
     inputs: dict[str, str] = field(default_factory=dict)
     reporter: Reporter = field(default_factory=Reporter)
-    register_model: ModelRegistrar | None = None
+    runtime: StepRuntime = field(default_factory=StepRuntime)
 
     def input_path(self, name: str) -> Path:
         if not self.inputs.get(name):
             raise ValueError(f"step input {name!r} is missing; it is produced by an earlier pipeline step")
-        return fetch(self.inputs[name], self.workdir / "inputs" / name)
+        return fetch(self.inputs[name], self.workdir / "inputs" / name, self.runtime)
 
 
 @dataclass
@@ -77,9 +122,9 @@ class StepOutput:
     values: dict[str, Any] = field(default_factory=dict)
 
 
-def fetch(uri: str, dest: Path) -> Path:
+def fetch(uri: str, dest: Path, runtime: StepRuntime | None = None) -> Path:
     """A local path for ``uri``: local paths as-is, ``s3://`` via the cached downloader,
-    anything else (a ClearML fileserver URL) through ClearML's StorageManager."""
+    anything else (a ClearML fileserver URL) through the step's runtime."""
     if storage.is_s3_uri(uri):
         return storage.resolve_local(uri, dest, progress=False)
     if "://" not in uri or uri.startswith("file://"):
@@ -87,12 +132,7 @@ def fetch(uri: str, dest: Path) -> Path:
         if not path.exists():
             raise FileNotFoundError(f"input {uri} does not exist")
         return path
-    from clearml import StorageManager
-
-    local = StorageManager.get_local_copy(uri)
-    if not local:
-        raise FileNotFoundError(f"could not fetch {uri} (check the ClearML fileserver and credentials)")
-    return Path(local)
+    return (runtime or StepRuntime()).fetch_url(uri)
 
 
 def _dataset_cache(cfg: ExperimentConfig) -> Path:
@@ -101,7 +141,9 @@ def _dataset_cache(cfg: ExperimentConfig) -> Path:
     return Path(cfg.data.cache_dir) / name
 
 
-def sync_dataset(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[storage.TransferStats, Path]:
+def sync_dataset(
+    cfg: ExperimentConfig, runtime: StepRuntime | None = None, *, progress: bool = True
+) -> tuple[storage.TransferStats, Path]:
     """The dataset's local folder and what the transfer did.
 
     From the ClearML Dataset version ``data.dataset_id`` when set (its identity is that version),
@@ -110,16 +152,15 @@ def sync_dataset(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[stora
     dataset_id = cfg.data.dataset_id
     if not dataset_id:
         return storage.sync(cfg.data.source, _dataset_cache(cfg), progress=progress)
-    from d2ops.clearml_datasets import dataset_local_copy
-
-    stats, root = storage.sync(str(dataset_local_copy(dataset_id)), _dataset_cache(cfg), progress=progress)
+    local = (runtime or StepRuntime()).dataset_local_copy(dataset_id)
+    stats, root = storage.sync(str(local), _dataset_cache(cfg), progress=progress)
     stats.identity = f"clearml-dataset:{dataset_id}"
     return stats, root
 
 
 def dataset_dir(ctx: StepContext) -> Path:
     """The dataset's local folder (see :func:`sync_dataset`)."""
-    return sync_dataset(ctx.cfg)[1]
+    return sync_dataset(ctx.cfg, ctx.runtime)[1]
 
 
 def _validated_dataset(ctx: StepContext, root: Path | None = None) -> tuple[Path, dict[str, Any]]:
@@ -145,14 +186,14 @@ def run_download(ctx: StepContext) -> StepOutput:
     _localize_config_file(ctx)
     check_model_config(ctx.cfg)
     source = ctx.cfg.data.source
-    stats, root = sync_dataset(ctx.cfg)
+    stats, root = sync_dataset(ctx.cfg, ctx.runtime)
     manifest: dict[str, Any] = {"source": source, **stats.to_dict()}
     if ctx.cfg.data.dataset_id:
         manifest["clearml_dataset_id"] = ctx.cfg.data.dataset_id
     _check_cache_key(ctx, stats.identity)
     _, summaries = _validated_dataset(ctx, root)
     if ctx.cfg.data.register_dataset and not ctx.cfg.data.dataset_id:
-        manifest["clearml_dataset_id"] = _register_dataset(ctx.cfg, manifest)
+        manifest["clearml_dataset_id"] = _register_dataset(ctx, manifest)
     if ctx.cfg.model.weights and storage.is_s3_uri(ctx.cfg.model.weights):
         fetch(ctx.cfg.model.weights, ctx.workdir / "weights")
     manifest["splits"] = summaries
@@ -179,28 +220,12 @@ def _check_cache_key(ctx: StepContext, identity: str) -> None:
         )
 
 
-def _register_dataset(cfg: ExperimentConfig, manifest: dict[str, Any]) -> str | None:
+def _register_dataset(ctx: StepContext, manifest: dict[str, Any]) -> str | None:
     """Register the S3 data as a ClearML Dataset of links (no copy), for triggers and lineage."""
-    from clearml import Task
-
-    from d2ops.clearml_datasets import register_s3_dataset
-
-    if not storage.is_s3_uri(cfg.data.source):
-        log.warning("data.register_dataset: %s is not on S3; only S3 objects can be linked", cfg.data.source)
+    if not storage.is_s3_uri(ctx.cfg.data.source):
+        log.warning("data.register_dataset: %s is not on S3; only S3 objects can be linked", ctx.cfg.data.source)
         return None
-    if Task.is_offline():
-        log.warning("data.register_dataset: ClearML is offline, and offline datasets cannot be created in a step")
-        return None
-    # Finalized, not published: `d2ops schedule on-data` watches published versions, and a version the
-    # pipeline registers itself must not trigger a second run on the same data.
-    return register_s3_dataset(
-        cfg.data.source,
-        f"{cfg.clearml.project}/data",
-        cfg.name,
-        tags=[cfg.name, "d2ops-pipeline"],
-        manifest=manifest,
-        publish=False,
-    )
+    return ctx.runtime.register_dataset(ctx.cfg, manifest)
 
 
 def _localize_config_file(ctx: StepContext) -> None:
@@ -229,7 +254,6 @@ def run_train(ctx: StepContext) -> StepOutput:
     import torch
 
     from d2ops.checkpoints import new_run_record
-    from d2ops.clearml_adapter import launch_multi_node, on_agent, pipeline_run_id, task_output_uri
     from d2ops.datasets import register_splits
     from d2ops.distributed import check_gpus, launch_plan
     from d2ops.training import train
@@ -237,16 +261,17 @@ def run_train(ctx: StepContext) -> StepOutput:
     runtime = ctx.cfg.runtime
     check_gpus(runtime.num_gpus, device=runtime.device, visible_gpus=torch.cuda.device_count())
     _localize_config_file(ctx)
-    stats, root = sync_dataset(ctx.cfg, progress=False)
+    stats, root = sync_dataset(ctx.cfg, ctx.runtime, progress=False)
     _validated_dataset(ctx, root)
     dataset = register_splits(root, ctx.cfg.data)
-    if runtime.num_machines > 1 and on_agent() and not (ctx.cfg.clearml.output_uri or task_output_uri()):
+    shared_checkpoints = ctx.cfg.clearml.output_uri or ctx.runtime.output_uri()
+    if runtime.num_machines > 1 and ctx.runtime.on_agent() and not shared_checkpoints:
         # Checked before the other machines are enqueued, not after.
         raise ValueError(
             "runtime.num_machines > 1 needs clearml.output_uri (or the agents' default_output_uri): every machine "
             "must resume from the same checkpoint, and only the first one writes them"
         )
-    multi_node = launch_multi_node(runtime.num_machines, runtime.num_gpus, runtime.dist_port)
+    multi_node = ctx.runtime.launch_multi_node(runtime.num_machines, runtime.num_gpus, runtime.dist_port)
     plan = launch_plan(
         runtime.num_gpus,
         runtime.num_machines,
@@ -255,8 +280,8 @@ def run_train(ctx: StepContext) -> StepOutput:
         multi_node=multi_node,
     )
     manifest = json.loads(ctx.input_path("dataset_manifest").read_text()) if ctx.inputs.get("dataset_manifest") else {}
-    run = new_run_record(ctx.cfg, manifest.get("identity") or stats.identity, pipeline_run_id(plan.machine_rank))
-    checkpoint_uri = _checkpoint_uri(ctx.cfg, run.run_key)
+    run = new_run_record(ctx.cfg, manifest.get("identity") or stats.identity, ctx.runtime.pipeline_run_id(plan.machine_rank))
+    checkpoint_uri = _checkpoint_uri(ctx.cfg, run.run_key, ctx.runtime.output_uri())
     result = train(
         ctx.cfg,
         dataset,
@@ -280,15 +305,13 @@ def run_train(ctx: StepContext) -> StepOutput:
     )
 
 
-def _checkpoint_uri(cfg: ExperimentConfig, run_key: str) -> str | None:
+def _checkpoint_uri(cfg: ExperimentConfig, run_key: str, task_output_uri: str | None = None) -> str | None:
     """``<output_uri>/<project>/<name>/checkpoints/<run key>``: one folder per run, never shared.
 
     ``output_uri`` is ``clearml.output_uri``, else the task's own (an agent's
     ``sdk.development.default_output_uri``), so a retried step on another worker finds them.
     """
-    from d2ops.clearml_adapter import task_output_uri
-
-    base = cfg.clearml.output_uri or task_output_uri()
+    base = cfg.clearml.output_uri or task_output_uri
     if not base:
         return None
     return f"{base.rstrip('/')}/{cfg.clearml.project}/{cfg.name}/checkpoints/{run_key}"
@@ -352,10 +375,8 @@ def run_register(ctx: StepContext) -> StepOutput:
     can only differ by the models (the evaluate step may have run on another machine or device).
     Where the champion lives (ClearML registry or ``registry.local_dir``) is the store's business.
     """
-    from d2ops.clearml_adapter import open_champion_store, step_lineage
     from d2ops.datasets import register_splits
     from d2ops.registry import (
-        LocalChampionStore,
         build_bundle,
         check_gate,
         decide,
@@ -373,11 +394,7 @@ def run_register(ctx: StepContext) -> StepOutput:
     labels = json.loads(ctx.input_path("labels").read_text())
     metric = gate_cfg.metric if gate_cfg.enabled else reg.quality_gate.metric
     metric_value(metrics, metric, "registry.champion.metric")  # a misspelt metric fails before any evaluation
-    store = (
-        open_champion_store(ctx.cfg)
-        if ctx.register_model is not None
-        else LocalChampionStore(reg.local_dir, reg.model_name, gate_cfg.tag, gate_cfg.retired_tag)
-    )
+    store = ctx.runtime.champion_store(ctx.cfg)
     champion = store.current() if gate_cfg.enabled else None
     scored, champion_score, not_comparable = metrics, None, None
     if champion is not None:
@@ -408,7 +425,7 @@ def run_register(ctx: StepContext) -> StepOutput:
         "dataset_source": ctx.cfg.data.source,
         "dataset_identity": manifest.get("identity"),
         "dataset_clearml_id": manifest.get("clearml_dataset_id") or manifest.get("dataset_id"),
-        **step_lineage(),
+        **ctx.runtime.lineage(),
         "config_hash": config_hash(ctx.cfg),
         "experiment": ctx.cfg.name,
     }
@@ -424,8 +441,8 @@ def run_register(ctx: StepContext) -> StepOutput:
     headline = gate_headline(decision, gate_cfg.tag)
     promoting = decision.promote and gate_cfg.enabled
     registration: dict[str, Any] = {}
-    if ctx.register_model is not None:
-        registration = ctx.register_model(
+    if ctx.runtime.registers_models:
+        registration = ctx.runtime.register_model(
             archive,
             name=reg.model_name,
             tags=[*reg.tags, *([gate_cfg.tag] if promoting and store.tag_on_register else [])],

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from d2ops import storage
-from d2ops.cluster import queue_warnings, step_docker_args, storage_warnings
+from d2ops.clearml.cluster import queue_warnings, step_docker_args, storage_warnings
 from d2ops.config import load_config
 from d2ops.pipeline import StepTimeLimitExceeded, step_time_limit
 
@@ -139,7 +139,7 @@ def test_a_step_past_its_time_limit_fails_with_the_reason(tmp_path: Path) -> Non
 
 
 def test_a_retrying_train_step_without_output_uri_is_warned_about() -> None:
-    from d2ops.cluster import resume_warnings
+    from d2ops.clearml.cluster import resume_warnings
 
     [warning] = resume_warnings(load_config("configs/demo.yaml"))
     assert "clearml.output_uri is not set" in warning and "default_output_uri" in warning

@@ -58,7 +58,7 @@ def test_clearml_launch_multi_node_dict_feeds_the_plan(tmp_path: Path) -> None:
     """The dict a real (offline) ClearML task returns from launch_multi_node, on the first machine."""
     from clearml import Task
 
-    from d2ops.clearml_adapter import enable_offline
+    from d2ops.clearml.session import enable_offline
 
     enable_offline(tmp_path / "clearml")
     task = Task.init(project_name="d2ops-tests", task_name="multi-node", reuse_last_task_id=False)

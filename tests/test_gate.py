@@ -177,7 +177,9 @@ def test_local_store_names_a_broken_pointer(tmp_path: Path) -> None:
 
 
 def test_offline_sessions_and_plain_library_use_the_local_store(tmp_path: Path) -> None:
-    from d2ops.clearml_adapter import enable_offline, open_champion_store, open_step, step_lineage
+    from d2ops.clearml.models import open_champion_store
+from d2ops.clearml.session import enable_offline, step_lineage
+from d2ops.clearml.step import open_step
 
     cfg = load_config(SMOKE, [f"registry.local_dir={tmp_path}"])
     store = open_champion_store(cfg)
@@ -202,7 +204,7 @@ def test_clearml_store_calls_the_sdk_with_its_real_signature(monkeypatch: pytest
 
     from clearml import Model
 
-    from d2ops.clearml_adapter import ClearMLChampionStore
+    from d2ops.clearml.models import ClearMLChampionStore
 
     real = inspect.signature(Model.query_models)
     calls: list[dict[str, Any]] = []
@@ -230,7 +232,7 @@ def test_clearml_store_refuses_a_stale_decision(monkeypatch: pytest.MonkeyPatch)
 
     from clearml import Model
 
-    from d2ops.clearml_adapter import ClearMLChampionStore
+    from d2ops.clearml.models import ClearMLChampionStore
     from d2ops.registry import ChampionConflictError
 
     real = inspect.signature(Model.query_models)
@@ -265,7 +267,7 @@ def _train(cfg_overrides: list[str], workdir: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A dataset, its download manifest, and two real detectors: good (80 iterations) and bad (10)."""
-    from d2ops.clearml_adapter import enable_offline
+    from d2ops.clearml.session import enable_offline
     from d2ops.datasets import generate_shapes_dataset
     from d2ops.steps import StepContext, run_download
 
@@ -296,7 +298,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 
 def _register(models: dict[str, Any], which: str, registry: Path, *extra: str) -> Any:
     """Run the real register step, offline, as the pipeline does; returns its StepResult."""
-    from d2ops.pipeline import run_step, step_parameters
+    from d2ops.clearml.step import run_step
+from d2ops.pipeline import step_parameters
 
     workdir = registry.parent / f"run-{which}-{len(list(registry.parent.glob('run-*')))}"
     overrides = [*models["base"], f"runtime.output_dir={workdir}", f"registry.local_dir={registry}", *extra]

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from d2ops.clearml_adapter import enable_offline
+from d2ops.clearml.session import enable_offline
 from d2ops.config import load_config
 from d2ops.pipeline import (
     MONITOR_METRICS,
@@ -238,7 +238,7 @@ def test_step_task_records_the_image_packages_and_entry_point(dag: dict[str, Any
     """The template task each step launches from, as ClearML would create it (dry run)."""
     from clearml.backend_interface.task.populate import CreateAndPopulate
 
-    from d2ops.cluster import DETECTRON2_REQUIREMENT, IMAGE_TORCH, IMAGE_TORCHVISION, step_task_spec
+    from d2ops.clearml.cluster import DETECTRON2_REQUIREMENT, IMAGE_TORCH, IMAGE_TORCHVISION, step_task_spec
 
     spec = step_task_spec("evaluate", dag["cfg"])
     task = CreateAndPopulate(**spec, raise_on_missing_entries=True).create_task(dry_run=True)
@@ -256,7 +256,7 @@ def test_step_task_records_the_image_packages_and_entry_point(dag: dict[str, Any
 
 def test_image_pins_match_the_dockerfile() -> None:
     """The packages tasks record are the ones docker/Dockerfile really installs."""
-    from d2ops.cluster import DETECTRON2_COMMIT, IMAGE_TORCH, IMAGE_TORCHVISION
+    from d2ops.clearml.cluster import DETECTRON2_COMMIT, IMAGE_TORCH, IMAGE_TORCHVISION
 
     dockerfile = (Path(__file__).resolve().parent.parent / "docker" / "Dockerfile").read_text()
     assert f"ARG DETECTRON2_COMMIT={DETECTRON2_COMMIT}" in dockerfile

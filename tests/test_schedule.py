@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from d2ops import scheduling
-from d2ops.clearml_adapter import enable_offline
+from d2ops.clearml import schedules as scheduling
+from d2ops.clearml.session import enable_offline
 from d2ops.cli import main
-from d2ops.scheduling import (
+from d2ops.clearml.schedules import (
     DATASET_ID_PARAM,
     DATASET_ID_PLACEHOLDER,
     ScheduleError,

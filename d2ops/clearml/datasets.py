@@ -23,8 +23,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from clearml import Dataset, Task
+
 from d2ops import storage
-from d2ops.clearml_adapter import scrub_recorded_diff
+from d2ops.clearml.secrets import scrub_recorded_diff
 
 __all__ = ["DatasetError", "dataset_local_copy", "register_s3_dataset"]
 
@@ -51,8 +53,6 @@ def register_s3_dataset(
     as the version's metadata. ``publish`` publishes the version, which is what
     ``d2ops schedule on-data`` waits for. Returns the dataset id (``offline-...`` offline).
     """
-    from clearml import Dataset, Task
-
     if not storage.is_s3_uri(source_uri):
         raise DatasetError(
             f"{source_uri!r} is not an s3:// URI: only S3 objects can be linked without uploading them; "
@@ -92,8 +92,6 @@ def register_s3_dataset(
 
 def _close_offline_session() -> None:
     """Offline the dataset is this process's main task: closing it writes the session zip."""
-    from clearml import Task
-
     session: Any = Task.current_task()
     if session is not None:
         session.close()
@@ -101,8 +99,6 @@ def _close_offline_session() -> None:
 
 def _discard(dataset: Any, offline: bool) -> None:
     """Drop a version that failed its checks, so no half-made draft is left behind."""
-    from clearml import Dataset
-
     if offline:
         _close_offline_session()
     else:
@@ -133,8 +129,6 @@ def dataset_local_copy(dataset_id: str, target: Path | None = None) -> Path:
 
     Needs a ClearML server (the version's file list lives there).
     """
-    from clearml import Dataset
-
     if Dataset.is_offline():
         raise DatasetError(
             f"cannot fetch ClearML dataset {dataset_id!r} offline (ClearML keeps dataset contents on the server): "

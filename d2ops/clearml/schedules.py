@@ -3,21 +3,21 @@
 Both run as ClearML services on the ``services`` queue and clone a *template pipeline*: a
 pipeline controller task that has run once (``python pipelines/run_pipeline.py --config C``, or
 any run in the UI's Pipelines page: its id is the template). Each firing clones it, sets its
-``Pipeline/`` parameters and enqueues the clone.
+``Args/`` hyperparameters (the experiment the clone's controller is rebuilt from) and enqueues it.
 
 - ``cron``: :class:`clearml.automation.TaskScheduler`. A 5-field cron expression (UTC) is turned
   into ``add_task``'s minute/hour/day/weekdays/month fields; the forms ClearML cannot express
   exactly are refused (:func:`cron_to_schedule`), never approximated.
 - ``on-data``: :class:`clearml.automation.TriggerScheduler`'s dataset trigger. ClearML replaces a
   task parameter whose value is exactly ``${dataset.id}`` with the triggering dataset's id, so the
-  clone gets ``Pipeline/dataset_id`` = the new version.
+  clone gets ``Args/data/dataset_id`` = the new version.
 
 Both are single-instance: ClearML skips a firing while the previous clone is still queued or
 running (a skipped cron slot waits for the next one; a skipped dataset version is not retried).
 
 The schedulers are built without starting them (buildable offline and inspectable), then
 :func:`start_scheduler` hands them to the services queue. On the agent, ClearML restores the
-jobs from the scheduler task itself, so the task's entry point is ``python -m d2ops.scheduling``.
+jobs from the scheduler task itself, so the task's entry point is ``python -m d2ops.clearml.schedules``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from d2ops.clearml_adapter import scrub_recorded_diff
-from d2ops.pipeline import join_overrides
+from clearml import Task
+from clearml.automation import TaskScheduler, TriggerScheduler
+
+from d2ops.clearml.controller import ARGS_PREFIX
+from d2ops.clearml.hyperparams import flat_experiment, format_value, parameter_name
+from d2ops.clearml.secrets import scrub_recorded_diff
+from d2ops.config import load_config
 
 __all__ = [
     "DATASET_ID_PARAM",
@@ -39,6 +44,7 @@ __all__ = [
     "ScheduleError",
     "build_cron_scheduler",
     "build_dataset_trigger",
+    "close_scheduler",
     "cron_to_schedule",
     "describe_scheduler",
     "pipeline_task_parameters",
@@ -48,14 +54,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The controller parameter that carries a ClearML Dataset id (empty: use ``dataset_uri``).
-DATASET_ID_PARAM = "Pipeline/dataset_id"
+#: The controller parameter that carries a ClearML Dataset id (empty: use ``data/source``).
+DATASET_ID_PARAM = f"{ARGS_PREFIX}data/dataset_id"
 #: ClearML's ``DatasetTrigger._task_param``: a task parameter with exactly this value gets the dataset id.
 DATASET_ID_PLACEHOLDER = "${dataset.id}"
 #: Where the scheduler service tasks live unless told otherwise.
 DEFAULT_SCHEDULER_PROJECT = "d2ops/schedules"
 #: The scheduler task's entry point on the agent (see :func:`resume`).
-REMOTE_ENTRY_POINT = "-m d2ops.scheduling"
+REMOTE_ENTRY_POINT = "-m d2ops.clearml.schedules"
 
 _WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 _CRON_DAY_NAMES = {"sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6}
@@ -204,15 +210,25 @@ def _weekdays_from(weekdays: list[str], hour: int, minute: int, now: datetime | 
 def pipeline_task_parameters(
     config: str | None = None, overrides: Sequence[str] = (), dataset_id: str | None = None
 ) -> dict[str, str]:
-    """The ``Pipeline/`` parameters a cloned controller gets; a parameter left out keeps the template's value.
+    """The ``Args/`` hyperparameters a cloned controller gets; a parameter left out keeps the template's value.
 
-    ``dataset_id`` is a ClearML Dataset id, or :data:`DATASET_ID_PLACEHOLDER` for a dataset trigger.
+    A pipeline's experiment is its controller's ``Args/<section>/<name>`` hyperparameters (what the
+    agent rebuilds the pipeline from, :func:`d2ops.clearml.controller.controller_experiment`). With
+    ``config``, every one of them is set from ``config`` + ``overrides`` (validated here, now). With
+    ``overrides`` alone, only those keys are set, on top of the template's values (the clone
+    validates the result when it starts). ``dataset_id`` is a ClearML Dataset id, or
+    :data:`DATASET_ID_PLACEHOLDER` for a dataset trigger.
     """
     params: dict[str, str] = {}
     if config:
-        params["Pipeline/config"] = config
-    if overrides:
-        params["Pipeline/overrides"] = join_overrides(list(overrides))
+        flat = flat_experiment(load_config(config, list(overrides)))
+        params.update({f"{ARGS_PREFIX}{name}": format_value(value) for name, value in flat.items()})
+    else:
+        for item in overrides:
+            key, sep, text = item.partition("=")
+            if not sep or not key.strip():
+                raise ScheduleError(f"--set {item!r}: expected KEY=VALUE, e.g. --set solver.max_iter=500")
+            params[f"{ARGS_PREFIX}{parameter_name(key)}"] = text
     if dataset_id:
         params[DATASET_ID_PARAM] = dataset_id
     return params
@@ -242,12 +258,10 @@ def build_cron_scheduler(
     docker_image: str | None = None,
 ) -> Any:
     """A :class:`TaskScheduler` (not started) that clones ``pipeline_id`` onto ``queue`` on ``schedule``."""
-    from clearml.automation import TaskScheduler
-
     _check_pipeline_id(pipeline_id)
     name = name or f"retrain {pipeline_id[:8]} '{schedule.expr}'"
     scheduler: Any = TaskScheduler(force_create_task_name=name, force_create_task_project=scheduler_project)
-    scrub_recorded_diff(scheduler._task)
+    scrub_recorded_diff(scheduler_task(scheduler))
     scheduler.add_task(
         schedule_task_id=pipeline_id,
         queue=queue,
@@ -277,24 +291,23 @@ def build_dataset_trigger(
 ) -> Any:
     """A :class:`TriggerScheduler` (not started): a new dataset version in ``dataset_project`` clones the pipeline.
 
-    The clone gets ``Pipeline/dataset_id`` = the new version's id (plus ``task_parameters``).
+    The clone gets ``Args/data/dataset_id`` = the new version's id (plus ``task_parameters``).
     ``on_publish`` watches published versions, else finalized (completed) ones. ClearML resolves
     ``dataset_project`` to the ``<project>/.datasets/<name>`` projects that exist *now* (one trigger
     each), so a project without a dataset yet is an error.
     """
-    from clearml.automation import TriggerScheduler
-
     _check_pipeline_id(pipeline_id)
     name = name or f"retrain {pipeline_id[:8]} on {dataset_project}" + (f"/{dataset_name}" if dataset_name else "")
     scheduler: Any = TriggerScheduler(force_create_task_name=name, force_create_task_project=scheduler_project)
-    scrub_recorded_diff(scheduler._task)
+    scrub_recorded_diff(scheduler_task(scheduler))
     scheduler.add_dataset_trigger(
         schedule_task_id=pipeline_id,
         schedule_queue=queue,
         trigger_project=dataset_project,
         trigger_name=f"^{re.escape(dataset_name)}$" if dataset_name else None,
         trigger_on_publish=on_publish,
-        trigger_on_tags=list(tags) or None,
+        # clearml-server ORs a tags filter unless it starts with "__$all" (TriggerScheduler passes it as is).
+        trigger_on_tags=["__$all", *tags] if tags else None,
         name=name,
         target_project=target_project,
         single_instance=True,
@@ -302,11 +315,11 @@ def build_dataset_trigger(
     )
     triggers = scheduler.get_triggers()
     if not triggers:
-        scheduler._task.close()
+        close_scheduler(scheduler)
         raise ScheduleError(
             f"no ClearML dataset found in project {dataset_project!r} (ClearML watches the "
             f"'{dataset_project}/.datasets/<name>' projects that exist when the trigger is created): register a "
-            f"first version (d2ops.clearml_datasets.register_s3_dataset or `clearml-data create --project "
+            f"first version (d2ops.clearml.datasets.register_s3_dataset or `clearml-data create --project "
             f"{dataset_project} --name <name>`), then schedule again. Offline there is no server to ask."
         )
     if len(triggers) > 1:  # ClearML restores triggers by name on the agent: keep them apart
@@ -314,6 +327,17 @@ def build_dataset_trigger(
             trigger.name = f"{name} [{trigger.project}]"
     scheduler.d2ops_docker_image = docker_image
     return scheduler
+
+
+def scheduler_task(scheduler: Any) -> Any:
+    """The scheduler's own ClearML task."""
+    # clearml 2.1.12: BaseScheduler keeps its task in a private attribute; there is no public accessor.
+    return scheduler._task
+
+
+def close_scheduler(scheduler: Any) -> None:
+    """Close a scheduler that will not be started (``--dry-run``): its task record is kept, closed."""
+    scheduler_task(scheduler).close()
 
 
 def _check_pipeline_id(pipeline_id: str) -> None:
@@ -326,7 +350,7 @@ def _check_pipeline_id(pipeline_id: str) -> None:
 
 
 def _prepare_service_task(task: Any, docker_image: str | None) -> None:
-    """Make the scheduler task restartable on an agent: ``python -m d2ops.scheduling`` (:func:`resume`).
+    """Make the scheduler task restartable on an agent: ``python -m d2ops.clearml.schedules`` (:func:`resume`).
 
     ClearML detects the script that called ``Task.init``, here its own scheduler module, and the
     CLI arguments cannot be replayed (a cron expression does not survive its entry-point string).
@@ -349,7 +373,7 @@ _TRIGGER_FIELDS = (*_JOB_FIELDS, "project", "match_name", "tags", "on_publish")
 
 def describe_scheduler(scheduler: Any) -> dict[str, Any]:
     """What a built scheduler will do, read back from its ClearML job objects (for ``--dry-run``)."""
-    task = scheduler._task
+    task = scheduler_task(scheduler)
     fields: tuple[str, ...]
     if hasattr(scheduler, "get_scheduled_tasks"):
         kind, jobs, fields = "cron", scheduler.get_scheduled_tasks(), _CRON_JOB_FIELDS
@@ -367,20 +391,17 @@ def start_scheduler(scheduler: Any, queue: str = "services") -> None:
 
     Needs a ClearML server: offline there is no queue to send it to.
     """
-    from clearml import Task
-
     if Task.is_offline():
         raise ScheduleError(
             "ClearML is in offline mode: a schedule needs a server and an agent on the services queue. "
             "Use --dry-run to see what would be scheduled, or configure clearml.conf and try again"
         )
-    _prepare_service_task(scheduler._task, getattr(scheduler, "d2ops_docker_image", None))
+    _prepare_service_task(scheduler_task(scheduler), getattr(scheduler, "d2ops_docker_image", None))
     scheduler.start_remotely(queue=queue)
 
 
 def resume() -> None:
     """The scheduler task's body on the agent: rebuild the scheduler from the task and run it forever."""
-    from clearml import Task
     from clearml.automation import TaskScheduler, TriggerScheduler
 
     task: Any = Task.init()

@@ -25,8 +25,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from clearml.backend_api.session.client import APIClient
+
 from d2ops import storage
-from d2ops.clearml_adapter import TASK_TYPES
+from d2ops.clearml.session import TASK_TYPES
 from d2ops.config import ExperimentConfig
 
 __all__ = [
@@ -47,7 +49,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: detectron2 is not on PyPI: the image builds it from this commit (docker/Dockerfile, ARG DETECTRON2_COMMIT).
 DETECTRON2_COMMIT = "e0ec4e189d438848521aee7926f9900e114229f5"
@@ -151,8 +153,6 @@ def queue_warnings(
 
 def fetch_queue_state() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The server's queues and workers as plain dicts (needs a ClearML server)."""
-    from clearml.backend_api.session.client import APIClient
-
     client = APIClient()
     queues = [{"id": q.id, "name": q.name} for q in client.queues.get_all()]
     workers = []

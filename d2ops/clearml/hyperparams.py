@@ -1,0 +1,153 @@
+"""The validated experiment as flat, typed ClearML hyperparameters: one section per config section.
+
+ClearML compares runs side by side, plots them in parallel coordinates and lets a clone be
+edited field by field only for hyperparameters, not for a YAML configuration object. So every
+leaf of the :class:`~d2ops.config.ExperimentConfig` becomes one hyperparameter:
+
+=====================================  ===========================================
+config key                             hyperparameter (section/name)
+=====================================  ===========================================
+``solver.base_lr``                     ``solver/base_lr``
+``data.splits.train``                  ``data/splits/train``
+``model.overrides.MODEL.RPN.NMS_THRESH``  ``model/overrides/MODEL.RPN.NMS_THRESH``
+``clearml.steps.train.retries``        ``clearml/steps/train/retries``
+``name``                               ``experiment/name``
+=====================================  ===========================================
+
+A pipeline controller keeps the same names under ``Args/`` (``Args/solver/base_lr``).
+
+**One source of truth.** A task's experiment *is* its flat hyperparameters. The YAML file and
+``--set`` overrides are read only where a run is launched (the laptop, ``d2ops schedule``); they
+are validated and written out as these values, and everything after reads the values back
+(:func:`experiment_from_parameters`), validates them again with the same schema, and runs on
+exactly that. A clone edited in the UI therefore runs what the edited values say. The
+``experiment`` configuration object attached to each task is written *from* the values, for
+reading; editing it changes nothing. Credentials cannot appear: the schema rejects them.
+
+Values are written as YAML scalars or flow collections (``0.005``, ``[128]``, ``'123'`` for a
+string that looks like a number), and an empty value means null, so every value round-trips
+exactly and an edit is typed the way ``--set`` is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import yaml
+
+from d2ops.config import ConfigError, ExperimentConfig, parse_config
+
+__all__ = [
+    "EXPERIMENT_SECTIONS",
+    "experiment_from_parameters",
+    "flat_experiment",
+    "format_value",
+    "parameter_name",
+    "parameter_types",
+    "to_override",
+]
+
+#: ClearML sections that hold the experiment (top-level keys of the config; ``experiment`` holds ``name``).
+EXPERIMENT_SECTIONS = ("experiment", "data", "model", "solver", "eval", "inference", "registry", "clearml", "runtime")
+_TOP_LEVEL = "experiment"
+#: Dict-valued keys whose entries are user keys (kept whole as one name part), not schema fields.
+_OPAQUE_DICTS = {("model", "overrides")}
+
+
+def format_value(value: Any) -> str:
+    """One value as the text ClearML stores: a YAML scalar or flow collection; null is empty."""
+    if value is None:
+        return ""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000, allow_unicode=True)
+    return text.removesuffix("\n...\n").strip()
+
+
+def _leaves(value: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], Any]]:
+    if isinstance(value, dict) and value and path[:2] not in _OPAQUE_DICTS:
+        for key, child in value.items():
+            yield from _leaves(child, (*path, str(key)))
+    elif isinstance(value, dict) and path[:2] in _OPAQUE_DICTS and len(path) == 2:
+        for key, child in value.items():
+            yield (*path, str(key)), child
+    else:
+        yield path, value
+
+
+def flat_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``{"solver/base_lr": 0.005, ...}``: every leaf of the validated config, typed."""
+    flat: dict[str, Any] = {}
+    for key, value in cfg.model_dump(mode="json").items():
+        if isinstance(value, dict):
+            for path, leaf in _leaves(value, (key,)):
+                flat["/".join(path)] = leaf
+        else:
+            flat[f"{_TOP_LEVEL}/{key}"] = value
+    return flat
+
+
+def parameter_types(flat: Mapping[str, Any]) -> dict[str, str]:
+    """The type ClearML shows beside each value (``float``, ``int``, ``str``, ``list``...)."""
+    return {name: type(value).__name__ if value is not None else "str" for name, value in flat.items()}
+
+
+def parameter_name(key: str) -> str:
+    """A config key (``solver.base_lr``, ``model.overrides.MODEL.RPN.NMS_THRESH``, ``name``) as its
+    hyperparameter name (``solver/base_lr``, ``model/overrides/MODEL.RPN.NMS_THRESH``, ``experiment/name``)."""
+    parts = key.strip().split(".")
+    if len(parts) == 1:
+        return f"{_TOP_LEVEL}/{parts[0]}"
+    if tuple(parts[:2]) in _OPAQUE_DICTS and len(parts) > 2:
+        return "/".join([*parts[:2], ".".join(parts[2:])])
+    return "/".join(parts)
+
+
+def to_override(name: str, text: str) -> str:
+    """A ``section/name`` hyperparameter as the ``key=value`` override it stands for."""
+    section, _, rest = name.partition("/")
+    parts = rest.split("/")
+    key = ".".join(parts) if section == _TOP_LEVEL else ".".join([section, *parts])
+    return f"{key}={text}"
+
+
+def _set(tree: dict[str, Any], name: str, value: Any) -> None:
+    section, _, rest = name.partition("/")
+    parts = rest.split("/")
+    if section == _TOP_LEVEL:
+        tree[rest] = value
+        return
+    node = tree.setdefault(section, {})
+    opaque = (section, parts[0]) in _OPAQUE_DICTS
+    if opaque:
+        node.setdefault(parts[0], {})["/".join(parts[1:])] = value
+        return
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def experiment_from_parameters(params: Mapping[str, Any], *, prefix: str = "", source: str = "task") -> ExperimentConfig:
+    """The experiment recorded in a task's hyperparameters (``prefix`` ``"Args/"`` for a pipeline controller).
+
+    ``params`` is ``Task.get_parameters()``: ``section/name`` -> text. Only the experiment
+    sections are read; the result is validated by the schema, so a bad edit in the UI fails
+    here, naming the key. Raises :class:`~d2ops.config.ConfigError` when the task records no experiment.
+    """
+    tree: dict[str, Any] = {}
+    found = 0
+    for full, text in params.items():
+        name = full[len(prefix) :] if prefix and full.startswith(prefix) else None if prefix else full
+        if not name or name.split("/", 1)[0] not in EXPERIMENT_SECTIONS or "/" not in name:
+            continue
+        try:
+            value = yaml.safe_load(str(text)) if str(text).strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"hyperparameter {full}: not a valid value ({err.problem})") from None
+        _set(tree, name, value)
+        found += 1
+    if not found:
+        raise ConfigError(
+            f"{source} records no d2ops experiment hyperparameters ({prefix or ''}solver/..., data/..., ...): "
+            "launch it with d2ops (pipelines/run_pipeline.py, tasks/<step>.py) so they are recorded"
+        )
+    return parse_config(tree, f"{source} hyperparameters")

@@ -1,0 +1,124 @@
+"""The ClearML session of this process: offline mode, agent detection, and the task it runs in.
+
+Every other module of :mod:`d2ops.clearml` asks here whether it runs on an agent, offline or
+against a server, and which task (and pipeline run) it belongs to.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from clearml import Task
+from clearml.config import get_remote_task_id, running_remotely
+
+__all__ = [
+    "TASK_TYPES",
+    "current_task",
+    "enable_offline",
+    "launch_multi_node",
+    "live_task",
+    "on_agent",
+    "pipeline_run_id",
+    "remote_task_parameters",
+    "step_lineage",
+    "task_output_uri",
+]
+
+#: The ClearML task type of each step (how the UI files and filters them).
+TASK_TYPES = {
+    "download": "data_processing",
+    "train": "training",
+    "evaluate": "testing",
+    "infer": "inference",
+    "register": "custom",
+}
+
+
+def on_agent() -> bool:
+    """True when this process was started by a clearml-agent (or a pipeline) for an existing task."""
+    return bool(running_remotely())
+
+
+def enable_offline(cache_dir: Path | None = None) -> None:
+    """Switch ClearML to offline mode (optionally moving its cache, where sessions are stored).
+
+    Also turns off ClearML's reporter subprocess (the ``sdk.development.report_use_subprocess``
+    setting): in offline mode its shutdown handshake makes every ``Task.close`` wait 10 s, and
+    a second session in the same process wait minutes. Reports are then written by a thread.
+    """
+    if cache_dir is not None:
+        os.environ["CLEARML_CACHE_DIR"] = str(Path(cache_dir).resolve())
+    Task.set_offline(True)
+    # clearml 2.1.12: the class attribute behind report_use_subprocess, read when a task starts reporting.
+    Task._report_subprocess_enabled = False  # type: ignore[assignment]
+
+
+def remote_task_parameters() -> dict[str, str]:
+    """On an agent: the parameters of the task this process was started for, read before any
+    ``Task.init`` (so a script can rebuild itself from what the launcher or the UI recorded)."""
+    task_id = get_remote_task_id()
+    if not task_id:
+        return {}
+    return {str(k): str(v) for k, v in Task.get_task(task_id=task_id).get_parameters().items()}
+
+
+def current_task() -> Any:
+    """The ClearML task this process runs in (offline or not), or ``None``."""
+    return Task.current_task()
+
+
+def live_task() -> Any:
+    """The ClearML task this process runs in, when one is open and connected to a server (else ``None``)."""
+    task: Any = Task.current_task()
+    if task is None or Task.is_offline():
+        return None
+    return task
+
+
+def pipeline_run_id(machine_rank: int = 0) -> str | None:
+    """The ClearML pipeline run (controller task) of this step: its task's parent; None offline or outside one.
+
+    The extra machines of a multi-machine run are clones whose parent is the first machine's
+    task; their pipeline run is that task's parent.
+    """
+    task = live_task()
+    if task is None:
+        return None
+    parent = task.parent
+    if parent and machine_rank > 0:
+        parent = Task.get_task(task_id=parent).parent
+    return str(parent) if parent else None
+
+
+def task_output_uri() -> str | None:
+    """The output URI of this process's ClearML task (an agent's ``default_output_uri``); None offline."""
+    task = live_task()
+    if task is None:
+        return None
+    uri = task.output_uri
+    return str(uri) if uri else None
+
+
+def step_lineage() -> dict[str, str | None]:
+    """Which ClearML run produced this: the step task and its pipeline (the controller, the step's parent).
+
+    Offline sessions have no pipeline controller (``pipeline_run`` is ``None``); outside ClearML both are ``None``.
+    """
+    task: Any = Task.current_task()
+    if task is None:
+        return {"step_task": None, "pipeline_run": None}
+    return {"step_task": str(task.id), "pipeline_run": pipeline_run_id()}
+
+
+def launch_multi_node(num_machines: int, num_gpus: int, port: int) -> dict[str, Any] | None:
+    """ClearML's multi-node launch (rank, master address and port) when training spans machines.
+
+    On the first machine this enqueues the other machines' tasks and waits for them to start.
+    None with one machine, or where there is no agent to start the others on.
+    """
+    task: Any = Task.current_task() if num_machines > 1 else None
+    if task is None or not on_agent():
+        return None
+    return dict(task.launch_multi_node(num_machines, port=port, wait=True, devices=num_gpus))
