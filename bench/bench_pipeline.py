@@ -73,7 +73,7 @@ def _child(step: str, work: Path, inputs_json: str) -> None:
     """One near-empty step in its own process, as on an agent: prints its marks and artifacts."""
     from d2ops.clearml.session import enable_offline
     from d2ops.clearml.step import run_step
-from d2ops.pipeline import step_parameters
+    from d2ops.pipeline import step_parameters
 
     enable_offline(work / "clearml")
     marks: list[tuple[str, float, float]] = []

@@ -10,6 +10,7 @@ from d2ops.cli import main, step_main
 
 
 def _capture_run_step(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    import d2ops.clearml.step as step_module
     import d2ops.pipeline as pipeline
 
     seen: dict[str, Any] = {}
@@ -18,15 +19,15 @@ def _capture_run_step(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         seen.update(step=step, params=params, mode=mode, queue=queue)
         return pipeline.StepResult(step, "task-id", {}, {})
 
-    monkeypatch.setattr(pipeline, "run_step", record)
+    monkeypatch.setattr(step_module, "run_step", record)
     return seen
 
 
 def test_on_an_agent_the_script_starts_without_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
-    """clearml-agent runs tasks/<step>.py bare; parameters then come from the task's General/ section."""
-    import d2ops.clearml_adapter as adapter
+    """clearml-agent runs tasks/<step>.py bare; the experiment and inputs then come from the task."""
+    import d2ops.clearml.session as session
 
-    monkeypatch.setattr(adapter, "on_agent", lambda: True)
+    monkeypatch.setattr(session, "on_agent", lambda: True)
     seen = _capture_run_step(monkeypatch)
     assert step_main("evaluate", []) == 0
     assert seen["params"] == {"config": "", "overrides": "", "weights": "", "d2_config": ""}

@@ -178,8 +178,8 @@ def test_local_store_names_a_broken_pointer(tmp_path: Path) -> None:
 
 def test_offline_sessions_and_plain_library_use_the_local_store(tmp_path: Path) -> None:
     from d2ops.clearml.models import open_champion_store
-from d2ops.clearml.session import enable_offline, step_lineage
-from d2ops.clearml.step import open_step
+    from d2ops.clearml.session import enable_offline, step_lineage
+    from d2ops.clearml.step import open_step
 
     cfg = load_config(SMOKE, [f"registry.local_dir={tmp_path}"])
     store = open_champion_store(cfg)
@@ -187,7 +187,7 @@ from d2ops.clearml.step import open_step
     previous = os.environ.get("CLEARML_CACHE_DIR")
     enable_offline(tmp_path / "clearml")
     try:
-        with open_step("register", {"config": SMOKE}, mode="offline", project="d2ops/test") as run:
+        with open_step("register", cfg, {"config": SMOKE}, mode="offline") as run:
             assert isinstance(open_champion_store(cfg), LocalChampionStore)
             assert step_lineage() == {"step_task": str(run.task.id), "pipeline_run": None}
     finally:
@@ -299,7 +299,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 def _register(models: dict[str, Any], which: str, registry: Path, *extra: str) -> Any:
     """Run the real register step, offline, as the pipeline does; returns its StepResult."""
     from d2ops.clearml.step import run_step
-from d2ops.pipeline import step_parameters
+    from d2ops.pipeline import step_parameters
 
     workdir = registry.parent / f"run-{which}-{len(list(registry.parent.glob('run-*')))}"
     overrides = [*models["base"], f"runtime.output_dir={workdir}", f"registry.local_dir={registry}", *extra]

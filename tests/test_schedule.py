@@ -205,7 +205,7 @@ def test_known_clearml_quirk_monthly_first_run(
 
 
 def test_cron_scheduler_clones_the_pipeline_single_instance_with_its_parameters() -> None:
-    params = pipeline_task_parameters("configs/smoke.yaml", ["solver.max_iter=50", "eval.split=val set"])
+    params = pipeline_task_parameters("configs/smoke.yaml", ["solver.max_iter=50", "eval.split=val"])
     scheduler = build_cron_scheduler(
         PIPELINE_ID,
         cron_to_schedule("0 3 * * 1"),
@@ -220,12 +220,13 @@ def test_cron_scheduler_clones_the_pipeline_single_instance_with_its_parameters(
     assert job.single_instance is True
     assert job.clone_task is True
     assert job.target_project == "d2ops/demo"
-    assert job.task_parameters == {
-        "Pipeline/config": "configs/smoke.yaml",
-        "Pipeline/overrides": "solver.max_iter=50 'eval.split=val set'",
-    }
+    # The whole experiment of the config, as the Args/ hyperparameters the clone's controller is rebuilt from.
+    assert job.task_parameters["Args/solver/max_iter"] == "50"
+    assert job.task_parameters["Args/eval/split"] == "val"
+    assert job.task_parameters["Args/experiment/name"] == "smoke"
+    assert all(key.startswith("Args/") for key in job.task_parameters)
     assert (job.minute, job.hour, job.day, job.weekdays) == (0, 3, 1, ["monday"])
-    task = scheduler._task
+    task = scheduling.scheduler_task(scheduler)
     assert (task.name, task.get_project_name()) == ("weekly retrain", scheduling.DEFAULT_SCHEDULER_PROJECT)
     # What the agent restores: ClearML's own serialization of the job list.
     scheduler._serialize()
@@ -249,13 +250,16 @@ def test_starting_needs_a_server() -> None:
 
 
 def test_pipeline_parameters_for_a_triggered_dataset() -> None:
-    params = pipeline_task_parameters("configs/demo.yaml", [], DATASET_ID_PLACEHOLDER)
-    assert params == {"Pipeline/config": "configs/demo.yaml", DATASET_ID_PARAM: "${dataset.id}"}
-    assert resolve_trigger_parameters(params, "ds-42") == {
-        "Pipeline/config": "configs/demo.yaml",
-        "Pipeline/dataset_id": "ds-42",
-    }
+    params = pipeline_task_parameters(None, ["solver.max_iter=10"], DATASET_ID_PLACEHOLDER)
+    assert DATASET_ID_PARAM == "Args/data/dataset_id"
+    assert params == {"Args/solver/max_iter": "10", DATASET_ID_PARAM: "${dataset.id}"}
+    assert resolve_trigger_parameters(params, "ds-42") == {"Args/solver/max_iter": "10", "Args/data/dataset_id": "ds-42"}
     assert pipeline_task_parameters() == {}
+    # --set alone: only the keys named, by the same names the pipeline records.
+    assert pipeline_task_parameters(None, ["model.overrides.MODEL.RPN.NMS_THRESH=0.6", "name=x"]) == {
+        "Args/model/overrides/MODEL.RPN.NMS_THRESH": "0.6",
+        "Args/experiment/name": "x",
+    }
 
 
 @pytest.fixture
@@ -281,7 +285,7 @@ def test_dataset_trigger_filters_and_dataset_id_mapping(dataset_projects: list[d
         dataset_name="shapes.v2",
         tags=["approved"],
         name="retrain on shapes",
-        task_parameters=pipeline_task_parameters("configs/demo.yaml"),
+        task_parameters=pipeline_task_parameters(None, ["solver.max_iter=10"]),
     )
     assert dataset_projects[0]["name"] == "^d2ops/data/\\.datasets/.*"
     triggers = scheduler.get_triggers()
@@ -295,10 +299,12 @@ def test_dataset_trigger_filters_and_dataset_id_mapping(dataset_projects: list[d
         assert trigger.single_instance is True
         assert trigger.on_publish is True
         assert trigger.match_name == "^shapes\\.v2$"
-        assert trigger.tags == ["approved"]
-        assert trigger.task_parameters == {"Pipeline/config": "configs/demo.yaml", DATASET_ID_PARAM: "${dataset.id}"}
+        # clearml-server ORs a tags filter unless it starts with "__$all": every tag is required.
+        assert trigger.tags == ["__$all", "approved"]
+        assert trigger.task_parameters == {"Args/solver/max_iter": "10", DATASET_ID_PARAM: "${dataset.id}"}
         query = trigger.build_query(datetime(2025, 1, 1, tzinfo=UTC))
         assert query["status"] == ["published"] and "dataset" in query["system_tags"]
+        assert query["tags"] == ["__$all", "approved"]
     described = scheduling.describe_scheduler(scheduler)
     assert described["kind"] == "dataset-trigger" and len(described["jobs"]) == 2
 
@@ -323,18 +329,14 @@ def test_clearml_hands_the_new_dataset_id_to_the_cloned_pipeline(
 
     monkeypatch.setattr(clearml_scheduler, "get_queue_id", lambda session, name: f"queue-id-of-{name}")
     monkeypatch.setattr(clearml_scheduler, "ClearmlJob", RecordingJob)
-    params = pipeline_task_parameters("configs/demo.yaml", ["solver.max_iter=10"])
+    params = pipeline_task_parameters(None, ["solver.max_iter=10"])
     scheduler = build_dataset_trigger(PIPELINE_ID, "d2ops/data", dataset_name="shapes", task_parameters=params)
     trigger = scheduler.get_triggers()[0]
 
     scheduler._launch_job(trigger, "dataset-7f3a")
     (job,) = launched
     assert job["base_task_id"] == PIPELINE_ID
-    assert job["parameter_override"] == {
-        "Pipeline/config": "configs/demo.yaml",
-        "Pipeline/overrides": "solver.max_iter=10",
-        "Pipeline/dataset_id": "dataset-7f3a",
-    }
+    assert job["parameter_override"] == {"Args/solver/max_iter": "10", "Args/data/dataset_id": "dataset-7f3a"}
     assert job["parameter_override"] == resolve_trigger_parameters(trigger.task_parameters, "dataset-7f3a")
     assert job["disable_clone_task"] is False
 
@@ -346,7 +348,7 @@ def test_clearml_hands_the_new_dataset_id_to_the_cloned_pipeline(
     assert len(launched) == 1
     monkeypatch.setattr(Task, "get_task", staticmethod(lambda task_id: SimpleNamespace(id=task_id, status="completed")))
     scheduler._launch_job(trigger, "dataset-9c22")
-    assert len(launched) == 2 and launched[1]["parameter_override"]["Pipeline/dataset_id"] == "dataset-9c22"
+    assert len(launched) == 2 and launched[1]["parameter_override"]["Args/data/dataset_id"] == "dataset-9c22"
 
 
 def test_dataset_trigger_without_a_dataset_project_is_an_error() -> None:
@@ -367,10 +369,8 @@ def test_cli_dry_run_prints_the_built_schedule(capsys: pytest.CaptureFixture[str
     (job,) = out["jobs"]
     assert out["kind"] == "cron"
     assert (job["minute"], job["hour"], job["day"], job["single_instance"]) == (30, 2, 1, True)
-    assert job["task_parameters"] == {
-        "Pipeline/config": "configs/smoke.yaml",
-        "Pipeline/overrides": "solver.max_iter=20",
-    }
+    assert job["task_parameters"]["Args/solver/max_iter"] == "20"
+    assert job["task_parameters"]["Args/experiment/name"] == "smoke"
     assert out["scheduler_task"]["id"].startswith("offline-")
 
 

@@ -197,7 +197,7 @@ def record_experiment(task: Any, cfg: ExperimentConfig, *, prefix: str = "") -> 
     flat = flat_experiment(cfg)
     values = {f"{prefix}{name}": format_value(value) for name, value in flat.items()}
     types = {f"{prefix}{name}": kind for name, kind in parameter_types(flat).items()}
-    task.set_parameters(values, **{"__parameters_types": types, "__update": True})
+    task.update_parameters(values, __parameters_types=types)
 
 
 def read_experiment(task: Any, *, prefix: str = "") -> ExperimentConfig:
