@@ -163,7 +163,12 @@ def schedule_main(argv: Sequence[str] | None = None) -> int:
         sub.add_argument("--pipeline-id", default="", help="controller task id of a pipeline run to clone")
         sub.add_argument("--config", help="the clone's whole experiment (default: the template's)")
         sub.add_argument(
-            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="change one key of the clone"
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="change one key of the clone",
         )
         sub.add_argument("--queue", default="services", help="queue of the scheduler service")
         sub.add_argument("--pipeline-queue", help="queue the cloned pipeline controller goes to (default: --queue)")

@@ -49,8 +49,8 @@ def summarize(run: Any, seconds: float) -> dict[str, Any]:
 def run_demo(out_dir: Path, config: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Generate data, serve it over local S3, run the offline pipeline; returns the summary."""
     from d2ops import storage
-    from d2ops.datasets import generate_shapes_dataset
     from d2ops.clearml.step import run_offline
+    from d2ops.datasets import generate_shapes_dataset
     from d2ops.s3server import local_s3_endpoint
 
     tic = time.perf_counter()

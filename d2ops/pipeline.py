@@ -83,7 +83,7 @@ class StepTimeLimitExceeded(TimeoutError):
     """A step ran past ``clearml.steps.<step>.time_limit_min``; it fails, is not retried, and so does the pipeline."""
 
 
-class StepStopped(Exception):  # noqa: N818 - it is a stop, not an error of the step's own making
+class StepStopped(Exception):
     """A step was told to stop (SIGTERM: an agent's abort or a pre-empted worker) and stopped cleanly.
 
     Not a ``KeyboardInterrupt``: ``except Exception`` blocks of libraries still unwind through it,

@@ -54,6 +54,7 @@ STEP_INPUTS: dict[str, dict[str, tuple[str, str]]] = {
     },
 }
 
+
 class StepRuntime:
     """What a step asks of the system it runs in; this base is plain library use (no ClearML).
 
@@ -280,7 +281,9 @@ def run_train(ctx: StepContext) -> StepOutput:
         multi_node=multi_node,
     )
     manifest = json.loads(ctx.input_path("dataset_manifest").read_text()) if ctx.inputs.get("dataset_manifest") else {}
-    run = new_run_record(ctx.cfg, manifest.get("identity") or stats.identity, ctx.runtime.pipeline_run_id(plan.machine_rank))
+    run = new_run_record(
+        ctx.cfg, manifest.get("identity") or stats.identity, ctx.runtime.pipeline_run_id(plan.machine_rank)
+    )
     checkpoint_uri = _checkpoint_uri(ctx.cfg, run.run_key, ctx.runtime.output_uri())
     result = train(
         ctx.cfg,

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from d2ops import storage
-from d2ops.clearml.session import enable_offline
 from d2ops.clearml.datasets import DatasetError, dataset_local_copy, register_s3_dataset
+from d2ops.clearml.session import enable_offline
 from d2ops.s3server import DUMMY_CREDENTIALS, LocalS3, local_s3_endpoint
 
 REPO = Path(__file__).resolve().parent.parent

@@ -18,8 +18,6 @@ from typing import Any
 import pytest
 
 from d2ops.clearml import schedules as scheduling
-from d2ops.clearml.session import enable_offline
-from d2ops.cli import main
 from d2ops.clearml.schedules import (
     DATASET_ID_PARAM,
     DATASET_ID_PLACEHOLDER,
@@ -30,6 +28,8 @@ from d2ops.clearml.schedules import (
     pipeline_task_parameters,
     resolve_trigger_parameters,
 )
+from d2ops.clearml.session import enable_offline
+from d2ops.cli import main
 
 PIPELINE_ID = "0123456789abcdef0123456789abcdef"
 UTC = timezone.utc
@@ -253,7 +253,8 @@ def test_pipeline_parameters_for_a_triggered_dataset() -> None:
     params = pipeline_task_parameters(None, ["solver.max_iter=10"], DATASET_ID_PLACEHOLDER)
     assert DATASET_ID_PARAM == "Args/data/dataset_id"
     assert params == {"Args/solver/max_iter": "10", DATASET_ID_PARAM: "${dataset.id}"}
-    assert resolve_trigger_parameters(params, "ds-42") == {"Args/solver/max_iter": "10", "Args/data/dataset_id": "ds-42"}
+    resolved = resolve_trigger_parameters(params, "ds-42")
+    assert resolved == {"Args/solver/max_iter": "10", "Args/data/dataset_id": "ds-42"}
     assert pipeline_task_parameters() == {}
     # --set alone: only the keys named, by the same names the pipeline records.
     assert pipeline_task_parameters(None, ["model.overrides.MODEL.RPN.NMS_THRESH=0.6", "name=x"]) == {

@@ -126,7 +126,9 @@ def _set(tree: dict[str, Any], name: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def experiment_from_parameters(params: Mapping[str, Any], *, prefix: str = "", source: str = "task") -> ExperimentConfig:
+def experiment_from_parameters(
+    params: Mapping[str, Any], *, prefix: str = "", source: str = "task"
+) -> ExperimentConfig:
     """The experiment recorded in a task's hyperparameters (``prefix`` ``"Args/"`` for a pipeline controller).
 
     ``params`` is ``Task.get_parameters()``: ``section/name`` -> text. Only the experiment
