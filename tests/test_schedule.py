@@ -255,7 +255,6 @@ def test_pipeline_parameters_for_a_triggered_dataset() -> None:
     assert params == {"Args/solver/max_iter": "10", DATASET_ID_PARAM: "${dataset.id}"}
     resolved = resolve_trigger_parameters(params, "ds-42")
     assert resolved == {"Args/solver/max_iter": "10", "Args/data/dataset_id": "ds-42"}
-    assert resolved == {"Args/solver/max_iter": "10", "Args/data/dataset_id": "ds-42"}
     assert pipeline_task_parameters() == {}
     # --set alone: only the keys named, by the same names the pipeline records.
     assert pipeline_task_parameters(None, ["model.overrides.MODEL.RPN.NMS_THRESH=0.6", "name=x"]) == {
