@@ -14,30 +14,141 @@ import hashlib
 import json
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "ConfigError",
     "ExperimentConfig",
     "apply_overrides",
+    "check_overrides",
     "config_hash",
     "load_config",
+    "uri_userinfo",
 ]
 
 # Names that must never be stored in a config (they would end up as ClearML hyperparameters).
 _SECRET_WORDS = ("secret", "password", "access_key", "token", "credential")
+# ``scheme://userinfo@``: credentials written into a URI (s3://KEY:SECRET@host/bucket, https://user:pw@host).
+_URI_USERINFO = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://([^\s/?#@]+)@")
+_HIDDEN = "<not shown: it may hold credentials>"
+_KEY_ADVICE = "use the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or clearml.conf"
+_URI_ADVICE = (
+    "a URI with credentials in it (scheme://user:password@host) is not allowed in a config "
+    "(it becomes ClearML hyperparameters and logs); remove them from the URI and put them in the "
+    "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or in clearml.conf (sdk.aws.s3.credentials)"
+)
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and what is allowed."""
 
 
+def uri_userinfo(text: str) -> list[str]:
+    """The userinfo (``user:password``) of every URI with credentials in ``text``."""
+    return [match.group(1) for match in _URI_USERINFO.finditer(text)]
+
+
+def _is_secret_key(key: object) -> bool:
+    return any(word in str(key).lower() for word in _SECRET_WORDS)
+
+
+def _has_uri_credentials(value: object) -> bool:
+    return isinstance(value, str) and _URI_USERINFO.search(value) is not None
+
+
+def _dotted(path: tuple[str | int, ...]) -> str:
+    """``("model", "overrides", "MODEL.WEIGHTS")`` -> model.overrides.MODEL.WEIGHTS; list items as [i]."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
+
+
+def _show_key(key: object) -> str | int:
+    """A key as an error message may name it (a key that is itself a URI with credentials is not named)."""
+    if isinstance(key, int):
+        return key
+    return "<a key holding a URI with credentials>" if _has_uri_credentials(key) else str(key)
+
+
+def _credentials_in(value: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """(path, "key" | "uri") of every credential-looking key and every URI with credentials in ``value``."""
+    if _has_uri_credentials(value):
+        yield path, "uri"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if _has_uri_credentials(key):
+                yield (*path, _show_key(key)), "uri"
+            elif _is_secret_key(key):
+                yield (*path, str(key)), "key"
+            else:
+                yield from _credentials_in(item, (*path, str(key)))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _credentials_in(item, (*path, index))
+
+
+def _masked(value: Any) -> Any:
+    """``value`` as an error message may show it: credential-looking keys' values and URIs with
+    credentials replaced, at any depth."""
+    if _has_uri_credentials(value):
+        return _HIDDEN
+    if isinstance(value, dict):
+        return {_show_key(key): _HIDDEN if _is_secret_key(key) else _masked(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_masked(item) for item in value)
+    return value
+
+
+def _sensitive_strings(value: Any, under_secret_key: bool = False) -> set[str]:
+    """Every string in ``value`` that no message may contain: values of credential-looking keys,
+    URIs with credentials, their userinfo and its parts."""
+    found: set[str] = set()
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found |= _sensitive_strings(key)  # a key is sensitive only as a URI with credentials
+            found |= _sensitive_strings(item, under_secret_key or _is_secret_key(key))
+    elif isinstance(value, (list, tuple, set)):
+        for item in value:
+            found |= _sensitive_strings(item, under_secret_key)
+    elif isinstance(value, str) or (under_secret_key and value is not None and not isinstance(value, bool)):
+        text = str(value)
+        if under_secret_key:
+            found.add(text)
+        for userinfo in uri_userinfo(text):
+            found |= {text, userinfo, *userinfo.split(":", 1)}
+    return {text for text in found if len(text) >= 3}
+
+
+def _scrubbed(message: str, *sources: Any) -> str:
+    """``message`` with every sensitive string of ``sources`` (see :func:`_sensitive_strings`) removed."""
+    for text in sorted(set().union(*(_sensitive_strings(s) for s in sources)), key=len, reverse=True):
+        message = message.replace(text, _HIDDEN)
+    return message
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # hide_input_in_errors: a ValidationError printed as it is never shows a rejected value (it may
+    # hold a credential); parse_config's own messages show them masked.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_credentials(cls, value: Any) -> Any:
+        """No field, at any depth, holds a credential-looking key or a URI with credentials.
+
+        The error names where (relative to the field) and never the value.
+        """
+        for path, kind in _credentials_in(value):
+            message = _URI_ADVICE if kind == "uri" else f"credentials are not allowed in a config; {_KEY_ADVICE}"
+            raise PydanticCustomError("credentials_in_config", message, {"where": _dotted(path)})
+        return value
 
 
 SplitRole = Literal["train", "val", "test"]
@@ -347,21 +458,28 @@ class ExperimentConfig(_Strict):
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per error, naming the key. A rejected value is shown only with its credential-looking
+    keys' values and its URIs with credentials masked, at any depth (the message lands in logs)."""
     lines = [f"invalid config {source}:"]
     for item in err.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        key = ".".join(str(_show_key(p)) for p in item["loc"]) or "<root>"
         kind = item["type"]
-        if kind == "extra_forbidden":
+        got = repr(_masked(item.get("input")))
+        if kind == "credentials_in_config":
+            where = str(item.get("ctx", {}).get("where", ""))
+            key = f"{key}{'' if not where or where.startswith('[') else '.'}{where}" if key != "<root>" else where
+            lines.append(f"  - {key}: {item['msg']}")
+        elif kind == "extra_forbidden":
             lines.append(f"  - {key}: unknown key (check the spelling; see configs/demo.yaml for every key)")
         elif kind == "literal_error":
             allowed = item.get("ctx", {}).get("expected", "")
-            lines.append(f"  - {key}: got {item.get('input')!r}, allowed: {allowed}")
+            lines.append(f"  - {key}: got {got}, allowed: {allowed}")
         elif kind == "missing":
             lines.append(f"  - {key}: required key is missing")
         else:
             msg = item["msg"].removeprefix("Value error, ")
             # Never echo a rejected value that may hold a secret (it would land in logs).
-            shown = "" if key.endswith("docker_args") else f" (got {item.get('input')!r})"
+            shown = "" if key.endswith("docker_args") else f" (got {got})"
             lines.append(f"  - {key}: {msg}{shown}")
     return "\n".join(lines)
 
@@ -382,37 +500,63 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides (values parsed as YAML) to a raw config dict."""
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to a raw config dict.
+
+    Errors never show an override's value if it may hold credentials (a URI with userinfo).
+    """
     result = copy.deepcopy(raw)
-    for item in overrides or []:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set solver.max_iter=500")
-        _set_dotted(result, key.strip(), yaml.safe_load(text) if text.strip() else None)
+    try:
+        for item in overrides or []:
+            key, sep, text = item.partition("=")
+            if not sep or not key.strip():
+                shown = _HIDDEN if _has_uri_credentials(item) else repr(item)
+                raise ConfigError(f"--set {shown}: expected KEY=VALUE, e.g. --set solver.max_iter=500")
+            try:
+                value = yaml.safe_load(text) if text.strip() else None
+            except yaml.YAMLError as err:
+                problem = getattr(err, "problem", None) or type(err).__name__
+                raise ConfigError(f"--set {key.strip()}: the value is not valid YAML ({problem})") from None
+            _set_dotted(result, key.strip(), value)
+    except ConfigError as err:
+        raise ConfigError(_scrubbed(str(err), list(overrides or []))) from None
     return result
 
 
-def _reject_secrets(tree: Any, path: str = "") -> None:
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            dotted = f"{path}.{key}" if path else str(key)
-            if any(word in str(key).lower() for word in _SECRET_WORDS):
-                raise ConfigError(
-                    f"{dotted}: credentials are not allowed in a config (it becomes ClearML hyperparameters); "
-                    "use the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or clearml.conf"
-                )
-            _reject_secrets(value, dotted)
+def check_overrides(overrides: list[str] | tuple[str, ...]) -> None:
+    """Check ``--set`` items that are not applied to a config here (``d2ops schedule --set`` without
+    ``--config`` sets them on another run's experiment): KEY=VALUE, YAML values, and no credentials,
+    neither a credential-looking key nor a URI with credentials at any depth. The error names the
+    key, never the value."""
+    for path, kind in _credentials_in(apply_overrides({}, list(overrides))):
+        advice = _URI_ADVICE if kind == "uri" else f"credentials are not allowed in a config; {_KEY_ADVICE}"
+        raise ConfigError(f"--set {_dotted(path)}: {advice}")
+
+
+def _reject_secrets(tree: Any, path: tuple[str | int, ...] = ()) -> None:
+    """A credential-looking key anywhere in the raw config (lists of mappings included) is an error."""
+    for where, kind in _credentials_in(tree, path):
+        if kind == "key":
+            raise ConfigError(
+                f"{_dotted(where)}: credentials are not allowed in a config (it becomes ClearML hyperparameters); "
+                f"{_KEY_ADVICE}"
+            )
 
 
 def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
-    """Validate a raw config dict into an :class:`ExperimentConfig`."""
+    """Validate a raw config dict into an :class:`ExperimentConfig`.
+
+    No error message contains a value of a credential-looking key or a URI with credentials.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid config {source}: the top level must be a mapping of sections")
-    _reject_secrets(raw)
     try:
-        return ExperimentConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        _reject_secrets(raw)
+        try:
+            return ExperimentConfig.model_validate(raw)
+        except ValidationError as err:
+            raise ConfigError(_format_validation_error(err, source)) from None
+    except ConfigError as err:
+        raise ConfigError(_scrubbed(str(err), raw)) from None
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -423,7 +567,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        # Not str(err): it quotes the file's lines around the error, which may hold a credential.
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
     return raw
 
 

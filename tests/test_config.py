@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from d2ops.config import ConfigError, apply_overrides, load_config, parse_config
+from d2ops.config import ConfigError, apply_overrides, check_overrides, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -183,6 +183,176 @@ def test_credential_in_docker_args_is_rejected() -> None:
 def test_rejected_docker_args_are_not_echoed() -> None:
     raw = {**_minimal(), "clearml": {"docker_args": "-e AWS_SECRET_ACCESS_KEY=not-a-real-secret"}}
     assert "not-a-real-secret" not in _error(raw)
+
+
+#: Stand-in credentials: none of these (nor any piece of the URI that holds them) may reach a message.
+_KEY, _SECRET = "AKIASENTINEL0CONFIG", "wJalrSENTINEL0config0secret"
+_CRED_URI = f"s3://{_KEY}:{_SECRET}@minio.example:9000/sentinel-bucket/prefix/"
+_URI_PIECES = (_KEY, _SECRET, "minio.example", "sentinel-bucket", _CRED_URI[:12])
+
+
+def _assert_hidden(message: str) -> None:
+    leaked = [piece for piece in _URI_PIECES if piece in message]
+    assert not leaked, f"{leaked} in {message!r}"
+
+
+@pytest.mark.parametrize(
+    ("dotted", "patch"),
+    [
+        ("data.source", {"data": {"source": _CRED_URI}}),
+        ("clearml.output_uri", {"clearml": {"output_uri": _CRED_URI}}),
+        ("model.weights", {"model": {"weights": _CRED_URI}}),
+        ("model.config_file", {"model": {"config_file": _CRED_URI, "zoo_config": None}}),
+        ("inference.source", {"inference": {"source": _CRED_URI}}),
+        ("model.overrides.MODEL.WEIGHTS", {"model": {"overrides": {"MODEL.WEIGHTS": _CRED_URI}}}),
+        ("registry.tags[1]", {"registry": {"tags": ["smoke", f"from {_CRED_URI}"]}}),
+        ("name", {"name": _CRED_URI.replace("s3://", "https://")}),
+    ],
+)
+def test_uri_with_credentials_is_rejected_naming_the_key_never_the_value(dotted: str, patch: dict[str, Any]) -> None:
+    raw = _minimal()
+    for section, values in patch.items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
+    message = _error(raw)
+    assert f"{dotted}: a URI with credentials in it" in message
+    assert "environment" in message and "clearml.conf" in message
+    _assert_hidden(message)
+
+
+def test_uri_with_credentials_via_set_is_rejected_naming_the_key_never_the_value() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(ROOT / "configs" / "smoke.yaml", [f"clearml.output_uri={_CRED_URI}", f"data.source={_CRED_URI}"])
+    message = str(info.value)
+    assert "clearml.output_uri: a URI with credentials" in message and "data.source: a URI with credentials" in message
+    _assert_hidden(message)
+
+
+@pytest.mark.parametrize(
+    ("items", "named"),
+    [
+        ([f"data.source={_CRED_URI}"], "--set data.source: a URI with credentials"),
+        (
+            ["solver.max_iter=5", f"model.overrides.MODEL.WEIGHTS={_CRED_URI}"],
+            "--set model.overrides.MODEL.WEIGHTS: a URI",
+        ),
+        ([f"registry.tags=[a, {{token: {_SECRET}}}]"], "--set registry.tags[1].token: credentials are not allowed"),
+        ([f"data.secret_key={_SECRET}"], "--set data.secret_key: credentials are not allowed"),
+    ],
+)
+def test_overrides_checked_on_their_own_refuse_credentials(items: list[str], named: str) -> None:
+    """``d2ops schedule --set`` without --config: overrides set on another run, never applied to a config here."""
+    with pytest.raises(ConfigError) as info:
+        check_overrides(items)
+    assert str(info.value).startswith(named), str(info.value)
+    _assert_hidden(str(info.value))
+    check_overrides(["solver.max_iter=5", "data.source=s3://minio:9000/bucket/prefix/"])  # no credentials: fine
+
+
+@pytest.mark.parametrize(
+    "item",
+    [f"data.source {_CRED_URI}", f"=data.source={_CRED_URI}", f"model.weights=[{_CRED_URI}"],
+    ids=["no equals sign", "no key", "not YAML"],
+)
+def test_a_malformed_set_item_with_credentials_is_not_echoed(item: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(_minimal(), [item])
+    assert str(info.value).startswith("--set ")
+    _assert_hidden(str(info.value))
+
+
+def test_assigning_a_uri_with_credentials_is_rejected_and_pydantic_does_not_show_it() -> None:
+    from pydantic import ValidationError
+
+    cfg = parse_config(_minimal())
+    with pytest.raises(ValidationError) as info:
+        cfg.data.source = _CRED_URI
+    assert "credentials" in str(info.value)
+    _assert_hidden(str(info.value))
+    assert cfg.data.source == "outputs/datasets/shapes"
+
+
+def test_uris_without_credentials_are_accepted() -> None:
+    raw = _minimal()
+    raw["data"]["source"] = "s3://minio:9000/bucket/path@v2/"  # an @ after the host is not userinfo
+    raw["model"]["weights"] = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+    raw["clearml"] = {"output_uri": "https://files.example:8081/out", "docker_image": "repo/img@sha256:0123abcd"}
+    cfg = parse_config(raw)
+    assert cfg.data.source == "s3://minio:9000/bucket/path@v2/" and cfg.clearml.output_uri.startswith("https://")
+
+
+_NESTED_SECRET = "d2ops-nested-sentinel-5e1f"
+
+
+@pytest.mark.parametrize(
+    ("dotted", "patch"),
+    [
+        # a list where a mapping belongs: pydantic's error would show the whole list
+        ("model.overrides[0].secret_key", {"model": {"overrides": [{"MODEL.X": 1, "secret_key": _NESTED_SECRET}]}}),
+        # a bad detectron2 key next to a nested credential: the error would show the whole mapping
+        ("model.overrides.bad[0].password", {"model": {"overrides": {"bad": [{"password": _NESTED_SECRET}]}}}),
+        # accepted today: a credential deep inside a valid override
+        (
+            "model.overrides.MODEL.X[0].nested[1].api_token",
+            {"model": {"overrides": {"MODEL.X": [{"nested": [1, {"api_token": _NESTED_SECRET}]}]}}},
+        ),
+        ("registry.tags[0].token", {"registry": {"tags": [{"token": _NESTED_SECRET}]}}),
+        ("solver.steps[0].credentials", {"solver": {"steps": [{"credentials": {"key": _NESTED_SECRET}}]}}),
+    ],
+)
+def test_a_credential_key_nested_in_a_list_is_rejected_and_never_echoed(dotted: str, patch: dict[str, Any]) -> None:
+    raw = _minimal()
+    for section, values in patch.items():
+        raw.setdefault(section, {}).update(values)
+    message = _error(raw)
+    assert message.startswith(f"{dotted}: credentials are not allowed"), message
+    assert _NESTED_SECRET not in message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"model": {"zoo_config": "x.yaml", "overrides": [{"MODEL.X": 1, "secret_key": _NESTED_SECRET}]}},
+        {"model": {"zoo_config": "x.yaml", "overrides": {"bad": [{"password": _NESTED_SECRET}]}}},
+        {"model": {"zoo_config": "x.yaml", "weights": [{"token": _NESTED_SECRET}]}},
+        {"registry": {"tags": [{"token": _NESTED_SECRET}]}},
+    ],
+)
+def test_no_schema_error_echoes_a_nested_credential(raw: dict[str, Any]) -> None:
+    """The schema's own errors (reached without parse_config's first check) mask nested credentials too."""
+    from pydantic import ValidationError
+
+    from d2ops.config import ExperimentConfig, _format_validation_error
+
+    raw = {"data": {"source": "x"}, "model": {"zoo_config": "x.yaml"}, **raw}
+    with pytest.raises(ValidationError) as info:
+        ExperimentConfig.model_validate(raw)
+    message = _format_validation_error(info.value, "test.yaml")
+    assert _NESTED_SECRET not in message and _NESTED_SECRET not in str(info.value)
+    assert "credentials are not allowed" in message
+
+
+def test_a_value_error_never_echoes_a_credential_or_a_uri_with_credentials() -> None:
+    """Values are shown in errors (to help), but masked: a credential-looking key's value, a URI with
+    credentials, at any depth."""
+    from d2ops.config import _masked
+
+    shown = repr(_masked({"a": [{"password": _NESTED_SECRET, "ok": 1}], "b": (_CRED_URI, "s3://h:9000/b")}))
+    assert _NESTED_SECRET not in shown and "'ok': 1" in shown and "s3://h:9000/b" in shown
+    _assert_hidden(shown)
+    message = _error({**_minimal(), "solver": {"steps": [f"x {_CRED_URI}"]}})  # a URI where an int belongs
+    assert "solver.steps[0]: a URI with credentials" in message
+    _assert_hidden(message)
+
+
+def test_invalid_yaml_does_not_quote_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, f"name: x\ndata: {{source: {_CRED_URI}\nmodel: [\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "is not valid YAML at line" in str(info.value)
+    _assert_hidden(str(info.value))
 
 
 # --- --set overrides -------------------------------------------------------------------------
