@@ -45,7 +45,7 @@ What it does NOT reproduce (deliberate simplifications):
   polling ``queues.get_next_task``; ``workers.*`` only lists workers registered by the test;
 * ``tasks.stop`` always stops at once (real servers only set ``status_message="stopping"``
   for a task run by a live worker and let the worker report ``stopped``);
-* models are records only: ``models.set_ready``/``publish`` set ``ready``; nothing is uploaded
+* models are records only: ``models.set_ready`` and ``tasks.publish`` set ``ready``; nothing is uploaded
   to a files server except what the SDK POSTs to ``/files/`` (kept in :attr:`files`);
 * project stats, project hierarchy moves/merges, reports, datasets' own services, vaults,
   ``users`` preferences and the serving service are absent (unknown-endpoint errors);
