@@ -2,7 +2,29 @@
 
 A train step can be killed at any moment (a pre-empted spot instance, an agent restart, a
 retried pipeline step). This module makes its rerun resume exactly where the killed run left
-off, and refuse a checkpoint that is not its own:
+off, and refuse a checkpoint that is not its own.
+
+**When a run resumes (the one rule).** A run resumes only its own checkpoints, and a run is
+its *run key*:
+
+- inside a ClearML pipeline, the pipeline run (a retried step is the same run and resumes, on
+  any machine; a new pipeline run is a new run);
+- outside one, :func:`standalone_run_key`: a hash of the training identity, ``solver.max_iter``,
+  ``runtime.output_dir`` (as configured, so the same config on another machine is the same run)
+  and ``runtime.resume_from``. Rerunning the same command resumes it (or reuses its finished
+  training); a run with another ``max_iter`` or ``output_dir`` is another run and trains from
+  iteration 0, whatever other runs left on ``output_uri``.
+
+Checkpoints are looked for only under the run's own key (``<output_uri>/.../checkpoints/<run
+key>/`` and the local folder, whose run record must name the same key, training identity and
+``resume_from``); a local folder of another run key is moved aside, and a record with this key
+but another training is refused (:class:`CheckpointConflict`). Continuing *another* run's
+checkpoints (say, training a finished run further with a higher ``max_iter``) happens only when
+``runtime.resume_from`` names it (:func:`explicit_resume_point`): it must be the same training
+identity, it is logged at WARNING, and it is recorded as ``resumed_from`` (run key, checkpoint,
+iteration) in the run record (kept by retries) and in the train result, for the bundle's lineage.
+
+The pieces:
 
 - :class:`AtomicCheckpointer` (detectron2's checkpointer) writes each checkpoint to a temp file,
   fsyncs it and renames it into place, then the run record, then the ``last_checkpoint``
@@ -14,7 +36,8 @@ off, and refuse a checkpoint that is not its own:
 - :class:`CheckpointSync` mirrors the newest checkpoint, then the record, then the pointer to
   ``output_uri`` (S3 or a folder); :func:`restore_checkpoints` brings them back on a fresh machine.
 - :func:`find_resume_point` decides where training continues, and whether a finished training
-  of this very run can be reused, before any GPU time is spent.
+  of this very run can be reused, before any GPU time is spent; :func:`explicit_resume_point`
+  finds the checkpoint ``runtime.resume_from`` names.
 """
 
 from __future__ import annotations
@@ -45,10 +68,12 @@ __all__ = [
     "CheckpointSync",
     "ResumePoint",
     "RunRecord",
+    "explicit_resume_point",
     "find_resume_point",
     "new_run_record",
     "prepare_output_dir",
     "restore_checkpoints",
+    "standalone_run_key",
     "training_identity",
 ]
 
@@ -59,9 +84,10 @@ POINTER = "last_checkpoint"
 FINAL = "model_final.pth"
 _TMP_SUFFIX = ".tmp"
 _RESTORE_DIR = ".d2ops-restore"
+_RESUME_FROM_DIR = ".d2ops-resume-from"
 
-# Solver keys that change how a run is operated, not what it learns: a rerun that differs
-# only in these continues the same training (max_iter in particular may be raised to train on).
+# Solver keys that change how a run is operated, not what it learns: not part of the training
+# identity. (max_iter is part of the run key outside a pipeline: see standalone_run_key.)
 _OPERATIONAL_SOLVER_KEYS = ("max_iter", "checkpoint_period", "eval_period", "num_workers")
 
 
@@ -77,7 +103,8 @@ def training_identity(cfg: ExperimentConfig, dataset_identity: str) -> str:
 
     The model, the data (its identity from the download manifest, and how it is read) and the
     optimisation settings; not the operational ones (``solver.max_iter``, periods, workers),
-    where it runs, or where it writes.
+    where it runs, or where it writes. Two runs of one training (say a 20-iteration probe and
+    a long run) share it; which run is which is the run key (:func:`standalone_run_key`).
     """
     data = cfg.data.model_dump(mode="json", exclude={"source", "cache_dir"})
     solver = cfg.solver.model_dump(mode="json", exclude=set(_OPERATIONAL_SOLVER_KEYS))
@@ -85,13 +112,31 @@ def training_identity(cfg: ExperimentConfig, dataset_identity: str) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def standalone_run_key(cfg: ExperimentConfig, identity: str, resume_from: str = "") -> str:
+    """The run key of a run outside a ClearML pipeline: which checkpoints are this run's own.
+
+    A hash of the training identity, ``solver.max_iter``, ``runtime.output_dir`` as configured
+    (not resolved: the same config on another machine is the same run) and ``resume_from``.
+    """
+    blob = {
+        "identity": identity,
+        "max_iter": cfg.solver.max_iter,
+        "output_dir": os.path.normpath(cfg.runtime.output_dir),
+        "resume_from": resume_from,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
 @dataclass
 class RunRecord:
     """Which training wrote the checkpoints of a folder, and which checkpoints it wrote.
 
-    ``run_key`` scopes the checkpoint location (the ClearML pipeline run, else the identity);
-    ``identity`` is :func:`training_identity`; ``checkpoints`` maps file name -> the iteration
-    it holds (detectron2 stores the iteration that just finished; training resumes at +1).
+    ``run_key`` scopes the checkpoint location (the ClearML pipeline run, else
+    :func:`standalone_run_key`); ``identity`` is :func:`training_identity`; ``checkpoints`` maps
+    file name -> the iteration it holds (detectron2 stores the iteration that just finished;
+    training resumes at +1). ``resume_from`` is ``runtime.resume_from`` as configured (empty:
+    none), and ``resumed_from`` where that led: ``{"run_key", "checkpoint", "iteration"}`` of the
+    other run's checkpoint this training continued (None when it started from iteration 0).
     """
 
     run_key: str
@@ -100,9 +145,11 @@ class RunRecord:
     dataset_identity: str = ""
     config_hash: str = ""
     checkpoints: dict[str, int] = field(default_factory=dict)
+    resume_from: str = ""
+    resumed_from: dict[str, Any] | None = None
 
     def same_run(self, other: RunRecord) -> bool:
-        return self.run_key == other.run_key and self.identity == other.identity
+        return (self.run_key, self.identity, self.resume_from) == (other.run_key, other.identity, other.resume_from)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -123,15 +170,24 @@ class RunRecord:
             ) from None
 
 
-def new_run_record(cfg: ExperimentConfig, dataset_identity: str, run_key: str | None = None) -> RunRecord:
-    """The record of a run about to start; ``run_key`` defaults to the training identity."""
+def new_run_record(
+    cfg: ExperimentConfig, dataset_identity: str, run_key: str | None = None, *, resume_from: str | None = None
+) -> RunRecord:
+    """The record of a run about to start.
+
+    ``run_key`` is the ClearML pipeline run inside one; without it, :func:`standalone_run_key`.
+    ``resume_from`` defaults to ``cfg.runtime.resume_from`` (where the config has that key).
+    """
     identity = training_identity(cfg, dataset_identity)
+    origin = resume_from if resume_from is not None else getattr(cfg.runtime, "resume_from", None)
+    origin = (origin or "").strip()
     return RunRecord(
-        run_key=run_key or identity,
+        run_key=run_key or standalone_run_key(cfg, identity, origin),
         identity=identity,
         max_iter=cfg.solver.max_iter,
         dataset_identity=dataset_identity,
         config_hash=config_hash(cfg),
+        resume_from=origin,
     )
 
 
@@ -217,6 +273,8 @@ class ResumePoint:
     path: Path
     iteration: int
     reusable: bool  # this run's own finished training: nothing left to train
+    run_key: str = ""  # the run that wrote it (set for another run's checkpoint, runtime.resume_from)
+    source: str = ""  # where it was found: ``<folder or S3 prefix>/<file>``
 
     @property
     def start_iter(self) -> int:
@@ -229,11 +287,27 @@ def _newest_recorded(folder: Path, record: RunRecord) -> str | None:
 
 
 def _mismatch_message(folder: Path | str, found: RunRecord, expected: RunRecord) -> str:
+    if (found.run_key, found.identity) == (expected.run_key, expected.identity):
+        return (
+            f"the checkpoints in {folder} are this run's, but they started from "
+            f"runtime.resume_from={found.resume_from!r} and this run says {expected.resume_from!r}; they "
+            "are not resumed. Set runtime.resume=false to start this run again, or use a fresh "
+            "runtime.output_dir."
+        )
     return (
         f"the checkpoints in {folder} belong to another training (run key {found.run_key}, identity "
         f"{found.identity}; this run: run key {expected.run_key}, identity {expected.identity}); "
         "they are not resumed. Use a fresh runtime.output_dir / clearml.output_uri, or set "
         "runtime.resume=false to train from scratch and overwrite them."
+    )
+
+
+def _past_max_iter_message(checkpoint: Path | str, iteration: int, max_iter: int, why: str) -> str:
+    return (
+        f"checkpoint {checkpoint} has already trained {iteration + 1} iterations, and solver.max_iter is "
+        f"{max_iter}: there is nothing left to train, and {why}. Raise solver.max_iter above {iteration} to "
+        "train on from it, or use a fresh runtime.output_dir / clearml.output_uri (or runtime.resume=false) "
+        "to train anew."
     )
 
 
@@ -269,11 +343,102 @@ def find_resume_point(folder: Path, expected: RunRecord) -> ResumePoint | None:
     if name == FINAL and point.start_iter == expected.max_iter and record.max_iter == expected.max_iter:
         return ResumePoint(point.path, point.iteration, True)
     raise CheckpointConflict(
-        f"checkpoint {point.path} has already trained {point.start_iter} iterations, and solver.max_iter is "
-        f"{expected.max_iter}: there is nothing left to train, and it is not this run's finished training "
-        f"(that run had max_iter {record.max_iter}). Raise solver.max_iter above {point.iteration} to train on "
-        "from it, or use a fresh runtime.output_dir / clearml.output_uri (or runtime.resume=false) to train anew."
+        _past_max_iter_message(
+            point.path,
+            point.iteration,
+            expected.max_iter,
+            f"it is not this run's finished training (that run had max_iter {record.max_iter})",
+        )
     )
+
+
+def _locate(spec: str, checkpoint_uri: str | None) -> tuple[str, str | None]:
+    """The folder (S3 prefix or local path) and checkpoint file (or None: its newest) ``spec`` names."""
+    spec = spec.strip().removeprefix("file://").rstrip("/")
+    if not storage.is_s3_uri(spec) and "/" not in spec and not spec.endswith(".pth"):
+        if not checkpoint_uri:
+            raise CheckpointConflict(
+                f"runtime.resume_from={spec!r} is a run key, but this run has no checkpoint location to find "
+                "it beside (clearml.output_uri, or the agent's default output URI). Give the checkpoint "
+                "folder, S3 prefix or .pth file instead."
+            )
+        return f"{checkpoint_uri.rstrip('/').rsplit('/', 1)[0]}/{spec}", None
+    if spec.endswith(".pth"):
+        folder, _, name = spec.rpartition("/")
+        return folder or ".", name
+    return spec, None
+
+
+def _source_file(folder: str, name: str, staging: Path) -> Path | None:
+    """``<folder>/<name>``: fetched into ``staging`` from S3, used in place when local; None if absent."""
+    if storage.is_s3_uri(folder):
+        return _fetch(folder, name, staging)
+    path = Path(folder) / name
+    return path if path.is_file() else None
+
+
+def explicit_resume_point(
+    spec: str,
+    expected: RunRecord,
+    *,
+    checkpoint_uri: str | None,
+    local_dir: Path,
+    moved: tuple[Path, Path] | None = None,
+) -> ResumePoint:
+    """The other run's checkpoint that ``runtime.resume_from`` (``spec``) names for the run in ``local_dir``.
+
+    ``spec`` is a run key (looked for beside ``checkpoint_uri``, i.e. under the same
+    ``<output_uri>/<project>/<name>/checkpoints/``), a checkpoint folder or S3 prefix (its newest
+    checkpoint), or a ``.pth`` file in one. It must be a d2ops run of the same training identity
+    (its run record says so), and not already at ``max_iter``; otherwise :class:`CheckpointConflict`.
+    The optimizer, scheduler and iteration are continued; to start from another training's
+    weights alone, use ``model.weights``. ``moved`` is ``(folder, where it went)`` when
+    :func:`prepare_output_dir` just set the named local folder aside. Local checkpoints are read
+    in place; those on S3 are fetched into a folder of ``local_dir``.
+    """
+    staging = local_dir / _RESUME_FROM_DIR
+    folder, name = _locate(spec, checkpoint_uri)
+    if moved is not None and not storage.is_s3_uri(folder) and Path(folder).resolve() == moved[0].resolve():
+        folder = str(moved[1])
+    where = f"runtime.resume_from={spec!r} ({folder})"
+    record_file = _source_file(folder, RUN_RECORD, staging)
+    if record_file is None:
+        raise CheckpointConflict(
+            f"{where} has no d2ops run record ({RUN_RECORD}): only checkpoints a d2ops run wrote can be "
+            "continued (a run writes them to <runtime.output_dir>/train and <output_uri>/<project>/<name>/"
+            "checkpoints/<run key>). To start from a model's weights alone, set model.weights instead."
+        )
+    record = RunRecord.read(record_file.parent)
+    assert record is not None
+    if record.run_key == expected.run_key:
+        raise CheckpointConflict(
+            f"{where} names this run's own checkpoints (run key {record.run_key}); they are resumed without "
+            "runtime.resume_from. Remove it."
+        )
+    if record.identity != expected.identity:
+        raise CheckpointConflict(
+            f"{where} holds another training (identity {record.identity}; this run: {expected.identity}: the "
+            "model, data or optimisation settings differ). runtime.resume_from continues the same training "
+            "only; to start from its weights with a fresh optimizer and schedule, set model.weights to its "
+            "checkpoint."
+        )
+    if name is None:
+        pointer = _source_file(folder, POINTER, staging)
+        name = pointer.read_text().strip() if pointer else ""
+        if name not in record.checkpoints and record.checkpoints:
+            name = max(record.checkpoints.items(), key=lambda kv: (kv[1], kv[0] == FINAL))[0]
+    if name not in record.checkpoints:
+        raise CheckpointConflict(f"{where}: {name or 'no checkpoint'} is not listed in its run record")
+    iteration = record.checkpoints[name]
+    source = f"{folder}/{name}"
+    if iteration + 1 >= expected.max_iter:
+        raise CheckpointConflict(
+            _past_max_iter_message(source, iteration, expected.max_iter, "runtime.resume_from names it")
+        )
+    path = _source_file(folder, name, staging)
+    if path is None:
+        raise CheckpointConflict(f"{where}: {source} is listed in its run record but missing")
+    return ResumePoint(path, iteration, False, run_key=record.run_key, source=source)
 
 
 def _remove_torn_files(folder: Path) -> None:
@@ -282,7 +447,7 @@ def _remove_torn_files(folder: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def prepare_output_dir(folder: Path, *, resume: bool, expected: RunRecord | None = None) -> None:
+def prepare_output_dir(folder: Path, *, resume: bool, expected: RunRecord | None = None) -> Path | None:
     """Create ``folder`` and drop leftovers of a killed write; without resume, forget old checkpoints.
 
     A local folder left by another run (another run key: an earlier pipeline run in the same
@@ -291,6 +456,7 @@ def prepare_output_dir(folder: Path, *, resume: bool, expected: RunRecord | None
     still stop the step, in :func:`find_resume_point`.)
     ``resume=False`` removes the pointer and run record (not the checkpoint files), so a rerun
     of this fresh run never resumes from the checkpoints it was told to ignore.
+    Returns where the other run's folder went, or None.
     """
     found = RunRecord.read(folder) if expected is not None and folder.is_dir() else None
     if found is not None and expected is not None and found.run_key != expected.run_key:
@@ -298,12 +464,21 @@ def prepare_output_dir(folder: Path, *, resume: bool, expected: RunRecord | None
         if aside.exists():
             shutil.rmtree(aside)
         folder.rename(aside)
-        log.warning("%s held run %s's checkpoints; moved to %s, this run starts afresh", folder, found.run_key, aside)
+        log.warning(
+            "%s held run %s's checkpoints; moved to %s, and this run (%s) does not resume them",
+            folder,
+            found.run_key,
+            aside,
+            expected.run_key,
+        )
+    else:
+        aside = None
     folder.mkdir(parents=True, exist_ok=True)
     _remove_torn_files(folder)
     if not resume:
         for name in (POINTER, RUN_RECORD):
             (folder / name).unlink(missing_ok=True)
+    return aside
 
 
 def _fetch(uri: str, name: str, staging: Path) -> Path | None:

@@ -3,7 +3,11 @@
 Training data and pretrained weights reach the pipeline from object storage. This module
 moves them between a bucket and a local directory so that:
 
-* a re-run with unchanged data costs one listing and no bytes (cache keyed by ETag and size),
+* a re-run with unchanged data costs one listing and no bytes transferred (cache keyed by ETag
+  and size, each cached file's content checked against the sha256 recorded when it was fetched),
+* the local copy of a prefix mirrors its listing exactly: local files the listing does not have
+  (objects deleted since, strays) are removed, and temp files of a killed run are cleaned up,
+  so what is validated and trained on is exactly what the identity names,
 * an interrupted run never leaves a truncated file under its final name (temp file + rename),
 * transient network and 5xx errors are retried, and a wrong bucket, key or credential
   fails at once with a message that says what to check,
@@ -31,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache, partial
 from hashlib import sha256
@@ -50,7 +54,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CACHE_INDEX_NAME = ".d2ops-manifest.json"
-"""Per-destination cache index: ``{relative key: {"etag": ..., "size": ...}}``."""
+"""Per-destination cache index: ``{relative key: {"etag": ..., "size": ..., "sha256": ...}}``.
+
+``sha256`` is the hash of the bytes written, computed while they stream in (no extra read). A
+cached file is reused only if its listing ETag and size match its entry *and* its content still
+hashes to it (one local read of every cached byte per sync; an entry without it is fetched again).
+"""
 
 BOTO_MAX_ATTEMPTS = 5
 """botocore's per-request retries ("standard" mode: connection errors, 5xx, throttling)."""
@@ -396,7 +405,31 @@ class _Progress:
         self._bar.close()
 
 
-def _copy_stream(body: Any, fh: BinaryIO, on_bytes: Callable[[int], None]) -> int:
+class _HashingWriter:
+    """A write-only file wrapper that hashes what goes through it (``name`` as the file's)."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+        self.name = fh.name
+        self._hash = sha256()
+
+    def write(self, data: bytes) -> int:
+        self._hash.update(data)
+        return self._fh.write(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _copy_stream(body: Any, fh: Any, on_bytes: Callable[[int], None]) -> int:
     """Copy a response body into ``fh`` in chunks; returns the bytes written."""
     written = 0
     for chunk in body.iter_chunks(_CHUNK_BYTES):
@@ -474,9 +507,9 @@ def _list_remote(client: S3Client, loc: S3Location) -> tuple[list[_Remote], bool
     return [_Remote(prefix, ObjectInfo(name, head["ETag"].strip('"'), head["ContentLength"]))], True
 
 
-def _is_cached(info: ObjectInfo, target: Path, index: dict[str, dict[str, Any]]) -> bool:
-    entry = index.get(info.key)
-    if not entry or entry.get("etag") != info.etag or entry.get("size") != info.size:
+def _index_matches(info: ObjectInfo, target: Path, entry: dict[str, Any] | None) -> bool:
+    """The index says ``target`` holds this listing's object (ETag, size, a content hash to check)."""
+    if not entry or entry.get("etag") != info.etag or entry.get("size") != info.size or not entry.get("sha256"):
         return False
     try:
         return target.is_file() and target.stat().st_size == info.size
@@ -484,13 +517,39 @@ def _is_cached(info: ObjectInfo, target: Path, index: dict[str, dict[str, Any]])
         return False
 
 
-def _fetch_once(client: S3Client, bucket: str, remote: _Remote, target: Path, progress: _Progress) -> ObjectInfo:
-    """Download one object to a temp file next to ``target``, then rename it into place."""
+def _changed_since_fetched(candidates: list[tuple[str, Path, str]], workers: int) -> list[str]:
+    """The keys of ``(key, file, sha256)`` whose file no longer hashes to what was downloaded.
+
+    Reads every byte once, ``workers`` files at a time (hashlib releases the GIL).
+    """
+
+    def changed(item: tuple[str, Path, str]) -> bool:
+        _, path, digest = item
+        try:
+            return _file_sha256(path) != digest
+        except OSError:
+            return True
+
+    if not candidates:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="d2ops-verify") as pool:
+        flags = list(pool.map(changed, candidates))
+    return [key for (key, _, _), flag in zip(candidates, flags, strict=True) if flag]
+
+
+def _fetch_once(
+    client: S3Client, bucket: str, remote: _Remote, target: Path, progress: _Progress, hashes: dict[str, str]
+) -> ObjectInfo:
+    """Download one object to a temp file next to ``target``, then rename it into place.
+
+    The sha256 of the bytes written goes to ``hashes[key]`` (for the cache index).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(target)
     try:
         with progress.attempt() as on_bytes:
-            with open(tmp, "xb") as fh:
+            with open(tmp, "xb") as raw:
+                fh = _HashingWriter(raw)
                 response = client.get_object(Bucket=bucket, Key=remote.key)
                 expected = response["ContentLength"]
                 written = _copy_stream(response["Body"], fh, on_bytes)
@@ -500,7 +559,81 @@ def _fetch_once(client: S3Client, bucket: str, remote: _Remote, target: Path, pr
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    hashes[remote.info.key] = fh.hexdigest()
     return ObjectInfo(remote.info.key, response.get("ETag", remote.info.etag).strip('"'), written)
+
+
+@contextmanager
+def _exclusive(dest: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the folder ``dest`` while a sync changes it.
+
+    Two processes syncing into one folder (two agents sharing a cache) take turns, so neither
+    removes the other's in-flight temp files. Where locks are not supported, it goes on unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    try:
+        fd = os.open(dest, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another download into %s to finish", dest)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. ENOLCK on some network filesystems
+            logger.debug("no lock on %s (%s); syncing unlocked", dest, exc)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _local_files(dest: Path) -> list[tuple[str, Path]]:
+    """``(relative posix path, path)`` of every file (or link) under ``dest``."""
+    out = []
+    for root, _, names in os.walk(dest):
+        for name in names:
+            path = Path(root) / name
+            out.append((path.relative_to(dest).as_posix(), path))
+    return out
+
+
+def _clean_destination(dest: Path, wanted: set[str], *, mirror: bool, source: str) -> None:
+    """Remove temp files of a killed sync from ``dest``, and with ``mirror`` every file not in ``wanted``.
+
+    ``wanted`` holds the listing's relative keys. A mirror that has files of its own but no cache
+    index was not made by this module (a user's folder given as the destination): it is refused,
+    and nothing is deleted. Folders left empty are removed.
+    """
+    files = [(rel, path) for rel, path in _local_files(dest) if rel != CACHE_INDEX_NAME and rel not in wanted]
+    parts = [path for rel, path in files if _PART_FILE.match(path.name)]
+    extras = [(rel, path) for rel, path in files if mirror and not _PART_FILE.match(path.name)]
+    if extras and not (dest / CACHE_INDEX_NAME).exists():
+        shown = ", ".join(rel for rel, _ in extras[:5]) + (", ..." if len(extras) > 5 else "")
+        raise StorageError(
+            f"refusing to download {source} into {dest}: it holds {len(extras)} file(s) that are not under "
+            f"that prefix ({shown}) and it is not a d2ops download folder (no {CACHE_INDEX_NAME}), so they "
+            "would be deleted to mirror the listing. Use an empty or dedicated folder"
+        )
+    for path in parts:
+        path.unlink(missing_ok=True)
+    if parts:
+        logger.info("removed %d temp file(s) left by an interrupted download in %s", len(parts), dest)
+    for _, path in extras:
+        path.unlink(missing_ok=True)
+    if extras:
+        shown = ", ".join(rel for rel, _ in extras[:10]) + (", ..." if len(extras) > 10 else "")
+        logger.info("removed %d local file(s) not in the listing of %s from %s: %s", len(extras), source, dest, shown)
+    if mirror:
+        for root, _, _ in os.walk(dest, topdown=False):  # deepest first; rmdir fails on a non-empty one
+            if Path(root) != dest:
+                with suppress(OSError):
+                    os.rmdir(root)
 
 
 def _listing(uri: str, workers: int = 10) -> tuple[S3Location, S3Client, list[_Remote], bool]:
@@ -521,26 +654,62 @@ def _download_s3(uri: str, dest: Path, workers: int, progress: bool) -> tuple[Tr
     loc, client, remotes, single = _listing(uri, workers)
 
     dest.mkdir(parents=True, exist_ok=True)
+    with _exclusive(dest):
+        return _download_into(loc, client, remotes, single, dest, workers, progress, started)
+
+
+def _download_into(
+    loc: S3Location,
+    client: S3Client,
+    remotes: list[_Remote],
+    single: bool,
+    dest: Path,
+    workers: int,
+    progress: bool,
+    started: float,
+) -> tuple[TransferStats, Path]:
+    wanted = {remote.info.key for remote in remotes}
+    # A prefix is mirrored: what is not in its listing goes. A single object shares its folder.
+    _clean_destination(dest, wanted, mirror=not single, source=loc.uri())
     old_index = _read_index(dest)
     index = {key: entry for key, entry in old_index.items() if (dest / key).is_file()}
     manifest: list[ObjectInfo] = []
     todo: list[tuple[_Remote, Path]] = []
+    candidates: list[tuple[_Remote, Path]] = []
     for remote in remotes:
         target = dest / _safe_relative(remote.info.key)
-        if _is_cached(remote.info, target, index):
-            manifest.append(remote.info)
+        if _index_matches(remote.info, target, index.get(remote.info.key)):
+            candidates.append((remote, target))
         else:
             todo.append((remote, target))
+    changed = set(
+        _changed_since_fetched([(r.info.key, t, index[r.info.key]["sha256"]) for r, t in candidates], workers)
+    )
+    for remote, target in candidates:
+        if remote.info.key in changed:
+            index.pop(remote.info.key, None)
+            todo.append((remote, target))
+        else:
+            manifest.append(remote.info)
+    if changed:
+        shown = ", ".join(sorted(changed)[:10]) + (", ..." if len(changed) > 10 else "")
+        logger.warning(
+            "%d cached file(s) in %s changed since download (content hash differs), fetching again: %s",
+            len(changed),
+            dest,
+            shown,
+        )
 
     fetched: list[ObjectInfo] = []
+    hashes: dict[str, str] = {}
     bar = _Progress(sum(remote.info.size for remote, _ in todo), f"download {loc.bucket}", progress)
-    jobs = [(r.key, partial(_fetch_once, client, loc.bucket, r, target, bar)) for r, target in todo]
+    jobs = [(r.key, partial(_fetch_once, client, loc.bucket, r, target, bar, hashes)) for r, target in todo]
     try:
         failure = _run_parallel(jobs, workers, fetched)
     finally:  # also on Ctrl-C: record what did arrive, and only that
         bar.close()
         for info in fetched:
-            index[info.key] = {"etag": info.etag, "size": info.size}
+            index[info.key] = {"etag": info.etag, "size": info.size, "sha256": hashes.get(info.key)}
         _write_index(dest, index)
     if failure is not None:
         key, error = failure
@@ -649,23 +818,29 @@ def _iter_files(root: Path) -> Iterator[Path]:
 def download(uri_or_path: str, dest: Path, *, workers: int = 16, progress: bool = True) -> TransferStats:
     """Make the data at ``uri_or_path`` available locally and say what it is.
 
-    * ``s3://`` prefix: every object below it is fetched into ``dest`` (keys become relative
-      paths), ``workers`` at a time. Objects whose local copy matches the ETag and size in
-      ``dest/.d2ops-manifest.json`` are skipped, so unchanged data costs only a listing.
+    * ``s3://`` prefix: ``dest`` becomes an exact mirror of the listing. Every object below it
+      is fetched into ``dest`` (keys become relative paths), ``workers`` at a time; objects
+      whose local copy matches the ETag and size in ``dest/.d2ops-manifest.json`` and still
+      hashes to the sha256 recorded there are skipped, so unchanged data costs a listing and
+      one local read (no transfer). Local files the listing does not have (objects deleted
+      since, strays) are removed and logged. ``dest`` must be dedicated to the prefix: a
+      folder holding other files and no cache index is refused, not cleaned.
     * ``s3://`` single object (the exact key exists and is not a prefix): fetched into
-      ``dest/<basename>``.
+      ``dest/<basename>``; other files in ``dest`` are left alone.
     * a local path: nothing is copied (``files_transferred == 0``) and ``dest`` is ignored;
       the stats describe the local files. Use :func:`resolve_local` to get the directory to
       read from in either case.
 
     Each object is written to a temp file beside its target and renamed into place, so an
     interrupted run never leaves a truncated file under the final name (the rename is atomic
-    against interruption, not fsynced against power loss). Local files that no longer exist
-    remotely are left alone: use a fresh ``dest`` for a prefix whose objects were deleted.
+    against interruption, not fsynced against power loss); the temp files a killed run leaves
+    are removed by the next sync into ``dest``. Syncs into one ``dest`` take turns (``flock``).
+    A local path is the user's own folder: nothing in it is ever deleted.
 
     Raises:
         StorageError: nothing under the URI, bucket missing, access denied, endpoint
-            unreachable after retries, or a local path that does not exist.
+            unreachable after retries, a local path that does not exist, or a ``dest`` that
+            holds files of its own and is not a d2ops download folder.
     """
     return sync(uri_or_path, dest, workers=workers, progress=progress)[0]
 

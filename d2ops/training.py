@@ -5,6 +5,12 @@ so the training loop itself is detectron2's, untouched. Checkpoints are crash-sa
 to the run (:mod:`d2ops.checkpoints`): a killed or retried run resumes where it stopped, and a
 checkpoint of another training is never taken for this one's. Several GPUs or machines go
 through detectron2's ``launch`` (:mod:`d2ops.distributed`).
+
+Resume rule (stated in full in :mod:`d2ops.checkpoints`): a run resumes only its own
+checkpoints, those of its run key (the pipeline run; outside a pipeline the training identity
+with ``solver.max_iter``, ``runtime.output_dir`` and ``runtime.resume_from``). Another run's
+checkpoints are continued only when ``runtime.resume_from`` names them; that is logged at
+WARNING and returned as :attr:`TrainResult.resumed_from` for the bundle's lineage.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils.events import EventWriter, get_event_storage
 
 from d2ops.checkpoints import (
+    RUN_RECORD,
     AtomicCheckpointer,
     CheckpointConflict,
     CheckpointSync,
     ResumePoint,
     RunRecord,
+    explicit_resume_point,
     find_resume_point,
     new_run_record,
     prepare_output_dir,
@@ -197,9 +205,15 @@ class TrainResult:
     """What a training run leaves behind.
 
     ``iterations`` were trained by this call, from ``start_iter`` to ``solver.max_iter``;
-    ``resumed_from`` names the checkpoint it continued from; ``reused`` is True when this run's
-    own finished training was found and returned without training (a retried step).
-    On a machine other than the first of a multi-machine run, ``weights`` is empty.
+    ``resumed_checkpoint`` names the checkpoint file this call continued from (this run's own,
+    written by an earlier attempt, or another run's); ``reused`` is True when this run's own
+    finished training was found and returned without training (a retried step).
+    ``resumed_from`` is the lineage: ``{"run_key", "checkpoint", "iteration"}`` of another run's
+    checkpoint this training continues (``runtime.resume_from``; kept by retries of this run),
+    None when it trained from iteration 0 (from scratch or ``model.weights``). ``run_record`` is
+    the run's ``d2ops_run.json`` (run key, identity, ``resume_from``, ``resumed_from``,
+    checkpoints), a file to hand on for lineage.
+    On a machine other than the first of a multi-machine run, ``weights`` and ``run_record`` are empty.
     """
 
     weights: str
@@ -209,9 +223,11 @@ class TrainResult:
     device: str
     eval_metrics: dict[str, Any] = field(default_factory=dict)
     start_iter: int = 0
-    resumed_from: str | None = None
+    resumed_checkpoint: str | None = None
+    resumed_from: dict[str, Any] | None = None
     reused: bool = False
     world_size: int = 1
+    run_record: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -336,15 +352,57 @@ def _stop_workers(grace_s: float = 10.0) -> None:
 
 
 def _resume_point(output_dir: Path, checkpoint_uri: str | None, record: RunRecord, resume: bool) -> ResumePoint | None:
-    prepare_output_dir(output_dir, resume=resume, expected=record)
-    if not resume:
+    """Where this run continues, by the rule of :mod:`d2ops.checkpoints`; updates ``record`` to match.
+
+    First this run's own checkpoints (unless ``resume`` is False); failing those, the other run's
+    checkpoint that ``record.resume_from`` names, which is logged at WARNING and recorded in
+    ``record.resumed_from``. None: train from iteration 0.
+    """
+    aside = prepare_output_dir(output_dir, resume=resume, expected=record)
+    own = None
+    if resume:
+        if checkpoint_uri and restore_checkpoints(checkpoint_uri, output_dir, record):
+            log.info("restored checkpoints of run %s from %s", record.run_key, checkpoint_uri)
+        own = find_resume_point(output_dir, record)
+    if own is not None:
+        found = RunRecord.read(output_dir)
+        record.checkpoints = dict(found.checkpoints) if found else {}
+        record.resumed_from = found.resumed_from if found else None
+        if not own.reusable:
+            log.info(
+                "resuming this run's own checkpoint %s (run key %s, written by an earlier attempt) at iteration %d",
+                own.path,
+                record.run_key,
+                own.start_iter,
+            )
+        return own
+    if not record.resume_from:
         return None
-    if checkpoint_uri and restore_checkpoints(checkpoint_uri, output_dir, record):
-        log.info("restored checkpoints from %s", checkpoint_uri)
-    return find_resume_point(output_dir, record)
+    point = explicit_resume_point(
+        record.resume_from,
+        record,
+        checkpoint_uri=checkpoint_uri,
+        local_dir=output_dir,
+        moved=(output_dir, aside) if aside is not None else None,
+    )
+    record.resumed_from = {"run_key": point.run_key, "checkpoint": point.source, "iteration": point.iteration}
+    log.warning(
+        "continuing ANOTHER run's training: %s (run %s, iteration %d) with its optimizer and scheduler state, "
+        "from iteration %d to %d, as runtime.resume_from=%s says; recorded as resumed_from in this run's record "
+        "and train result",
+        point.source,
+        point.run_key,
+        point.iteration,
+        point.start_iter,
+        record.max_iter,
+        record.resume_from,
+    )
+    return point
 
 
-def _reused(point: ResumePoint, config_path: Path, device: str, reporter: Reporter) -> TrainResult:
+def _reused(
+    point: ResumePoint, config_path: Path, device: str, reporter: Reporter, resumed_from: dict[str, Any] | None
+) -> TrainResult:
     log.info(
         "reusing %s: this run's own training already finished at iteration %d (solver.max_iter); "
         "nothing is trained again",
@@ -359,8 +417,10 @@ def _reused(point: ResumePoint, config_path: Path, device: str, reporter: Report
         seconds=0.0,
         device=device,
         start_iter=point.start_iter,
-        resumed_from=point.path.name,
+        resumed_checkpoint=point.path.name,
+        resumed_from=resumed_from,
         reused=True,
+        run_record=str(point.path.parent / RUN_RECORD),
     )
 
 
@@ -379,17 +439,19 @@ def train(
 ) -> TrainResult:
     """Train a detector; resume from this run's last checkpoint when there is one.
 
-    ``run`` identifies the training (:func:`d2ops.checkpoints.new_run_record`; default: from
-    ``cfg`` alone). With ``checkpoint_uri`` (``<output_uri>/.../checkpoints/<run key>``),
-    checkpoints are mirrored there and a rerun on another machine resumes from them. A
-    checkpoint of another training, or one already at ``max_iter`` that is not this run's
-    finished training, raises :class:`CheckpointConflict`; this run's finished training is
-    returned as is (``reused=True``). ``plan`` (default: from ``cfg.runtime``, one machine)
+    ``run`` identifies the run (:func:`d2ops.checkpoints.new_run_record`; default: from ``cfg``
+    alone, as outside a pipeline). With ``checkpoint_uri`` (``<output_uri>/.../checkpoints/<run
+    key>``), checkpoints are mirrored there and a rerun of this run on another machine resumes
+    from them. Only this run's checkpoints are resumed (``resume=False``: not even those);
+    another run's only when ``run.resume_from`` names it (``runtime.resume_from``), recorded in
+    ``resumed_from``. A checkpoint of another training, or one already at ``max_iter`` that is
+    not this run's finished training, raises :class:`CheckpointConflict`; this run's finished
+    training is returned as is (``reused=True``). ``plan`` (default: from ``cfg.runtime``, one machine)
     says how many processes train; more than one needs ``data_root`` so that each can
     register the dataset.
     """
     reporter = reporter or Reporter()
-    record = replace(run or new_run_record(cfg, ""), checkpoints={})
+    record = replace(run or new_run_record(cfg, ""), checkpoints={}, resumed_from=None)
     plan = plan or launch_plan(
         cfg.runtime.num_gpus,
         cfg.runtime.num_machines,
@@ -404,11 +466,7 @@ def train(
     config_path.write_text(d2.dump())
     reporter.configuration("detectron2", d2.dump(), "the merged detectron2 config of this run")
     if point is not None and point.reusable:
-        return _reused(point, config_path, d2.MODEL.DEVICE, reporter)
-    if point is not None:
-        found = RunRecord.read(output_dir)
-        record.checkpoints = dict(found.checkpoints) if found else {}
-        log.info("resuming from %s at iteration %d", point.path, point.start_iter)
+        return _reused(point, config_path, d2.MODEL.DEVICE, reporter, record.resumed_from)
     job = TrainJob(d2, record, checkpoint_uri, point, data_root, cfg.data)
     tic = time.perf_counter()
     outcome = _launch(job, plan, reporter, output_dir)
@@ -424,8 +482,10 @@ def train(
         device=d2.MODEL.DEVICE,
         eval_metrics=outcome["eval_metrics"],
         start_iter=outcome["start_iter"],
-        resumed_from=point.path.name if point else None,
+        resumed_checkpoint=point.path.name if point else None,
+        resumed_from=record.resumed_from,
         world_size=plan.world_size,
+        run_record=str(output_dir / RUN_RECORD) if plan.is_master else "",
     )
 
 

@@ -2,14 +2,18 @@
 
 The train step runs as a user runs it (``python tasks/train.py --offline``, a real subprocess)
 with ``clearml.output_uri`` on a real local S3 endpoint (moto). It is SIGKILLed as soon as its
-first checkpoint is on S3, then rerun in a fresh work folder, as a retried step on another
-machine would be. One killed-and-resumed run is shared by the tests of this module.
+first checkpoint is on S3, then rerun with the same config after its local folder is removed, as
+a retried step on another machine would be. One killed-and-resumed run is shared by the tests of
+this module; it is also the "probe" that a later run with another max_iter or output_dir must not
+warm-start from (only an explicit ``resume_from`` continues it, and that is recorded).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,8 +39,8 @@ def _env(tmp: Path) -> dict[str, str]:
     return {**env, "CLEARML_CACHE_DIR": str(tmp / "clearml")}
 
 
-def _train_cmd(dataset: Path, output_uri: str, workdir: Path, *extra: str) -> list[str]:
-    sets = [
+def _train_sets(output_uri: str, workdir: Path, *extra: str) -> list[str]:
+    return [
         f"solver.max_iter={MAX_ITER}",
         "solver.checkpoint_period=3",
         "solver.eval_period=0",
@@ -44,8 +48,11 @@ def _train_cmd(dataset: Path, output_uri: str, workdir: Path, *extra: str) -> li
         f"runtime.output_dir={workdir}",
         *extra,
     ]
+
+
+def _train_cmd(dataset: Path, output_uri: str, workdir: Path, *extra: str) -> list[str]:
     args = [sys.executable, "tasks/train.py", "--config", SMOKE, "--offline", "--dataset-uri", str(dataset)]
-    for item in sets:
+    for item in _train_sets(output_uri, workdir, *extra):
         args += ["--set", item]
     return args
 
@@ -79,7 +86,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Run the step, SIGKILL it once its first checkpoint is on S3, rerun it in a fresh folder."""
+    """Run the step, SIGKILL it once its first checkpoint is on S3, rerun it on a "fresh machine"
+    (same config, its local folder gone)."""
     import boto3
 
     from d2ops.s3server import local_s3_endpoint
@@ -111,7 +119,8 @@ def killed_and_resumed(dataset: Path, tmp_path_factory: pytest.TempPathFactory) 
         saved = tmp / "resumed_from.pth"
         client.download_file("ckpt", f"{location}/{name}", str(saved))
 
-        second = _run(_train_cmd(dataset, output_uri, tmp / "second"), tmp)
+        shutil.rmtree(tmp / "first")  # the retry runs on another machine: only S3 has the checkpoints
+        second = _run(_train_cmd(dataset, output_uri, tmp / "first"), tmp)
         yield {
             "tmp": tmp,
             "client": client,
@@ -135,12 +144,13 @@ def test_killed_step_resumes_at_the_next_iteration_and_ends_at_max_iter(killed_a
     n = run["killed_at"]
     assert run["resumed_from"] == f"model_{n:07d}.pth"
     result = run["second_result"]
-    assert result["resumed_from"] == run["resumed_from"]
+    assert result["resumed_checkpoint"] == run["resumed_from"]
+    assert result["resumed_from"] is None  # its own run's checkpoint: nothing for the lineage
     assert result["start_iter"] == n + 1
     assert result["iterations"] == MAX_ITER - (n + 1)
     assert result["reused"] is False
     # The training iterations detectron2's EventStorage logged in the rerun: after the checkpoint, up to max_iter - 1.
-    lines = [json.loads(line) for line in (run["tmp"] / "second" / "train" / "metrics.json").open()]
+    lines = [json.loads(line) for line in (run["tmp"] / "first" / "train" / "metrics.json").open()]
     iterations = [line["iteration"] for line in lines if "total_loss" in line]
     assert iterations and n + 1 <= min(iterations) and max(iterations) == MAX_ITER - 1
     assert f"Starting training from iteration {n + 1}" in run["second"].stderr
@@ -183,26 +193,137 @@ def test_a_retried_finished_step_reuses_its_training_explicitly(
     killed_and_resumed: dict[str, Any], dataset: Path
 ) -> None:
     run, tmp = killed_and_resumed, killed_and_resumed["tmp"]
-    third = _run(_train_cmd(dataset, run["output_uri"], tmp / "third"), tmp)
+    shutil.rmtree(tmp / "first")  # again on a fresh machine
+    third = _run(_train_cmd(dataset, run["output_uri"], tmp / "first"), tmp)
     result = _step_result(third, tmp)
     assert result["reused"] is True and result["iterations"] == 0
-    assert result["start_iter"] == MAX_ITER and result["resumed_from"] == "model_final.pth"
+    assert result["start_iter"] == MAX_ITER and result["resumed_checkpoint"] == "model_final.pth"
     assert "reusing" in third.stderr and "nothing is trained again" in third.stderr
     assert Path(result["weights"]).is_file()
 
 
+def _in_process(dataset: Path, output_uri: str, workdir: Path, *extra: str) -> Any:  # an ExperimentConfig
+    """The config tasks/train.py builds from :func:`_train_cmd`'s settings, for calling train() here."""
+    from d2ops.config import load_config
+
+    return load_config(SMOKE, [f"data.source={dataset}", *_train_sets(output_uri, workdir, *extra)])
+
+
+def _dataset_identity(dataset: Path) -> str:
+    from d2ops import storage
+
+    return storage.sync(str(dataset), dataset)[0].identity
+
+
 @pytest.mark.slow
-def test_a_finished_checkpoint_past_max_iter_fails_the_step_with_advice(
+def test_a_probe_run_never_warm_starts_a_run_with_another_max_iter_or_folder(
     killed_and_resumed: dict[str, Any], dataset: Path
 ) -> None:
-    """Same training, lower max_iter: the checkpoint is past it and not this run's finished training."""
+    """The reported defect: a finished short run (folder A, max_iter N) on the same output_uri, then a run
+    of the same training in folder B with a higher max_iter. It is another run: it trains from iteration 0."""
     run, tmp = killed_and_resumed, killed_and_resumed["tmp"]
-    proc = _run(_train_cmd(dataset, run["output_uri"], tmp / "fourth", "solver.max_iter=9"), tmp)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"has already trained {MAX_ITER} iterations, and solver.max_iter is 9" in proc.stderr
-    assert "model_final.pth" in proc.stderr and "Raise solver.max_iter" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (tmp / "fourth" / "train" / "metrics.json").exists()  # nothing was trained
+    proc = _run(_train_cmd(dataset, run["output_uri"], tmp / "next", f"solver.max_iter={MAX_ITER + 3}"), tmp)
+    result = _step_result(proc, tmp)
+    assert (result["start_iter"], result["iterations"], result["reused"]) == (0, MAX_ITER + 3, False)
+    assert result["training_identity"] == run["second_result"]["training_identity"]  # the same training
+    assert result["run_key"] != run["second_result"]["run_key"]  # but another run
+    assert result["resumed_from"] is None and result["resumed_checkpoint"] is None
+    assert "Starting training from iteration 0" in proc.stderr
+    objects = _s3_objects(run["client"])
+    assert objects[f"{PREFIX}{result['run_key']}/last_checkpoint"] == b"model_final.pth"
+    assert objects[f"{run['location']}/last_checkpoint"] == b"model_final.pth"  # the probe's run is untouched
+
+
+@pytest.mark.slow
+def test_an_explicit_resume_from_another_run_is_warned_and_recorded(
+    killed_and_resumed: dict[str, Any], dataset: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``resume_from`` = the finished run's key: the new run (higher max_iter) continues its model_final at
+    iteration MAX_ITER, says so at WARNING, and records where it came from in its result and its run record;
+    a retry of the new run keeps that record."""
+    from d2ops.checkpoints import new_run_record
+    from d2ops.datasets import register_splits
+    from d2ops.training import train
+
+    run, tmp = killed_and_resumed, killed_and_resumed["tmp"]
+    probe_key = run["location"].rsplit("/", 1)[1]
+    cfg = _in_process(dataset, run["output_uri"], tmp / "explicit", f"solver.max_iter={MAX_ITER + 3}")
+    record = new_run_record(cfg, _dataset_identity(dataset), resume_from=probe_key)
+    assert record.identity == run["second_result"]["training_identity"] and record.run_key != probe_key
+    uri = f"{run['output_uri'].rstrip('/')}/{PREFIX}{record.run_key}"
+    with caplog.at_level(logging.INFO):
+        result = train(
+            cfg, register_splits(dataset, cfg.data), tmp / "explicit" / "train", checkpoint_uri=uri, run=record
+        )
+    origin = {
+        "run_key": probe_key,
+        "checkpoint": f"{run['output_uri'].rstrip('/')}/{run['location']}/model_final.pth",
+        "iteration": MAX_ITER - 1,
+    }
+    assert result.resumed_from == origin
+    assert (result.start_iter, result.iterations, result.resumed_checkpoint) == (MAX_ITER, 3, "model_final.pth")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(probe_key in m and "runtime.resume_from" in m and f"iteration {MAX_ITER}" in m for m in warnings), (
+        warnings
+    )
+    assert json.loads(Path(result.run_record).read_text())["resumed_from"] == origin  # the file for the lineage
+    on_s3 = json.loads(_s3_objects(run["client"])[f"{PREFIX}{record.run_key}/d2ops_run.json"])
+    assert on_s3["resumed_from"] == origin and on_s3["resume_from"] == probe_key
+    assert on_s3["checkpoints"]["model_final.pth"] == MAX_ITER + 2
+
+    # A retry of this run on a fresh machine finds its own finished training: reused, origin kept.
+    retry = train(cfg, register_splits(dataset, cfg.data), tmp / "explicit-retry", checkpoint_uri=uri, run=record)
+    assert retry.reused is True and retry.resumed_from == origin and retry.start_iter == MAX_ITER + 3
+
+
+@pytest.mark.slow
+def test_a_checkpoint_past_max_iter_fails_with_advice(killed_and_resumed: dict[str, Any], dataset: Path) -> None:
+    """A lower max_iter in the same run (a pipeline step whose max_iter was edited before a retry), or an
+    explicit resume_from of a training already past max_iter: a clear error, nothing trained."""
+    from d2ops.checkpoints import CheckpointConflict, new_run_record
+    from d2ops.datasets import register_splits
+    from d2ops.training import train
+
+    run, tmp = killed_and_resumed, killed_and_resumed["tmp"]
+    key = run["location"].rsplit("/", 1)[1]
+    uri = f"{run['output_uri'].rstrip('/')}/{run['location']}"
+    cfg = _in_process(dataset, run["output_uri"], tmp / "fourth", "solver.max_iter=9")
+    dataset_identity = _dataset_identity(dataset)
+    for record, where in (
+        (new_run_record(cfg, dataset_identity, run_key=key), uri),
+        (new_run_record(cfg, dataset_identity, resume_from=key), f"{run['output_uri'].rstrip('/')}/{PREFIX}new"),
+    ):
+        with pytest.raises(CheckpointConflict) as err:
+            train(cfg, register_splits(dataset, cfg.data), tmp / "fourth", checkpoint_uri=where, run=record)
+        message = str(err.value)
+        assert f"has already trained {MAX_ITER} iterations, and solver.max_iter is 9" in message
+        assert "model_final.pth" in message and "Raise solver.max_iter" in message
+        assert not (tmp / "fourth" / "metrics.json").exists()  # nothing was trained
+
+
+def test_the_run_outside_a_pipeline_is_its_training_max_iter_output_dir_and_resume_from() -> None:
+    """The rule for which checkpoints a run resumes, outside a pipeline: its run key hashes the training
+    identity, solver.max_iter, runtime.output_dir and runtime.resume_from. In a pipeline, the pipeline run."""
+    from d2ops.checkpoints import new_run_record
+    from d2ops.config import load_config
+
+    def record(*sets: str, **kwargs: Any) -> Any:
+        return new_run_record(load_config(SMOKE, list(sets)), "data-v1", **kwargs)
+
+    base = record("runtime.output_dir=/runs/a")
+    assert base.run_key == record("runtime.output_dir=/runs/a").run_key != base.identity
+    assert record("runtime.output_dir=/runs/a", "solver.checkpoint_period=7").run_key == base.run_key
+    others = [
+        record("runtime.output_dir=/runs/a", "solver.max_iter=20"),
+        record("runtime.output_dir=/runs/b"),
+        record("runtime.output_dir=/runs/a", "solver.base_lr=0.001"),
+        record("runtime.output_dir=/runs/a", resume_from="0123456789abcdef"),
+    ]
+    assert len({base.run_key, *(other.run_key for other in others)}) == 5
+    assert [other.identity == base.identity for other in others] == [True, True, False, True]
+    assert others[3].resume_from == "0123456789abcdef" and base.resume_from == ""
+    # In a pipeline the run key is the pipeline run: a retried step (same run) finds the same checkpoints.
+    assert record("runtime.output_dir=/x", "solver.max_iter=20", run_key="pipe-1").run_key == "pipe-1"
 
 
 @pytest.mark.slow
@@ -286,3 +407,53 @@ def test_a_new_pipeline_run_sets_an_earlier_runs_local_folder_aside(tmp_path: Pa
     prepare_output_dir(folder, resume=True, expected=run2)
     with pytest.raises(CheckpointConflict, match="belong to another training"):
         find_resume_point(folder, run2)
+
+
+def _probe_folder(folder: Path, identity: str, *, key: str = "probe-run", iteration: int = 4) -> None:
+    """A finished probe run's local checkpoint folder, as AtomicCheckpointer leaves it (dummy weights)."""
+    from d2ops.checkpoints import FINAL, POINTER, RUN_RECORD, RunRecord
+
+    folder.mkdir(parents=True)
+    (folder / FINAL).write_bytes(b"probe weights")
+    record = RunRecord(key, identity, max_iter=iteration + 1, checkpoints={FINAL: iteration})
+    (folder / RUN_RECORD).write_text(record.to_json())
+    (folder / POINTER).write_text(FINAL)
+
+
+def test_resume_from_a_local_folder_continues_it_and_records_where_from(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Train a finished local run further: same output_dir, higher max_iter, runtime.resume_from = its folder.
+    The new run sets the folder aside (another run key), continues the checkpoint from there, says so at
+    WARNING and records it; the wrong training, a key with no output_uri, or nothing left to train refuse."""
+    from d2ops.checkpoints import CheckpointConflict, new_run_record, training_identity
+    from d2ops.config import load_config
+    from d2ops.training import _resume_point
+
+    def cfg(max_iter: int) -> Any:
+        return load_config(SMOKE, [f"runtime.output_dir={tmp_path / 'out'}", f"solver.max_iter={max_iter}"])
+
+    folder = tmp_path / "out" / "train"
+    _probe_folder(folder, training_identity(cfg(10), "data-v1"))
+    record = new_run_record(cfg(10), "data-v1", resume_from=str(folder))
+    with caplog.at_level(logging.INFO):
+        point = _resume_point(folder, None, record, resume=True)
+    aside = tmp_path / "out" / "train.run-probe-run"
+    assert point is not None and point.path == aside / "model_final.pth" and point.start_iter == 5
+    assert record.resumed_from == {"run_key": "probe-run", "checkpoint": f"{aside}/model_final.pth", "iteration": 4}
+    warning = next(
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "ANOTHER" in r.getMessage()
+    )
+    assert "probe-run" in warning and "runtime.resume_from" in warning and "from iteration 5 to 10" in warning
+
+    other = tmp_path / "other" / "train"
+    _probe_folder(other, training_identity(load_config(SMOKE, ["solver.base_lr=0.001"]), "data-v1"))
+    cases = [
+        (new_run_record(cfg(10), "data-v1", resume_from=str(other)), "holds another training"),
+        (new_run_record(cfg(10), "data-v1", resume_from="probe-run"), "is a run key"),
+        (new_run_record(cfg(5), "data-v1", resume_from=f"{aside}/model_final.pth"), "has already trained 5 iterations"),
+        (new_run_record(cfg(10), "data-v1", resume_from=str(tmp_path / "nothing")), "no d2ops run record"),
+    ]
+    for i, (wrong, message) in enumerate(cases):
+        with pytest.raises(CheckpointConflict, match=message):
+            _resume_point(tmp_path / f"run{i}", None, wrong, resume=True)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +180,14 @@ def test_upload_then_download_roundtrip(uploaded: Uploaded, dataset: Path, tmp_p
     assert json.loads(json.dumps(down.to_dict()))["identity"] == down.identity
 
     index = json.loads((tmp_path / "out" / CACHE_INDEX_NAME).read_text())
-    assert index == {info.key: {"etag": info.etag, "size": info.size} for info in down.manifest}
+    assert index == {
+        info.key: {
+            "etag": info.etag,
+            "size": info.size,
+            "sha256": sha256((tmp_path / "out" / info.key).read_bytes()).hexdigest(),
+        }
+        for info in down.manifest
+    }
     assert part_files(tmp_path / "out") == []
 
 
@@ -291,6 +299,105 @@ def test_transient_stream_errors_are_retried(
     stats = storage.download(uri, tmp_path / "out", workers=1, progress=False)
     assert stats.files_transferred == 4 and len(calls) == 5
     assert tree(tmp_path / "out") == tree(dataset)
+
+
+# --------------------------------------------------------------------------- the local copy mirrors the listing
+
+
+def _s3_client(s3: LocalS3, uri: str) -> tuple[Any, str, str]:
+    """A boto3 client for the endpoint, and the bucket and key prefix of ``uri``."""
+    import boto3
+
+    loc = storage.parse_s3_uri(uri)
+    return boto3.client("s3", endpoint_url=s3.endpoint_url), loc.bucket, loc.prefix
+
+
+def test_an_object_deleted_from_s3_is_removed_from_the_local_copy(
+    s3: LocalS3, uploaded: Uploaded, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The rerun after a deletion: the local folder holds exactly the listed objects, and the identity is
+    the new listing's (the files trained on are the files recorded)."""
+    uri, _ = uploaded
+    out = tmp_path / "out"
+    first = storage.download(uri, out, progress=False)
+    client, bucket, prefix = _s3_client(s3, uri)
+    client.delete_object(Bucket=bucket, Key=prefix + "nested/b.txt")
+    (out / "nested" / "deeper" / "stray.json").write_text("{}")  # a file no listing ever had
+    (out / "old_split").mkdir()
+    (out / "old_split" / "img.jpg").write_bytes(b"from an earlier version of the data")
+
+    with caplog.at_level("INFO", logger="d2ops.storage"):
+        stats, root = storage.sync(uri, out, progress=False)
+    assert root == out
+    assert (
+        sorted(tree(out))
+        == sorted(info.key for info in stats.manifest)
+        == ["a.bin", "empty.txt", "nested/deeper/c.bin"]
+    )
+    assert not (out / "nested" / "b.txt").exists() and not (out / "old_split").exists()
+    assert stats.identity == storage.remote_identity(uri) != first.identity
+    assert stats.files_total == 3 and stats.files_transferred == 0  # the rest was cached, nothing fetched
+    assert "nested/b.txt" not in json.loads((out / CACHE_INDEX_NAME).read_text())
+    assert "removed 3 local file(s) not in the listing" in caplog.text
+
+
+def test_a_cached_file_changed_in_place_at_the_same_size_and_mtime_is_fetched_again(
+    uploaded: Uploaded, dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    uri, _ = uploaded
+    out = tmp_path / "out"
+    storage.download(uri, out, progress=False)
+    target = out / "nested" / "deeper" / "c.bin"
+    before = target.stat()
+    data = bytearray(target.read_bytes())
+    data[1234] ^= 0xFF  # one flipped byte: same size
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the same mtime
+    assert target.stat().st_size == before.st_size and target.stat().st_mtime_ns == before.st_mtime_ns
+
+    with caplog.at_level("WARNING", logger="d2ops.storage"):
+        stats = storage.download(uri, out, progress=False)
+    assert (stats.files_transferred, stats.bytes_transferred) == (1, 70_000)
+    assert tree(out) == tree(dataset)
+    assert "nested/deeper/c.bin" in caplog.text and "changed since download" in caplog.text
+    assert storage.download(uri, out, progress=False).files_transferred == 0
+
+
+def test_temp_files_left_by_a_killed_download_are_removed_at_the_next_sync(
+    uploaded: Uploaded, dataset: Path, tmp_path: Path
+) -> None:
+    uri, _ = uploaded
+    out = tmp_path / "out"
+    storage.download(uri, out, progress=False)
+    leftovers = [out / ".a.bin.0123456789ab.part", out / "nested" / "deeper" / ".c.bin.a1b2c3d4e5f6.part"]
+    for path in leftovers:
+        path.write_bytes(b"half a file")
+    stats = storage.download(uri, out, progress=False)
+    assert stats.files_transferred == 0
+    assert part_files(out) == []
+    assert tree(out) == tree(dataset)
+
+
+def test_a_folder_of_other_files_is_not_taken_over_as_a_download_folder(uploaded: Uploaded, tmp_path: Path) -> None:
+    """A destination with files of its own and no cache index is not a d2ops copy: nothing is deleted there."""
+    uri, _ = uploaded
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(StorageError, match=r"notes\.txt.*not a d2ops download folder"):
+        storage.download(uri, mine, progress=False)
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_a_local_source_folder_is_used_in_place_and_never_cleaned(dataset: Path, tmp_path: Path) -> None:
+    """A local data.source is the user's folder: extra files, temp-looking files and a stray index stay."""
+    (dataset / ".a.bin.0123456789ab.part").write_bytes(b"user file")
+    (dataset / "extra.txt").write_text("user file")
+    before = tree(dataset)
+    stats, root = storage.sync(str(dataset), tmp_path / "unused", progress=False)
+    assert root == dataset and tree(dataset) == before
+    assert "extra.txt" in [info.key for info in stats.manifest]
+    assert ".a.bin.0123456789ab.part" not in [info.key for info in stats.manifest]
 
 
 # --------------------------------------------------------------------------- errors

@@ -1,4 +1,4 @@
-"""Real (tiny) detectron2 training runs: metrics through the writer, divergence, resume from S3."""
+"""Real (tiny) detectron2 training runs: metrics through the writer, divergence, a retried step resuming from S3."""
 
 from __future__ import annotations
 
@@ -39,31 +39,56 @@ def test_diverged_run_fails_with_advice(dataset: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "model_final.pth").exists()
 
 
+class _Preempted(RuntimeError):
+    pass
+
+
 @pytest.mark.slow
-def test_resume_from_checkpoints_on_s3(dataset: Path, tmp_path: Path) -> None:
+def test_a_retried_pipeline_step_resumes_its_own_checkpoints_from_s3(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attempt 1 of a pipeline's train step dies after its checkpoint at iteration 2 reached S3; the retry
+    (same pipeline run, so the same run key; another machine, so another local folder) continues it."""
+    import logging
+
+    from detectron2.engine import HookBase
+
+    from d2ops.checkpoints import new_run_record
     from d2ops.datasets import register_splits
     from d2ops.s3server import local_s3_endpoint
-    from d2ops.training import train
+    from d2ops.training import Trainer, train
 
+    class DieAtIteration4(HookBase):
+        def after_step(self) -> None:
+            if self.trainer.iter == 4:
+                raise _Preempted("the spot instance went away")
+
+    real_hooks = Trainer.build_hooks
+    monkeypatch.setattr(Trainer, "build_hooks", lambda self: [*real_hooks(self), DieAtIteration4()])
     with local_s3_endpoint() as s3:
         import boto3
 
         boto3.client("s3", endpoint_url=s3.endpoint_url).create_bucket(Bucket="ckpt")
-        uri = s3.uri("ckpt", "run1/checkpoints")
         cfg = _cfg(dataset, "solver.max_iter=6", "solver.checkpoint_period=3")
+        run = new_run_record(cfg, "data-v1", run_key="pipeline-run-7")  # what run_train passes inside a pipeline
+        uri = s3.uri("ckpt", f"d2ops/smoke/smoke/checkpoints/{run.run_key}")
         reporter = RecordingReporter()
-        first = train(cfg, register_splits(dataset, cfg.data), tmp_path / "a", reporter=reporter, checkpoint_uri=uri)
-        assert first.iterations == 6
+        with pytest.raises(_Preempted):
+            train(
+                cfg, register_splits(dataset, cfg.data), tmp_path / "a", reporter=reporter, checkpoint_uri=uri, run=run
+            )
         series = {s for _, s, _, _ in reporter.scalars}
         assert {"total_loss", "loss_cls", "lr", "time", "data_time"} <= series
         assert "detectron2" in reporter.configurations
 
-        # A rerun elsewhere (fresh local folder) with a longer schedule continues from iteration 6.
-        cfg2 = _cfg(dataset, "solver.max_iter=9", "solver.checkpoint_period=3")
-        second = train(cfg2, register_splits(dataset, cfg2.data), tmp_path / "b", checkpoint_uri=uri)
-        assert second.iterations == 3
-        assert (second.start_iter, second.resumed_from, second.reused) == (6, "model_final.pth", False)
+        monkeypatch.setattr(Trainer, "build_hooks", real_hooks)
+        with caplog.at_level(logging.INFO, logger="d2ops"):
+            retry = train(cfg, register_splits(dataset, cfg.data), tmp_path / "b", checkpoint_uri=uri, run=run)
+        assert (retry.start_iter, retry.iterations, retry.resumed_checkpoint) == (3, 3, "model_0000002.pth")
+        assert retry.resumed_from is None and retry.reused is False  # its own run: nothing for the lineage
         assert (tmp_path / "b" / "model_final.pth").is_file()
+        assert "resuming this run's own checkpoint" in caplog.text
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "resum" in r.getMessage()]
 
 
 def _fresh_process_env(**extra: str) -> dict[str, str]:
