@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ __all__ = [
     "RUN_RECORD",
     "AtomicCheckpointer",
     "CheckpointConflict",
+    "CheckpointOnStop",
     "CheckpointSync",
     "ResumePoint",
     "RunRecord",
@@ -541,6 +543,30 @@ def restore_checkpoints(uri: str, local_dir: Path, expected: RunRecord) -> bool:
     write_text_atomic(local_dir / POINTER, name)
     log.info("restored %s (iteration %d) from %s", name, record.checkpoints[name], uri)
     return True
+
+
+class CheckpointOnStop(HookBase):
+    """Saves a checkpoint when training is stopped from outside, so the rerun continues from there.
+
+    Training that ends on an exception marked ``checkpoint_on_stop = True`` (SIGTERM turned into
+    :class:`d2ops.pipeline.StepStopped` by the step runner: an agent's abort, a pre-empted worker)
+    saves the weights, optimizer and scheduler as of the last completed iteration before the
+    exception leaves detectron2's loop (``after_train`` runs in its ``finally``). It is listed in
+    the run record like any checkpoint, and :class:`CheckpointSync`, after it, mirrors it. Errors
+    (a diverged loss, a bug) save nothing: their state is not worth resuming.
+    """
+
+    def after_train(self) -> None:
+        stopped = sys.exc_info()[1]
+        if stopped is None or not getattr(stopped, "checkpoint_on_stop", False) or not comm.is_main_process():
+            return
+        # detectron2 stopped inside iteration `iter`; the last completed one is iter - 1.
+        iteration = self.trainer.iter - 1
+        if iteration < self.trainer.start_iter:
+            return
+        self.trainer.iter = iteration  # the trainer's own state_dict records it; the rerun starts at + 1
+        self.trainer.checkpointer.save(f"model_{iteration:07d}", iteration=iteration)
+        log.warning("training stopped (%s): saved a checkpoint at iteration %d to resume from", stopped, iteration)
 
 
 class CheckpointSync(HookBase):

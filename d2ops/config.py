@@ -435,6 +435,11 @@ class RuntimeConfig(_Strict):
         default=1, ge=1, description="machines for training; > 1 uses ClearML's Task.launch_multi_node on agents"
     )
     dist_port: int = Field(default=29500, gt=0, lt=65536, description="the master machine's port when num_machines > 1")
+    resume_from: str | None = Field(
+        default=None,
+        description="continue another run's checkpoints (same training): its run key, or a checkpoint folder, "
+        "S3 prefix or .pth of a d2ops run; logged and recorded as resumed_from in the bundle's lineage",
+    )
 
 
 class ExperimentConfig(_Strict):

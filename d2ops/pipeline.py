@@ -87,8 +87,11 @@ class StepStopped(Exception):
     """A step was told to stop (SIGTERM: an agent's abort or a pre-empted worker) and stopped cleanly.
 
     Not a ``KeyboardInterrupt``: ``except Exception`` blocks of libraries still unwind through it,
-    and the training hooks save a checkpoint on the way out.
+    and training saves a checkpoint on the way out (:class:`d2ops.checkpoints.CheckpointOnStop`).
     """
+
+    #: Read by :class:`d2ops.checkpoints.CheckpointOnStop`: a stop, not an error, so its state is worth resuming.
+    checkpoint_on_stop = True
 
 
 @contextmanager

@@ -51,6 +51,7 @@ STEP_INPUTS: dict[str, dict[str, tuple[str, str]]] = {
         "labels": ("train", "labels"),
         "metrics": ("evaluate", "metrics"),
         "dataset_manifest": ("download", "dataset_manifest"),
+        "train_run": ("train", "train_run"),
     },
 }
 
@@ -303,7 +304,12 @@ def run_train(ctx: StepContext) -> StepOutput:
     labels = ctx.workdir / "train" / "labels.json"
     labels.write_text(json.dumps(dataset.class_names))
     return StepOutput(
-        files={"weights": Path(result.weights), "d2_config": Path(result.d2_config), "labels": labels},
+        files={
+            "weights": Path(result.weights),
+            "d2_config": Path(result.d2_config),
+            "labels": labels,
+            "train_run": Path(result.run_record),
+        },
         values=values,
     )
 
@@ -429,6 +435,7 @@ def run_register(ctx: StepContext) -> StepOutput:
         "dataset_identity": manifest.get("identity"),
         "dataset_clearml_id": manifest.get("clearml_dataset_id") or manifest.get("dataset_id"),
         **ctx.runtime.lineage(),
+        "resumed_from": _resumed_from(ctx),
         "config_hash": config_hash(ctx.cfg),
         "experiment": ctx.cfg.name,
     }
@@ -471,6 +478,14 @@ def run_register(ctx: StepContext) -> StepOutput:
             "registration": registration,
         },
     )
+
+
+def _resumed_from(ctx: StepContext) -> dict[str, Any] | None:
+    """The other run this training continued (``runtime.resume_from``), from its run record; None if its own."""
+    if not ctx.inputs.get("train_run"):
+        return None
+    record: dict[str, Any] = json.loads(ctx.input_path("train_run").read_text())
+    return record.get("resumed_from")
 
 
 STEP_FUNCTIONS: dict[str, Callable[[StepContext], StepOutput]] = {

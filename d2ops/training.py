@@ -33,6 +33,7 @@ from d2ops.checkpoints import (
     RUN_RECORD,
     AtomicCheckpointer,
     CheckpointConflict,
+    CheckpointOnStop,
     CheckpointSync,
     ResumePoint,
     RunRecord,
@@ -190,7 +191,7 @@ class Trainer(DefaultTrainer):
         # DefaultTrainer builds its PeriodicCheckpointer here, around self.checkpointer: swap it first.
         old: Any = self.checkpointer  # type: ignore[has-type]
         self.checkpointer = AtomicCheckpointer(old.model, old.save_dir, record=self.run_record, **old.checkpointables)
-        hooks = super().build_hooks()
+        hooks = [*super().build_hooks(), CheckpointOnStop()]
         if self.checkpoint_uri:
             hooks.append(CheckpointSync(self.checkpoint_uri, self.cfg.SOLVER.CHECKPOINT_PERIOD))
         return hooks

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,9 +54,15 @@ _STEP_SCRIPT = textwrap.dedent(
 )
 
 
+def _clean_env() -> dict[str, str]:
+    """This environment minus ClearML's master-process marker, which an earlier ``Task.init`` in the
+    test process leaves behind and which would make the child's ``Task.init`` return a stub."""
+    return {k: v for k, v in os.environ.items() if k not in {"CLEARML_PROC_MASTER_ID", "TRAINS_PROC_MASTER_ID"}}
+
+
 def _start(tmp_path: Path, minutes: str = "60") -> tuple[subprocess.Popen[str], Path]:
     started = tmp_path / "started"
-    env = {**os.environ, "CLEARML_CACHE_DIR": str(tmp_path / "clearml"), "PYTHONUNBUFFERED": "1"}
+    env = {**_clean_env(), "CLEARML_CACHE_DIR": str(tmp_path / "clearml"), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-c", _STEP_SCRIPT, str(started), minutes, SMOKE],
         cwd=REPO,
@@ -112,3 +119,51 @@ def test_a_step_past_its_time_limit_fails_tagged_so_it_is_not_retried(tmp_path: 
     assert "StepTimeLimitExceeded: step download ran past its time limit of 0.02 min" in output
     task = _session_task(tmp_path)
     assert "d2ops:time-limit" in task.get("tags", [])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_during_training_leaves_a_checkpoint_the_rerun_resumes_from(tmp_path: Path) -> None:
+    """The real train step (``tasks/train.py --offline``) gets SIGTERM between periodic checkpoints:
+    it saves the iteration it reached, mirrors it to ``output_uri``, and the rerun continues there."""
+    from d2ops.datasets import generate_shapes_dataset
+
+    dataset = generate_shapes_dataset(tmp_path / "shapes", counts={"train": 8, "valid": 4, "test": 4})
+    mirror, workdir = tmp_path / "mirror", tmp_path / "run"
+    cmd = [sys.executable, "tasks/train.py", "--config", SMOKE, "--offline", "--dataset-uri", str(dataset)]
+    for item in (
+        "solver.max_iter=40",
+        "solver.checkpoint_period=1000",  # no periodic checkpoint before the stop
+        "solver.eval_period=0",
+        f"clearml.output_uri={mirror}",
+        f"runtime.output_dir={workdir}",
+    ):
+        cmd += ["--set", item]
+    env = {**_clean_env(), "CLEARML_CACHE_DIR": str(tmp_path / "clearml"), "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path / "first.log"
+    with log_path.open("w") as log:
+        first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while "Starting training from iteration 0" not in log_path.read_text() and first.poll() is None:
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        time.sleep(8)  # a few iterations (about 0.5-1 s each on 2 cores)
+        first.send_signal(signal.SIGTERM)
+        try:
+            first.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            pytest.fail("the train step was still running 60 s after SIGTERM")
+    text = log_path.read_text()
+    assert first.returncode == 2, text[-3000:]
+    assert "StepStopped" in text and "saved a checkpoint at iteration" in text, text[-3000:]
+    (run_dir,) = [p for p in mirror.rglob("d2ops_run.json")]
+    record = json.loads(run_dir.read_text())
+    pointer = (run_dir.parent / "last_checkpoint").read_text().strip()
+    stopped_at = record["checkpoints"][pointer]
+    assert 0 <= stopped_at < 39 and (run_dir.parent / pointer).is_file()
+
+    shutil.rmtree(workdir)  # the retry runs on another machine: only the mirror has the checkpoint
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"Starting training from iteration {stopped_at + 1}" in second.stdout + second.stderr
