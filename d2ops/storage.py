@@ -33,7 +33,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
@@ -203,19 +203,29 @@ def _resolve_secure(explicit: bool | None, entry: dict[str, Any] | None, *, defa
     return default
 
 
+#: Where clearml.conf's ``sdk.aws.s3.credentials`` entries come from: installed by the ClearML layer
+#: (:func:`d2ops.clearml.install`, run when ``d2ops.clearml`` is imported), so storage never imports ClearML.
+_conf_credentials_source: Callable[[], Sequence[Mapping[str, Any]]] | None = None
+
+
+def use_conf_credentials(source: Callable[[], Sequence[Mapping[str, Any]]] | None) -> None:
+    """Install the reader of clearml.conf's S3 credential entries (``None`` removes it)."""
+    global _conf_credentials_source
+    _conf_credentials_source = source
+    _clearml_credentials.cache_clear()
+
+
 @lru_cache(maxsize=1)
 def _clearml_credentials() -> tuple[dict[str, Any], ...]:
     """The ``sdk.aws.s3.credentials`` entries of clearml.conf, or () without ClearML or a config.
 
-    Read once per process through ClearML's own loader, so ``CLEARML_CONFIG_FILE`` and the usual
-    search paths apply exactly as they do for ClearML itself.
+    Read once per process through ClearML's own loader (the installed source), so
+    ``CLEARML_CONFIG_FILE`` and the usual search paths apply exactly as they do for ClearML itself.
     """
-    try:
-        from clearml.config import config_obj
-    except ImportError:
+    if _conf_credentials_source is None:
         return ()
     try:
-        entries = config_obj.get("sdk.aws.s3.credentials", []) or []
+        entries = _conf_credentials_source() or []
     except Exception as exc:  # a malformed clearml.conf must not break transfers that do not need it
         logger.warning("could not read sdk.aws.s3.credentials from clearml.conf: %s", type(exc).__name__)
         return ()

@@ -390,3 +390,12 @@ def test_cli_errors_are_one_clear_line(argv: list[str], message: str, capsys: py
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert "Traceback" not in err
+
+
+def test_schedule_set_items_with_credentials_are_refused_without_echoing_them() -> None:
+    """``--set`` without ``--config`` goes straight into the clone's parameters: checked here."""
+    from d2ops.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--set data\.source: a URI with credentials") as err:
+        pipeline_task_parameters(None, ["data.source=s3://AKIASENTINEL:SENTINELSECRET@minio:9000/b/p"])
+    assert "SENTINEL" not in str(err.value)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from d2ops.secrets import known_secret_values, redact
+from d2ops.clearml.secrets import known_secret_values, redact
 
 DIFF = """diff --git a/configs/demo.yaml b/configs/demo.yaml
 --- a/configs/demo.yaml
@@ -128,7 +128,7 @@ def test_known_values_come_from_every_credential_in_clearml_conf(tmp_path: Path)
         k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "CLEARML_", "TRAINS_", "AZURE_", "GOOGLE_"))
     }
     env["CLEARML_CONFIG_FILE"] = str(conf)
-    code = "import json; from d2ops.secrets import known_secret_values as k; print(json.dumps(sorted(k())))"
+    code = "import json; from d2ops.clearml.secrets import known_secret_values as k; print(json.dumps(sorted(k())))"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     values = set(json.loads(proc.stdout))

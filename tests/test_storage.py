@@ -502,6 +502,7 @@ def test_real_clearml_conf_and_subprocess_server(tmp_path: Path, dataset: Path) 
         """
         import os, sys
         from pathlib import Path
+        import d2ops.clearml  # plugs clearml.conf's S3 credentials into storage (ClearML stays out of it)
         from d2ops import storage
         from d2ops.s3server import local_s3_endpoint
 

@@ -35,7 +35,7 @@ from clearml.automation import TaskScheduler, TriggerScheduler
 from d2ops.clearml.controller import ARGS_PREFIX
 from d2ops.clearml.hyperparams import flat_experiment, format_value, parameter_name
 from d2ops.clearml.secrets import scrub_recorded_diff
-from d2ops.config import load_config
+from d2ops.config import check_overrides, load_config
 
 __all__ = [
     "DATASET_ID_PARAM",
@@ -224,6 +224,7 @@ def pipeline_task_parameters(
         flat = flat_experiment(load_config(config, list(overrides)))
         params.update({f"{ARGS_PREFIX}{name}": format_value(value) for name, value in flat.items()})
     else:
+        check_overrides(list(overrides))  # no credentials, never echoed; the clone validates the rest
         for item in overrides:
             key, sep, text = item.partition("=")
             if not sep or not key.strip():
