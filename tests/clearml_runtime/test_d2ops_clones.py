@@ -1,0 +1,158 @@
+"""Clones: what a UI edit, a schedule or a dataset trigger changes is what the clone then runs.
+
+ClearML's own clone-and-override code (``ClearmlJob`` as the schedulers call it, ``Task.clone``
+and ``set_parameters`` as the UI does) runs against the stand-in server of ``fake_server.py``;
+d2ops then reads the clone the way its agent-side start does. A real server could still differ in
+the UI itself (how it shows and validates the typed values), which cannot be run here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from d2ops.clearml.controller import ARGS_PREFIX, build_controller
+from d2ops.clearml.hyperparams import experiment_from_parameters
+from d2ops.config import load_config
+
+from .fake_server import FakeClearmlServer
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = "configs/smoke.yaml"
+
+
+def _template_pipeline(server: FakeClearmlServer) -> str:
+    """A pipeline run's controller task as the laptop leaves it (ClearML's own serialization, as a draft)."""
+    for queue in ("services", "cpu", "gpu"):
+        server.create_queue(queue)
+    cfg = load_config(REPO / SMOKE, ["solver.max_iter=30", "data.source=s3://minio:9000/datasets/shapes/"])
+    pipe = build_controller(cfg, SMOKE)
+    pipe.create_draft()
+    return str(pipe.task.id)
+
+
+def _clone_experiment(server: FakeClearmlServer, clone_id: str) -> Any:
+    """What the clone's controller is rebuilt from on the services agent (controller_experiment)."""
+    from clearml import Task
+
+    return experiment_from_parameters(Task.get_task(task_id=clone_id).get_parameters(), prefix=ARGS_PREFIX)
+
+
+@pytest.mark.timeout(180)
+def test_a_cron_schedule_clone_runs_the_schedules_config_and_overrides(clearml_server: FakeClearmlServer) -> None:
+    """Defect 3: the schedule's --config and --set reach the clone's experiment (Args/, not Pipeline/)."""
+    from d2ops.clearml.schedules import build_cron_scheduler, cron_to_schedule, pipeline_task_parameters
+
+    template = _template_pipeline(clearml_server)
+    params = pipeline_task_parameters(SMOKE, ["solver.max_iter=55", "eval.score_threshold=0.3"])
+    scheduler = build_cron_scheduler(template, cron_to_schedule("0 3 * * 1"), task_parameters=params)
+    (job,) = scheduler.get_scheduled_tasks()
+    scheduler._launch_job(job)  # clearml 2.1.12: TaskScheduler's own firing (ClearmlJob clone + override)
+
+    (clone_id,) = clearml_server.queued_task_ids("services")
+    assert clone_id != template
+    cfg = _clone_experiment(clearml_server, clone_id)
+    assert cfg.solver.max_iter == 55 and cfg.eval.score_threshold == 0.3
+    assert cfg.data.source == load_config(REPO / SMOKE).data.source  # the schedule's config, whole
+    # Single instance: while that clone is queued, the next firing launches nothing.
+    scheduler._launch_job(job)
+    assert clearml_server.queued_task_ids("services") == [clone_id]
+
+
+@pytest.mark.timeout(180)
+def test_a_dataset_trigger_clone_trains_on_the_new_version(
+    clearml_server: FakeClearmlServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 3: ClearML's trigger replaces ``${dataset.id}`` and the clone's experiment reads it."""
+    from clearml import Task
+
+    from d2ops.clearml.schedules import build_dataset_trigger, pipeline_task_parameters
+
+    template = _template_pipeline(clearml_server)
+    # The stand-in has no regex project search: answer ClearML's lookup of '<project>/.datasets/...'.
+    monkeypatch.setattr(Task, "get_projects", staticmethod(lambda **query: [SimpleNamespace(id="proj-shapes")]))
+    params = pipeline_task_parameters(None, ["solver.max_iter=12"])
+    scheduler = build_dataset_trigger(template, "d2ops/data", dataset_name="shapes", tags=["approved", "clean"],
+                                      task_parameters=params)  # fmt: skip
+    (trigger,) = scheduler.get_triggers()
+    scheduler._launch_job(trigger, "ds-0077")  # clearml 2.1.12: TriggerScheduler's own firing
+
+    (clone_id,) = clearml_server.queued_task_ids("services")
+    cfg = _clone_experiment(clearml_server, clone_id)
+    assert cfg.data.dataset_id == "ds-0077"
+    assert cfg.solver.max_iter == 12
+    assert cfg.data.source == "s3://minio:9000/datasets/shapes/"  # the rest stays the template's
+    # Defect 7: both tags are required; clearml-server ORs a plain list.
+    from datetime import datetime, timezone
+
+    query = trigger.build_query(datetime(2026, 1, 1, tzinfo=timezone.utc))
+    assert query["tags"] == ["__$all", "approved", "clean"]
+
+
+def _env(server: FakeClearmlServer, tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
+    env.update(server.env())
+    env.update(CLEARML_CONFIG_FILE=str(tmp_path / "clearml.conf"), CLEARML_CACHE_DIR=str(tmp_path / "cache"), **extra)
+    return env
+
+
+@pytest.mark.timeout(400)
+def test_a_step_clone_edited_in_the_ui_runs_the_edited_values(
+    clearml_server: FakeClearmlServer, tmp_path: Path
+) -> None:
+    """Section 2: flat, typed hyperparameters; a UI edit of ``eval/score_threshold`` on a clone changes
+    what the step runs, and a bad edit fails the step naming the key."""
+    from clearml import Task
+
+    from d2ops.datasets import generate_shapes_dataset
+
+    (tmp_path / "clearml.conf").write_text("")
+    dataset = generate_shapes_dataset(tmp_path / "shapes", counts={"train": 4, "valid": 2, "test": 2})
+    clearml_server.create_queue("cpu")
+    launch = subprocess.run(
+        [sys.executable, "tasks/download.py", "--config", SMOKE, "--remote", "--dataset-uri", str(dataset),
+         "--set", f"runtime.output_dir={tmp_path / 'run'}"],
+        cwd=REPO, env=_env(clearml_server, tmp_path), capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert launch.returncode == 0, launch.stdout + launch.stderr
+    (original,) = clearml_server.queued_task_ids("cpu")
+    recorded = clearml_server.hyperparams(original)
+    assert recorded["eval"]["score_threshold"] == "0.5" and recorded["solver"]["base_lr"] == "0.005"
+    types = {item["name"]: item.get("type") for item in clearml_server.tasks[original]["hyperparams"]["solver"].values()}
+    assert types["base_lr"] == "float" and types["max_iter"] == "int"
+
+    def clone_with(edits: dict[str, str]) -> str:
+        clone = Task.clone(source_task=original, name="download (edited)")
+        clone.set_parameters({**clone.get_parameters(), **edits})  # what the UI's edit does
+        Task.enqueue(clone, queue_name="cpu")
+        clearml_server.start_task(clone.id)
+        return str(clone.id)
+
+    def agent_runs(task_id: str) -> subprocess.CompletedProcess[str]:
+        script = clearml_server.tasks[task_id]["script"]
+        return subprocess.run(
+            [sys.executable, "-u", script["entry_point"]],
+            cwd=REPO / (script.get("working_dir") or "."),
+            env=_env(clearml_server, tmp_path, CLEARML_TASK_ID=task_id, CLEARML_LOG_TASK_TO_BACKEND="0",
+                     PYTHONPATH=str(REPO)),
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+
+    edited = clone_with({"eval/score_threshold": "0.25"})
+    run = agent_runs(edited)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    shown = clearml_server.tasks[edited]["configuration"]["experiment"]["value"]
+    assert "score_threshold: 0.25" in shown  # the step ran on the edited value
+    assert json.loads(run.stdout[run.stdout.index('{\n  "step"') :])["step"] == "download"
+
+    bad = clone_with({"solver/base_lr": "fast"})
+    run = agent_runs(bad)
+    assert run.returncode == 2
+    assert "solver.base_lr" in run.stderr and "Traceback" not in run.stderr
