@@ -125,7 +125,9 @@ def test_a_step_clone_edited_in_the_ui_runs_the_edited_values(
     (original,) = clearml_server.queued_task_ids("cpu")
     recorded = clearml_server.hyperparams(original)
     assert recorded["eval"]["score_threshold"] == "0.5" and recorded["solver"]["base_lr"] == "0.005"
-    types = {item["name"]: item.get("type") for item in clearml_server.tasks[original]["hyperparams"]["solver"].values()}
+    types = {
+        item["name"]: item.get("type") for item in clearml_server.tasks[original]["hyperparams"]["solver"].values()
+    }
     assert types["base_lr"] == "float" and types["max_iter"] == "int"
 
     def clone_with(edits: dict[str, str]) -> str:
