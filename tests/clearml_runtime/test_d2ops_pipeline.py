@@ -187,6 +187,30 @@ def test_the_agent_rebuilds_exactly_the_pipeline_the_laptop_launched(
     _assert_no_unknown_endpoints(clearml_server)
 
 
+def _controller_here(server: FakeClearmlServer, configure: Any = None) -> tuple[Any, threading.Thread]:
+    """The smoke pipeline's D2opsPipelineController, its daemon loop running in this process
+    (``start_locally(run_pipeline_steps_locally=False)``: steps go to the queues, which the test serves)."""
+    from d2ops.clearml.controller import build_controller
+    from d2ops.config import load_config
+
+    for queue in QUEUES:
+        server.create_queue(queue)
+    cfg = load_config(REPO / SMOKE, ["clearml.pool_frequency_s=0.5", "data.source=/nowhere"])
+    pipe = build_controller(cfg, SMOKE)
+    if configure is not None:
+        configure(pipe)
+    controller = threading.Thread(target=pipe.start_locally, kwargs={"run_pipeline_steps_locally": False})
+    controller.start()
+    return pipe, controller
+
+
+def _complete_download(server: FakeClearmlServer, tmp_path: Path) -> None:
+    download = server.wait_for(lambda: server.next_queued("cpu"), 60)
+    server.start_task(download)
+    _publish_outputs(server, download, "download", tmp_path)
+    server.complete_task(download)
+
+
 @pytest.mark.timeout(240)
 def test_a_controller_that_dies_fails_the_pipeline_with_its_reason(
     clearml_server: FakeClearmlServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -195,24 +219,15 @@ def test_a_controller_that_dies_fails_the_pipeline_with_its_reason(
 
     Plain clearml 2.1.12 marks such a pipeline *completed* (see test_fake_server's #1640 tests).
     """
-    from d2ops.clearml.controller import build_controller
-    from d2ops.config import load_config
-
-    for queue in QUEUES:
-        clearml_server.create_queue(queue)
-    cfg = load_config(REPO / SMOKE, ["clearml.pool_frequency_s=0.5", "data.source=/nowhere"])
-    pipe = build_controller(cfg, SMOKE)
 
     def explode(pipeline: Any, node: Any, parameters: dict) -> bool:
         raise RuntimeError("the control loop broke")
 
-    pipe._pre_step_callbacks["train"] = explode  # clearml 2.1.12: where add_step keeps pre_execute_callback
-    controller = threading.Thread(target=pipe.start_locally, kwargs={"run_pipeline_steps_locally": False})
-    controller.start()
-    download = clearml_server.wait_for(lambda: clearml_server.next_queued("cpu"), 60)
-    clearml_server.start_task(download)
-    _publish_outputs(clearml_server, download, "download", tmp_path)
-    clearml_server.complete_task(download)
+    def break_train(pipe: Any) -> None:
+        pipe._pre_step_callbacks["train"] = explode  # clearml 2.1.12: where add_step keeps pre_execute_callback
+
+    pipe, controller = _controller_here(clearml_server, break_train)
+    _complete_download(clearml_server, tmp_path)
     with caplog.at_level(logging.ERROR, logger="d2ops.clearml.controller"):
         controller.join(timeout=60)
     assert not controller.is_alive()
@@ -229,20 +244,10 @@ def _run_train_failure(server: FakeClearmlServer, tmp_path: Path, *, time_limit:
     """A pipeline whose train step fails: with the step's own time-limit tag, or as a lost worker."""
     from clearml import Task
 
-    from d2ops.clearml.controller import build_controller
     from d2ops.clearml.step import TIME_LIMIT_TAG
-    from d2ops.config import load_config
 
-    for queue in QUEUES:
-        server.create_queue(queue)
-    cfg = load_config(REPO / SMOKE, ["clearml.pool_frequency_s=0.5", "data.source=/nowhere"])
-    pipe = build_controller(cfg, SMOKE)
-    controller = threading.Thread(target=pipe.start_locally, kwargs={"run_pipeline_steps_locally": False})
-    controller.start()
-    download = server.wait_for(lambda: server.next_queued("cpu"), 60)
-    server.start_task(download)
-    _publish_outputs(server, download, "download", tmp_path)
-    server.complete_task(download)
+    pipe, controller = _controller_here(server)
+    _complete_download(server, tmp_path)
     trains: list[str] = []
     while controller.is_alive():
         train = server.wait_for(lambda: server.next_queued("gpu") or not controller.is_alive(), 60)
@@ -290,16 +295,9 @@ def test_the_pipeline_page_shows_what_the_evaluate_step_reported(
     """Defect 6: ClearML's monitor (``_monitor_node``) copies the step's headline scalars to the pipeline."""
     from clearml import Task
 
-    from d2ops.clearml.controller import build_controller
     from d2ops.clearml.step import ClearMLReporter
-    from d2ops.config import load_config
 
-    for queue in QUEUES:
-        clearml_server.create_queue(queue)
-    cfg = load_config(REPO / SMOKE, ["clearml.pool_frequency_s=0.5", "data.source=/nowhere"])
-    pipe = build_controller(cfg, SMOKE)
-    controller = threading.Thread(target=pipe.start_locally, kwargs={"run_pipeline_steps_locally": False})
-    controller.start()
+    pipe, controller = _controller_here(clearml_server)
     while controller.is_alive():
         step_id = clearml_server.wait_for(
             lambda: clearml_server.next_queued("cpu") or clearml_server.next_queued("gpu") or not controller.is_alive(),
