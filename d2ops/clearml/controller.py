@@ -79,7 +79,8 @@ class D2opsPipelineController(PipelineController):
             super()._daemon()
         except BaseException as err:
             self.controller_error = err
-            self._pipeline_task_status_failed = True  # clearml 2.1.12: what stop() reads to fail the pipeline
+            # clearml 2.1.12: what stop() reads to fail the pipeline.
+            self._pipeline_task_status_failed = True  # type: ignore[assignment]
             log.exception("the pipeline controller stopped on an error; no further steps are launched")
 
     def stop(self, timeout: float | None = None, mark_failed: bool = False, mark_aborted: bool = False) -> None:
@@ -284,7 +285,7 @@ def _add_step(pipe: D2opsPipelineController, step: str, cfg: ExperimentConfig, c
         status_change_callback=report_step_failure,
         retry_on_failure=partial(retry_unless_timed_out, max_retries=execution.retries),
         # No ClearML time_limit (clearml/clearml#1640): the step enforces its own (d2ops.clearml.step).
-        monitor_metrics=monitor_metrics(cfg).get(step),
+        monitor_metrics=monitor_metrics(cfg).get(step),  # type: ignore[arg-type]  # SDK's hint is narrower
         monitor_models=[cfg.registry.model_name] if step == "register" else None,
     )
 

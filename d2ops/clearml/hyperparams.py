@@ -144,7 +144,8 @@ def experiment_from_parameters(
         try:
             value = yaml.safe_load(str(text)) if str(text).strip() else None
         except yaml.YAMLError as err:
-            raise ConfigError(f"hyperparameter {full}: not a valid value ({err.problem})") from None
+            problem = getattr(err, "problem", None) or "not YAML"
+            raise ConfigError(f"hyperparameter {full}: not a valid value ({problem})") from None
         _set(tree, name, value)
         found += 1
     if not found:

@@ -61,7 +61,8 @@ def remote_task_parameters() -> dict[str, str]:
     task_id = get_remote_task_id()
     if not task_id:
         return {}
-    return {str(k): str(v) for k, v in Task.get_task(task_id=task_id).get_parameters().items()}
+    params: dict[str, Any] = Task.get_task(task_id=task_id).get_parameters() or {}
+    return {str(k): str(v) for k, v in params.items()}
 
 
 def current_task() -> Any:
