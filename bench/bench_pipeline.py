@@ -1,6 +1,6 @@
 """pipeline_handoff_s: the time from one step's work ending to the next step's work starting.
 
-The offline pipeline (``d2ops.pipeline.run_offline``, the embedded default) runs five near-empty
+The offline pipeline (``d2ops.clearml.step.run_offline``, the embedded default) runs five near-empty
 steps: each body only writes the small files its step publishes. Everything else is the real
 orchestration every step pays: loading and validating the config, ``Task.init`` of an offline
 ClearML session, connecting parameters and configuration, uploading the artifacts, writing the

@@ -1,4 +1,4 @@
-"""d2ops.clearml_datasets: a real offline ClearML Dataset linking objects on a real local S3 endpoint.
+"""d2ops.clearml.datasets: a real offline ClearML Dataset linking objects on a real local S3 endpoint.
 
 Registration runs in a child process: ClearML reads its S3 credentials (clearml.conf, host with
 port) once per process, and offline a dataset becomes its process's main task.

@@ -2,7 +2,7 @@
 
 Two real detectors are trained here on the synthetic shapes (the smoke architecture): a good one
 (80 iterations) and a bad one (10). The register step then runs for real, as the offline
-pipeline runs it (``d2ops.pipeline.run_step``: a ClearML offline session, the local registry
+pipeline runs it (``d2ops.clearml.step.run_step``: a ClearML offline session, the local registry
 folder), and every assertion reads what it left on disk. Fast unit tests of the decision
 function, the local store and the config schema come first.
 """

@@ -162,7 +162,7 @@ class ClearMLChampionStore:
         if not registration.get("published"):
             raise RuntimeError(
                 f"model {new_id} was not published, so it cannot become the {self.tag} model; "
-                "register it through d2ops.clearml_adapter.register_model with publish=True"
+                "register it through d2ops.clearml.models.register_model with publish=True"
             )
         current = {str(m.id) for m in self._query_all() if str(m.id) != new_id}
         expected = {previous.id} if previous else set()
