@@ -70,6 +70,7 @@ def register_s3_dataset(
         dataset_tags=list(tags) or None,
         description=f"links to {source_uri} (d2ops)",
     )
+    # clearml 2.1.12: a Dataset's task is private; there is no public accessor for the diff it records.
     scrub_recorded_diff(dataset._task)
     try:
         _check_manifest(source_uri, dataset.add_external_files(source_url=_prefix(source_uri)), manifest)

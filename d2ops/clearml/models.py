@@ -79,6 +79,7 @@ def register_model(
         + json.dumps(metadata, sort_keys=True, default=str),
     )
     if run.mode == "offline":
+        # clearml 1.18 to 2.1.12: the offline stand-in model is reachable only through this private call.
         base: Any = model._get_base_model()
         if not hasattr(base, "locked"):
             base.locked = False

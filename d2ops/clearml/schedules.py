@@ -403,10 +403,9 @@ def start_scheduler(scheduler: Any, queue: str = "services") -> None:
 
 def resume() -> None:
     """The scheduler task's body on the agent: rebuild the scheduler from the task and run it forever."""
-    from clearml.automation import TaskScheduler, TriggerScheduler
-
     task: Any = Task.init()
     sections = task.get_configuration_objects() or {}
+    # clearml 2.1.12: the name of the configuration object a TaskScheduler keeps its jobs in (no public name).
     scheduler = TaskScheduler() if TaskScheduler._configuration_section in sections else TriggerScheduler()
     scheduler.start()
 
