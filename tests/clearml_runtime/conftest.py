@@ -82,14 +82,14 @@ def reset_clearml_process_state(monkeypatch: pytest.MonkeyPatch) -> None:
     * ``clearml.config._running_remotely_task_id`` -> None: not running under an agent;
     * ``ConfigWrapper._config`` / ``ConfigSDKWrapper._config_sdk`` -> None: the configuration is
       re-read from ``CLEARML_CONFIG_FILE`` (the fixture's empty file);
-    * ``PipelineController._pipeline_as_sub_project_cached`` (and on ``PipelineDecorator``) ->
+    * ``PipelineController._pipeline_as_sub_project_cached`` (and on every subclass) ->
       None: the controller caches "server API >= 2.17" once per process; an online answer left
       behind breaks offline controllers later (``query_tasks`` with ``project=[None]``).
     """
     import clearml.config
     import clearml.config.remote
     from clearml import Task
-    from clearml.automation.controller import PipelineController, PipelineDecorator
+    from clearml.automation.controller import PipelineController
     from clearml.backend_api.session import Session
     from clearml.backend_interface.base import InterfaceBase
     from clearml.config import ConfigSDKWrapper, ConfigWrapper
@@ -112,8 +112,12 @@ def reset_clearml_process_state(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(clearml.config.remote, "running_remotely_task_id", None)
     monkeypatch.setattr(ConfigWrapper, "_config", None)
     monkeypatch.setattr(ConfigSDKWrapper, "_config_sdk", None)
-    monkeypatch.setattr(PipelineController, "_pipeline_as_sub_project_cached", None)
-    monkeypatch.setattr(PipelineDecorator, "_pipeline_as_sub_project_cached", None)
+    # The cache is set on the class it is read from, so every subclass (d2ops's own controller too) keeps one.
+    controllers = [PipelineController]
+    while controllers:
+        cls = controllers.pop()
+        monkeypatch.setattr(cls, "_pipeline_as_sub_project_cached", None)
+        controllers.extend(cls.__subclasses__())
 
 
 def _close_leftover_main_task() -> None:
