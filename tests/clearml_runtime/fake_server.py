@@ -2062,6 +2062,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
+        # One request per connection: with keep-alive, a client thread of the controller process was seen
+        # waiting forever for a reply to a request this server never received (about 1 run in 5, under load).
+        self.send_header("Connection", "close")
+        self.close_connection = True
         self.end_headers()
         self.wfile.write(payload)
 
