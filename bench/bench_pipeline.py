@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 #: The files each step publishes (the artifacts later steps read).
 OUTPUTS = {
     "download": ("dataset_manifest",),
-    "train": ("weights", "d2_config", "labels"),
+    "train": ("weights", "d2_config", "labels", "train_run"),
     "evaluate": ("metrics",),
     "infer": ("predictions", "coco_results"),
     "register": ("model_bundle",),
