@@ -39,7 +39,7 @@ from d2ops.clearml.cluster import AGENT_ENV, agent_requirements, step_docker_arg
 from d2ops.clearml.hyperparams import experiment_from_parameters, flat_experiment, format_value
 from d2ops.clearml.secrets import scrub_recorded_diff
 from d2ops.clearml.session import remote_task_parameters
-from d2ops.clearml.step import STOPPED_TAG, TIME_LIMIT_TAG, ClearMLReporter, read_experiment, record_experiment
+from d2ops.clearml.step import STOPPED_TAG, TIME_LIMIT_TAG, ClearMLReporter, record_experiment
 from d2ops.config import ExperimentConfig
 from d2ops.pipeline import step_parameters
 from d2ops.steps import STEP_INPUTS, STEPS
@@ -155,7 +155,7 @@ def download_cache_key(pipe: Any, node: Any, parameters: dict[str, Any]) -> bool
     takes a cache miss; the download step, on its worker, then succeeds or reports the real error.
     """
     try:
-        identity = dataset_identity_for(read_experiment_from_parameters(parameters))
+        identity = dataset_identity_for(experiment_from_parameters(parameters, source="download step parameters"))
         log.info("download step cache key: dataset identity %s", identity)
     except Exception as err:
         identity = f"unknown:{uuid.uuid4().hex}"
@@ -167,11 +167,6 @@ def download_cache_key(pipe: Any, node: Any, parameters: dict[str, Any]) -> bool
         )
     parameters["General/dataset_identity"] = identity
     return True
-
-
-def read_experiment_from_parameters(parameters: dict[str, Any]) -> ExperimentConfig:
-    """The experiment in a step's resolved parameter overrides (``section/name`` -> text)."""
-    return experiment_from_parameters(parameters, source="download step parameters")
 
 
 def dataset_identity_for(cfg: ExperimentConfig) -> str:
@@ -301,8 +296,3 @@ def start_controller(pipe: D2opsPipelineController, mode: str, controller_queue:
         pipe.start(queue=controller_queue)
     if pipe.controller_error is not None:
         raise RuntimeError(f"the pipeline controller failed: {pipe.controller_error}") from pipe.controller_error
-
-
-def read_controller_experiment(task: Any) -> ExperimentConfig:
-    """The experiment recorded on a controller task (what a clone of it will run)."""
-    return read_experiment(task, prefix=ARGS_PREFIX)

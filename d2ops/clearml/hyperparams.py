@@ -45,7 +45,6 @@ __all__ = [
     "format_value",
     "parameter_name",
     "parameter_types",
-    "to_override",
 ]
 
 #: ClearML sections that hold the experiment (top-level keys of the config; ``experiment`` holds ``name``).
@@ -100,14 +99,6 @@ def parameter_name(key: str) -> str:
     if tuple(parts[:2]) in _OPAQUE_DICTS and len(parts) > 2:
         return "/".join([*parts[:2], ".".join(parts[2:])])
     return "/".join(parts)
-
-
-def to_override(name: str, text: str) -> str:
-    """A ``section/name`` hyperparameter as the ``key=value`` override it stands for."""
-    section, _, rest = name.partition("/")
-    parts = rest.split("/")
-    key = ".".join(parts) if section == _TOP_LEVEL else ".".join([section, *parts])
-    return f"{key}={text}"
 
 
 def _set(tree: dict[str, Any], name: str, value: Any) -> None:

@@ -15,7 +15,6 @@ from clearml.config import get_remote_task_id, running_remotely
 
 __all__ = [
     "TASK_TYPES",
-    "current_task",
     "enable_offline",
     "launch_multi_node",
     "live_task",
@@ -63,11 +62,6 @@ def remote_task_parameters() -> dict[str, str]:
         return {}
     params: dict[str, Any] = Task.get_task(task_id=task_id).get_parameters() or {}
     return {str(k): str(v) for k, v in params.items()}
-
-
-def current_task() -> Any:
-    """The ClearML task this process runs in (offline or not), or ``None``."""
-    return Task.current_task()
 
 
 def live_task() -> Any:
