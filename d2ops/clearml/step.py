@@ -252,6 +252,7 @@ def open_step(
         docker_args = step_docker_args(cfg, step) or None
         task.set_base_docker(docker_image=cfg.clearml.step(step).docker_image, docker_arguments=docker_args)
         task.execute_remotely(queue_name=queue, exit_process=True)
+    ending: tuple[str, str] | None = None
     try:
         experiment = read_experiment(task)
         experiment_yaml = experiment.to_yaml()
@@ -265,27 +266,43 @@ def open_step(
         with _stop_on_sigterm(step), _watchdog(task, step, experiment.clearml.step(step).time_limit_min):
             yield run
     except BaseException as err:
-        _record_failure(task, step, err)
+        ending = _record_failure(task, step, err)
         raise
     finally:
         task.close()
+        # After close: ClearML's own shutdown marks a locally run task completed when its exit hook saw no
+        # exception (it has not, yet) and no signal (d2ops handled SIGTERM), which would undo the status.
+        if ending is not None:
+            _mark_ended(task, *ending)
 
 
-def _record_failure(task: Any, step: str, err: BaseException) -> None:
-    """Mark the task as ended by ``err``: tagged for time limits and stops, then failed or aborted."""
+def _record_failure(task: Any, step: str, err: BaseException) -> tuple[str, str]:
+    """Tag the task for time limits and stops, and say how it ended: ``("stopped", reason)`` for a
+    user's abort, else ``("failed", reason)``; :func:`_mark_ended` records it."""
     reason = f"{type(err).__name__}: {err}"[:250]
     log.error("step %s failed: %s", step, err)
+    ending = "failed"
     try:
         if isinstance(err, StepTimeLimitExceeded):
             task.add_tags([TIME_LIMIT_TAG])
         if isinstance(err, StepStopped):
             task.add_tags([STOPPED_TAG])
             if _abort_requested(task):
-                task.mark_stopped(force=True, status_message=reason)
-                return
-        task.mark_failed(status_reason=reason, force=True)
-    except Exception:  # offline sessions cannot always change status; the error is re-raised anyway
-        log.debug("could not record the failure on task %s", getattr(task, "id", "?"), exc_info=True)
+                ending = "stopped"
+    except Exception:  # offline sessions cannot always be edited; the error is re-raised anyway
+        log.debug("could not tag task %s", getattr(task, "id", "?"), exc_info=True)
+    return ending, reason
+
+
+def _mark_ended(task: Any, status: str, reason: str) -> None:
+    """Set the task's final status (forced: the task may already be closed or marked by ClearML)."""
+    try:
+        if status == "stopped":
+            task.mark_stopped(force=True, status_message=reason)
+        else:
+            task.mark_failed(status_reason=reason, force=True)
+    except Exception:  # offline sessions keep no status; the error is re-raised by the caller anyway
+        log.debug("could not mark task %s %s", getattr(task, "id", "?"), status, exc_info=True)
 
 
 def _abort_requested(task: Any) -> bool:
@@ -338,7 +355,7 @@ def _watchdog(task: Any, step: str, minutes: float | None) -> Iterator[None]:
 
     def expire() -> None:
         err = StepTimeLimitExceeded(f"step {step} ran {WATCHDOG_GRACE_S:g} s past its time limit of {minutes:g} min")
-        _record_failure(task, step, err)
+        _mark_ended(task, *_record_failure(task, step, err))
         os._exit(124)
 
     timer = threading.Timer(minutes * 60.0 + WATCHDOG_GRACE_S, expire)

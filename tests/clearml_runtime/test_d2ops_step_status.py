@@ -47,9 +47,10 @@ def _start(server: FakeClearmlServer, tmp_path: Path, minutes: str = "60") -> tu
     (tmp_path / "clearml.conf").write_text("")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
     env.update(server.env(), CLEARML_CONFIG_FILE=str(tmp_path / "clearml.conf"), CLEARML_CACHE_DIR=str(tmp_path))
-    started = tmp_path / "started"
+    started, script = tmp_path / "started", tmp_path / "step.py"
+    script.write_text(_STEP)  # a file, as tasks/<step>.py is: ClearML's repository detection then finishes at once
     proc = subprocess.Popen(
-        [sys.executable, "-c", _STEP, str(started), minutes],
+        [sys.executable, str(script), str(started), minutes],
         cwd=REPO,
         env={**env, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE,
