@@ -117,7 +117,7 @@ def _step_task_factory(step: str, cfg: ExperimentConfig, config_path: str, node:
     scrub_recorded_diff(task)  # Task.create records the launching checkout's uncommitted diff too
     record_experiment(task, cfg)
     # Declare the step's inputs so the controller's General/ overrides have slots to fill.
-    task.set_parameters({f"General/{key}": value for key, value in step_parameters(step, config_path, []).items()})
+    task.update_parameters({f"General/{key}": value for key, value in step_parameters(step, config_path, []).items()})
     return task
 
 

@@ -116,12 +116,11 @@ def test_a_step_clone_edited_in_the_ui_runs_the_edited_values(
     (tmp_path / "clearml.conf").write_text("")
     dataset = generate_shapes_dataset(tmp_path / "shapes", counts={"train": 4, "valid": 2, "test": 2})
     clearml_server.create_queue("cpu")
-    launch = subprocess.run(
-        [sys.executable, "tasks/download.py", "--config", SMOKE, "--remote", "--dataset-uri", str(dataset),
-         "--set", f"runtime.output_dir={tmp_path / 'run'}"],
-        cwd=REPO, env=_env(clearml_server, tmp_path), capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    assert launch.returncode == 0, launch.stdout + launch.stderr
+    # The step's template task, made exactly as the pipeline controller makes it (Task.create + the experiment).
+    from d2ops.clearml.controller import _step_task_factory
+
+    cfg = load_config(REPO / SMOKE, [f"data.source={dataset}", f"runtime.output_dir={tmp_path / 'run'}"])
+    Task.enqueue(_step_task_factory("download", cfg, SMOKE, None), queue_name="cpu")
     (original,) = clearml_server.queued_task_ids("cpu")
     recorded = clearml_server.hyperparams(original)
     assert recorded["eval"]["score_threshold"] == "0.5" and recorded["solver"]["base_lr"] == "0.005"
