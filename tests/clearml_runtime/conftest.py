@@ -152,7 +152,8 @@ def clearml_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         yield server
     finally:
         _close_leftover_main_task()
-        server.stop()
+        # The server stays up (a daemon thread): ClearML flushes reports of tasks a test opened at interpreter
+        # exit, and against a stopped server it retries for ever, so pytest never exits.
         sys.exit, sys.excepthook, sys.stdout, sys.stderr = saved_hooks
         for sig, handler in saved_signals.items():
             if handler is not None:
