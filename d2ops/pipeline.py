@@ -34,6 +34,7 @@ __all__ = [
     "StepTimeLimitExceeded",
     "join_overrides",
     "parse_overrides",
+    "raise_on_signal",
     "run_in_order",
     "step_parameters",
     "step_time_limit",
@@ -95,29 +96,51 @@ class StepStopped(Exception):
 
 
 @contextmanager
+def raise_on_signal(signum: int, error: Callable[[], BaseException]) -> Iterator[bool]:
+    """Raise ``error()`` in this (main) thread when ``signum`` arrives, for the length of the block.
+
+    Yields whether the handler is installed: signals reach only the main thread, so elsewhere the
+    block runs unguarded. The previous handler comes back afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+
+    def handler(received: int, frame: Any) -> None:
+        raise error()
+
+    previous = signal.signal(signum, handler)
+    try:
+        yield True
+    finally:
+        signal.signal(signum, previous)
+
+
+@contextmanager
 def step_time_limit(step: str, minutes: float | None) -> Iterator[None]:
     """Raise :class:`StepTimeLimitExceeded` in this (main) thread once ``minutes`` have passed.
 
     The step process enforces its own limit so the task fails with that reason, here, offline
-    and on an agent alike; the controller's ``time_limit`` is only a backstop for a hung process.
+    and on an agent alike; a watchdog (:mod:`d2ops.clearml.step`) ends a process too stuck to raise.
     """
-    if not minutes or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+    if not minutes or not hasattr(signal, "setitimer"):
         yield
         return
 
-    def expire(signum: int, frame: Any) -> None:
-        raise StepTimeLimitExceeded(
+    def expired() -> StepTimeLimitExceeded:
+        return StepTimeLimitExceeded(
             f"step {step} ran past its time limit of {minutes:g} min: raise clearml.steps.{step}.time_limit_min "
             "or make the step cheaper (e.g. fewer solver.max_iter)"
         )
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, minutes * 60.0)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    with raise_on_signal(signal.SIGALRM, expired) as installed:
+        if installed:
+            signal.setitimer(signal.ITIMER_REAL, minutes * 60.0)
+        try:
+            yield
+        finally:
+            if installed:
+                signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 @dataclass

@@ -45,6 +45,7 @@ __all__ = [
     "step_docker_args",
     "step_task_spec",
     "storage_warnings",
+    "with_agent_env",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,13 +91,18 @@ def agent_requirements() -> list[str]:
     return pinned + rest
 
 
-def step_docker_args(cfg: ExperimentConfig, step: str) -> str:
-    """The step's docker arguments from config, plus the agent environment (no credentials, ever)."""
-    own = shlex.split(cfg.clearml.step(step).docker_args or "")
+def with_agent_env(docker_args: str | None) -> str:
+    """``docker_args`` plus the agent environment (:data:`AGENT_ENV`), unless they already set it."""
+    own = shlex.split(docker_args or "")
     for key, value in AGENT_ENV.items():
         if not any(arg.startswith(f"{key}=") for arg in own):
             own += ["-e", f"{key}={value}"]
     return shlex.join(own)
+
+
+def step_docker_args(cfg: ExperimentConfig, step: str) -> str:
+    """The step's docker arguments from config, plus the agent environment (no credentials, ever)."""
+    return with_agent_env(cfg.clearml.step(step).docker_args)
 
 
 def step_task_spec(step: str, cfg: ExperimentConfig) -> dict[str, Any]:

@@ -35,8 +35,8 @@ from typing import Any
 from clearml import PipelineController, Task
 
 from d2ops import storage
-from d2ops.clearml.cluster import AGENT_ENV, agent_requirements, step_docker_args, step_task_spec
-from d2ops.clearml.hyperparams import experiment_from_parameters, flat_experiment, format_value
+from d2ops.clearml.cluster import agent_requirements, step_docker_args, step_task_spec, with_agent_env
+from d2ops.clearml.hyperparams import experiment_from_parameters, experiment_parameters
 from d2ops.clearml.secrets import scrub_recorded_diff
 from d2ops.clearml.session import remote_task_parameters
 from d2ops.clearml.step import STOPPED_TAG, TIME_LIMIT_TAG, ClearMLReporter, record_experiment
@@ -236,35 +236,28 @@ def build_controller(cfg: ExperimentConfig, config_path: str = "") -> D2opsPipel
         add_pipeline_tags=True,
         pool_frequency=execution.pool_frequency_s / 60.0,
         docker=execution.docker_image,
-        docker_args=_controller_docker_args(cfg),
+        docker_args=with_agent_env(cfg.clearml.docker_args),  # the image's own Python, like every step
         packages=agent_requirements(),
     )
     if pipe.task is not None:
         scrub_recorded_diff(pipe.task)
     if execution.pipeline_time_limit_min:
         pipe.set_pipeline_execution_time_limit(execution.pipeline_time_limit_min)
-    for name, value in flat_experiment(cfg).items():
-        pipe.add_parameter(name, format_value(value), param_type=type(value).__name__ if value is not None else "str")
+    values, types = experiment_parameters(cfg)
+    for name, text in values.items():
+        pipe.add_parameter(name, text, param_type=types[name])
     for step in STEPS:
-        _add_step(pipe, step, cfg, config_path)
+        _add_step(pipe, step, cfg, config_path, values)
     return pipe
 
 
-def _controller_docker_args(cfg: ExperimentConfig) -> str:
-    """The controller runs in the d2ops image with the image's own Python, like every step."""
-    args = cfg.clearml.docker_args.split() if cfg.clearml.docker_args else []
-    for key, value in AGENT_ENV.items():
-        if not any(arg.startswith(f"{key}=") for arg in args):
-            args += ["-e", f"{key}={value}"]
-    return " ".join(args)
-
-
-def _add_step(pipe: D2opsPipelineController, step: str, cfg: ExperimentConfig, config_path: str) -> None:
+def _add_step(
+    pipe: D2opsPipelineController, step: str, cfg: ExperimentConfig, config_path: str, experiment: dict[str, str]
+) -> None:
     parents = sorted({src for src, _ in STEP_INPUTS[step].values()}, key=STEPS.index)
     if step != "download" and not parents:
         parents = [STEPS[STEPS.index(step) - 1]]
-    override = {name: format_value(value) for name, value in flat_experiment(cfg).items()}
-    override["General/config"] = config_path
+    override = {**experiment, "General/config": config_path}
     for name, (src, art) in STEP_INPUTS[step].items():
         override[f"General/{name}"] = f"${{{src}.artifacts.{art}.url}}"
     execution = cfg.clearml.step(step)

@@ -41,6 +41,7 @@ from d2ops.config import ConfigError, ExperimentConfig, parse_config
 __all__ = [
     "EXPERIMENT_SECTIONS",
     "experiment_from_parameters",
+    "experiment_parameters",
     "flat_experiment",
     "format_value",
     "parameter_name",
@@ -88,6 +89,14 @@ def flat_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
 def parameter_types(flat: Mapping[str, Any]) -> dict[str, str]:
     """The type ClearML shows beside each value (``float``, ``int``, ``str``, ``list``...)."""
     return {name: type(value).__name__ if value is not None else "str" for name, value in flat.items()}
+
+
+def experiment_parameters(cfg: ExperimentConfig, prefix: str = "") -> tuple[dict[str, str], dict[str, str]]:
+    """The experiment as ClearML stores it: ``{prefix + name: text}`` and ``{prefix + name: type}``."""
+    flat = flat_experiment(cfg)
+    values = {f"{prefix}{name}": format_value(value) for name, value in flat.items()}
+    types = {f"{prefix}{name}": kind for name, kind in parameter_types(flat).items()}
+    return values, types
 
 
 def parameter_name(key: str) -> str:

@@ -45,12 +45,7 @@ from clearml import StorageManager, Task
 
 from d2ops.clearml import datasets as clearml_datasets
 from d2ops.clearml.cluster import step_docker_args
-from d2ops.clearml.hyperparams import (
-    experiment_from_parameters,
-    flat_experiment,
-    format_value,
-    parameter_types,
-)
+from d2ops.clearml.hyperparams import experiment_from_parameters, experiment_parameters
 from d2ops.clearml.models import open_champion_store, register_model
 from d2ops.clearml.secrets import scrub_recorded_diff
 from d2ops.clearml.session import (
@@ -69,6 +64,7 @@ from d2ops.pipeline import (
     StepStopped,
     StepTimeLimitExceeded,
     parse_overrides,
+    raise_on_signal,
     run_in_order,
     step_time_limit,
 )
@@ -194,9 +190,7 @@ class StepRun:
 
 def record_experiment(task: Any, cfg: ExperimentConfig, *, prefix: str = "") -> None:
     """Write the validated experiment as flat typed hyperparameters (``prefix`` ``"Args/"`` for a controller)."""
-    flat = flat_experiment(cfg)
-    values = {f"{prefix}{name}": format_value(value) for name, value in flat.items()}
-    types = {f"{prefix}{name}": kind for name, kind in parameter_types(flat).items()}
+    values, types = experiment_parameters(cfg, prefix)
     task.update_parameters(values, __parameters_types=types)
 
 
@@ -324,21 +318,15 @@ def _stop_on_sigterm(step: str) -> Iterator[None]:
     unwinds the step through its ``finally`` blocks: training saves a checkpoint, the task is
     marked, and the session is closed.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
-    def stop(signum: int, frame: Any) -> None:
-        raise StepStopped(
+    def stopped() -> StepStopped:
+        return StepStopped(
             f"step {step} received SIGTERM (aborted, or its worker was pre-empted); "
             "a rerun of the step resumes from its last checkpoint"
         )
 
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
+    with raise_on_signal(signal.SIGTERM, stopped):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
