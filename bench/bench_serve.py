@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results.json")
     args = parser.parse_args()
 
-    from d2ops.formats import decode_image
+    from d2ops.serving.formats import decode_image
 
     work = Path(tempfile.mkdtemp(prefix="d2ops-bench-serve-"))
     bundle = build_tiny_bundle(work, metadata={"experiment": "bench-serve"})

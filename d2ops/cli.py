@@ -1,7 +1,7 @@
 """Command-line entry points: ``d2ops demo``, ``d2ops pipeline``, ``d2ops step`` and ``d2ops serve``.
 
 tasks/*.py and pipelines/*.py are thin wrappers over :func:`step_main` and :func:`pipeline_main`.
-``d2ops export`` and ``d2ops serving`` hand over to :mod:`d2ops.nuclio` and :mod:`d2ops.clearml_serving`.
+``d2ops export`` and ``d2ops serving`` hand over to :mod:`d2ops.serving.nuclio` and :mod:`d2ops.clearml.serving`.
 """
 
 from __future__ import annotations
@@ -231,19 +231,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "pipeline":
         return pipeline_main(rest)
     if command == "serve":
-        from d2ops.server import serve_main
+        from d2ops.serving.http import serve_main
 
         return serve_main(rest)
     if command == "step" and rest and rest[0] in STEPS:
         return step_main(rest[0], rest[1:])
     if command == "export":
-        from d2ops.nuclio import export_main
+        from d2ops.serving.nuclio import export_main
 
         return export_main(rest)
     if command == "schedule":
         return schedule_main(rest)
     if command == "serving":
-        from d2ops.clearml_serving import serving_main
+        from d2ops.clearml.serving import serving_main
 
         return serving_main(rest)
     print(f"unknown command {' '.join(argv[:2])!r}; usage: d2ops {commands}", file=sys.stderr)

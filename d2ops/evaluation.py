@@ -22,7 +22,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from d2ops.config import EvalConfig
-from d2ops.predictor import Detector
+from d2ops.model.detector import Detector
 from d2ops.reporting import Reporter
 
 __all__ = ["EvalResult", "detection_counts", "evaluate", "f_beta"]

@@ -14,7 +14,7 @@ from detectron2.data.detection_utils import read_image
 from detectron2.utils.visualizer import Visualizer
 from tqdm import tqdm
 
-from d2ops.predictor import Detector
+from d2ops.model.detector import Detector
 from d2ops.reporting import Reporter
 
 __all__ = ["IMAGE_SUFFIXES", "InferResult", "infer_folder", "list_images"]

@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import d2ops
+from d2ops.model.bundle import ModelBundle
 
 if TYPE_CHECKING:
     from d2ops.config import EvalConfig
     from d2ops.reporting import Reporter
 
 __all__ = [
-    "BUNDLE_FILES",
     "Champion",
     "ChampionConflictError",
     "ChampionStore",
@@ -57,8 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-BUNDLE_FILES = ("model_final.pth", "config.yaml", "labels.json", "metrics.json", "metadata.json")
 
 
 @dataclass(frozen=True)
@@ -186,20 +184,15 @@ def evaluate_model(
     device: str = "auto",
 ) -> dict[str, Any]:
     """The metrics dict of one model on a registered dataset split, by the evaluate step's own code
-    (:class:`~d2ops.predictor.Detector` and :func:`~d2ops.evaluation.evaluate`), reporting nothing.
+    (:class:`~d2ops.model.detector.Detector` and :func:`~d2ops.evaluation.evaluate`), reporting nothing.
 
     The register step scores the champion and the candidate with it, so both numbers come from
     the same code on the same images on the same device.
     """
-    from detectron2.config import get_cfg
-
     from d2ops.evaluation import evaluate
-    from d2ops.predictor import Detector
+    from d2ops.model.detector import Detector
 
-    d2 = get_cfg()
-    d2.set_new_allowed(True)
-    d2.merge_from_file(str(d2_config))
-    detector = Detector(d2, str(weights), labels, device)
+    detector = Detector.from_files(d2_config, weights, labels, device)
     return evaluate(detector, dataset_name, eval_cfg, out_dir).to_dict()
 
 
@@ -316,13 +309,12 @@ class LocalChampionStore:
             return None
         model_id = json.loads(self.pointer.read_text())["id"]
         bundle = self.folder / "models" / model_id
-        if not (bundle / "model_final.pth").is_file():
+        if not (bundle / ModelBundle.WEIGHTS).is_file():
             raise FileNotFoundError(
                 f"{self.pointer} names model {model_id}, but {bundle} holds no bundle: restore the folder, "
                 f"or delete {self.pointer} to start without a champion"
             )
-        meta_file = bundle / "metadata.json"
-        metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        metadata = ModelBundle(bundle).metadata()
         return Champion(model_id, bundle, tuple(self.record(model_id)["tags"]), metadata)
 
     @contextmanager
@@ -434,33 +426,14 @@ def build_bundle(
     metrics: dict[str, Any],
     metadata: dict[str, Any],
 ) -> Path:
-    """Write a bundle folder atomically (built beside ``out_dir``, then renamed into place)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        shutil.copy2(weights, staging / "model_final.pth")
-        shutil.copy2(d2_config, staging / "config.yaml")
-        (staging / "labels.json").write_text(json.dumps(labels))
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        meta = {
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "code_version": code_version(),
-            "d2ops_version": d2ops.__version__,
-            **metadata,
-        }
-        (staging / "metadata.json").write_text(json.dumps(meta, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    log.info("model bundle written to %s", out_dir)
-    return out_dir
+    """Write a bundle folder atomically (:meth:`ModelBundle.write`), recording the code that built it."""
+    meta = {"code_version": code_version(), "d2ops_version": d2ops.__version__, **metadata}
+    bundle = ModelBundle.write(out_dir, weights=weights, d2_config=d2_config, labels=labels, metrics=metrics,
+                               metadata=meta)  # fmt: skip
+    log.info("model bundle written to %s", bundle.path)
+    return bundle.path
 
 
 def zip_bundle(bundle_dir: Path) -> Path:
     """A zip of the bundle beside it (what gets uploaded as the registered model's weights)."""
-    archive = shutil.make_archive(str(bundle_dir), "zip", root_dir=bundle_dir)
-    return Path(archive)
+    return ModelBundle(Path(bundle_dir)).zip()

@@ -22,6 +22,7 @@ import yaml
 
 from d2ops import storage
 from d2ops.config import ExperimentConfig, config_hash
+from d2ops.model.bundle import ModelBundle
 from d2ops.registry import ChampionStore, LocalChampionStore
 from d2ops.reporting import Reporter
 
@@ -327,17 +328,14 @@ def _checkpoint_uri(cfg: ExperimentConfig, run_key: str, task_output_uri: str | 
 
 
 def _detector(ctx: StepContext) -> tuple[Any, Any, Path]:
-    from detectron2.config import get_cfg
-
     from d2ops.datasets import register_splits
-    from d2ops.predictor import Detector
+    from d2ops.model.detector import Detector
 
     root, _ = _validated_dataset(ctx)
     dataset = register_splits(root, ctx.cfg.data)
-    d2 = get_cfg()
-    d2.set_new_allowed(True)
-    d2.merge_from_file(str(ctx.input_path("d2_config")))
-    detector = Detector(d2, str(ctx.input_path("weights")), dataset.class_names, ctx.cfg.runtime.device)
+    detector = Detector.from_files(
+        ctx.input_path("d2_config"), ctx.input_path("weights"), dataset.class_names, ctx.cfg.runtime.device
+    )
     return detector, dataset, root
 
 
@@ -412,10 +410,11 @@ def run_register(ctx: StepContext) -> StepOutput:
         split, device, out = dataset.name(ctx.cfg.eval.split), ctx.cfg.runtime.device, ctx.workdir / "register"
         candidate = (ctx.input_path("d2_config"), ctx.input_path("weights"), labels)
         scored = evaluate_model(*candidate, split, ctx.cfg.eval, out / "candidate", device)
-        champion_labels = json.loads((champion.bundle / "labels.json").read_text())
+        champion_bundle = ModelBundle(champion.bundle)
+        champion_labels = champion_bundle.labels()
         not_comparable = labels_mismatch(champion_labels, dataset.class_names)
         if not not_comparable:
-            champ = (champion.bundle / "config.yaml", champion.bundle / "model_final.pth", champion_labels)
+            champ = (champion_bundle.config_file, champion_bundle.weights, champion_labels)
             champion_metrics = evaluate_model(*champ, split, ctx.cfg.eval, out / "champion", device)
             champion_score = metric_value(champion_metrics, gate_cfg.metric, "registry.champion.metric")
     floor = check_gate(scored, reg.quality_gate.metric, reg.quality_gate.min_value)
@@ -457,9 +456,9 @@ def run_register(ctx: StepContext) -> StepOutput:
             name=reg.model_name,
             tags=[*reg.tags, *([gate_cfg.tag] if promoting and store.tag_on_register else [])],
             labels=labels,
-            metadata=json.loads((bundle / "metadata.json").read_text()),
+            metadata=ModelBundle(bundle).metadata(),
             publish=decision.promote,
-            config=yaml.safe_load((bundle / "config.yaml").read_text()),
+            config=yaml.safe_load(ModelBundle(bundle).config_file.read_text()),
             headline=headline,
         )
     promotion = None

@@ -47,6 +47,7 @@ from d2ops.config import DataConfig, ExperimentConfig
 from d2ops.datasets import RegisteredDataset
 from d2ops.distributed import EventRelay, FileReporter, LaunchPlan, launch_plan
 from d2ops.reporting import Reporter
+from d2ops.utils.device import resolve_device
 
 __all__ = [
     "CheckpointConflict",
@@ -65,15 +66,6 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the step fails instead of saving a broken model."""
-
-
-def resolve_device(requested: str) -> str:
-    """``auto`` means CUDA when a GPU is visible, else the CPU."""
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
-    return requested
 
 
 def _base_config(cfg: ExperimentConfig) -> CfgNode:

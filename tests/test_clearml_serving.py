@@ -1,6 +1,6 @@
 """The clearml-serving engine and ``d2ops serving register``, driven by clearml-serving's own code.
 
-clearml-serving loads d2ops/clearml_serving.py the way it does in a serving container
+clearml-serving loads d2ops/serving/clearml_engine.py the way it does in a serving container
 (``CustomPreprocessRequest._instantiate_custom_preprocess_cls``: the preprocess artifact imported
 as a standalone module) and runs requests through ``ModelRequestProcessor._process_request``; the one
 stand-in is the model registry download (``_get_local_model_file`` returns the tiny bundle). The
@@ -25,15 +25,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2ops.clearml_serving import (
-    PREPROCESS_FILE,
-    EndpointRegistration,
-    RegistrationError,
-    build_register_command,
-)
+from d2ops.clearml.serving import EndpointRegistration, RegistrationError, build_register_command
 from d2ops.cli import main as cli_main
-from d2ops.formats import decode_image, to_cvat
-from d2ops.predictor import Detector
+from d2ops.model.detector import Detector
+from d2ops.serving.clearml_engine import PREPROCESS_FILE
+from d2ops.serving.formats import decode_image, to_cvat
 
 pytest.importorskip("clearml_serving")
 
@@ -72,7 +68,7 @@ class _Artifact:
 
 
 def _processor(model_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
-    """clearml-serving's custom-engine request object with d2ops/clearml_serving.py as preprocess code."""
+    """clearml-serving's custom-engine request object with d2ops/serving/clearml_engine.py as preprocess code."""
     from clearml_serving.serving.endpoints import ModelEndpoint
     from clearml_serving.serving.preprocess_service import BasePreprocessRequest, CustomPreprocessRequest
 

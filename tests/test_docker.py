@@ -334,7 +334,7 @@ def test_dockerfiles_declare_no_secrets() -> None:
 
 
 def test_serving_image_is_non_root_with_a_health_check() -> None:
-    from d2ops.server import build_parser
+    from d2ops.serving.http import build_parser
 
     steps = _instructions(DOCKER / "Dockerfile.serving")
     users = [args for instr, args in steps if instr == "USER"]

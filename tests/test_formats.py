@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2ops.formats import BadImageError, decode_base64_image, decode_image, to_cvat, to_torchserve
-from d2ops.predictor import Detection
+from d2ops.model.detector import Detection
+from d2ops.serving.formats import BadImageError, decode_base64_image, decode_image, to_cvat, to_torchserve
 
 
 def _jpeg(width: int = 64, height: int = 48) -> bytes:
@@ -78,7 +78,7 @@ def test_reply_formats() -> None:
 
 
 def test_tiny_bundle_predicts_deterministically(tiny_bundle: Path) -> None:
-    from d2ops.predictor import Detector
+    from d2ops.model.detector import Detector
 
     detector = Detector.from_bundle(tiny_bundle, device="cpu")
     image = decode_image(_jpeg(128, 128))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from d2ops.model_source import ModelNotFoundError, parse_model_ref, resolve_model
+from d2ops.model.source import ModelNotFoundError, parse_model_ref, resolve_model
 
 
 def test_parse_forms() -> None:

@@ -23,8 +23,9 @@ import yaml
 from PIL import Image
 
 from d2ops.cli import main as cli_main
-from d2ops.formats import decode_image, to_cvat
-from d2ops.nuclio import (
+from d2ops.model.detector import Detector
+from d2ops.serving.formats import decode_image, to_cvat
+from d2ops.serving.nuclio import (
     EXPORT_MANIFEST,
     MAX_REQUEST_BODY_BYTES,
     ExportError,
@@ -32,7 +33,6 @@ from d2ops.nuclio import (
     bundle_shape_type,
     export_nuclio,
 )
-from d2ops.predictor import Detector
 
 
 def _png(seed: int = 1, width: int = 160, height: int = 120) -> bytes:
@@ -185,7 +185,8 @@ def test_each_function_folder_ships_bundle_package_and_entry_point(export_dir: P
     for variant in ("cpu", "gpu"):
         folder = export_dir / variant
         assert (folder / "main.py").is_file()
-        assert (folder / "d2ops" / "predictor.py").is_file() and (folder / "d2ops" / "formats.py").is_file()
+        assert (folder / "d2ops" / "model" / "detector.py").is_file()
+        assert (folder / "d2ops" / "serving" / "formats.py").is_file()
         assert not list(folder.rglob("__pycache__"))
         assert export_dir.stat().st_mode & 0o755 == 0o755
         for name in ("model_final.pth", "config.yaml", "labels.json"):

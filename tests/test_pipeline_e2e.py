@@ -90,7 +90,7 @@ def test_infer_session_has_debug_images_and_coco_results(pipeline_run: dict[str,
 def test_bundle_reloads_and_predicts_the_same_boxes(pipeline_run: dict[str, Any]) -> None:
     from detectron2.data.detection_utils import read_image
 
-    from d2ops.predictor import Detector
+    from d2ops.model.detector import Detector
 
     bundle = Path(pipeline_run["summary"]["model_bundle"])
     for name in ("model_final.pth", "config.yaml", "labels.json", "metrics.json", "metadata.json"):

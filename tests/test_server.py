@@ -33,9 +33,9 @@ from PIL import Image
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from d2ops.formats import decode_image
-from d2ops.predictor import Detection, Detector
-from d2ops.serving import TOKEN_ENV, bundle_version
+from d2ops.model.detector import Detection, Detector
+from d2ops.serving.core import TOKEN_ENV, bundle_version
+from d2ops.serving.formats import decode_image
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-0123456789"

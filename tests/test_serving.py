@@ -19,10 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2ops.formats import DEFAULT_MAX_PIXELS, decode_image
-from d2ops.predictor import Detection, Detector
-from d2ops.server import create_app, serve_main
-from d2ops.serving import (
+from d2ops.model.detector import Detection, Detector
+from d2ops.serving.core import (
     MIB,
     TOKEN_ENV,
     DetectorAPI,
@@ -36,6 +34,8 @@ from d2ops.serving import (
     load_model,
     load_settings,
 )
+from d2ops.serving.formats import DEFAULT_MAX_PIXELS, decode_image
+from d2ops.serving.http import create_app, serve_main
 
 # ------------------------------------------------------------------------------------------- settings
 

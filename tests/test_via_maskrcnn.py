@@ -115,7 +115,7 @@ def test_mask_rcnn_trains_evaluates_and_predicts_polygons(via_dataset: Path, tmp
 
     from detectron2.config import get_cfg
 
-    from d2ops.predictor import Detector
+    from d2ops.model.detector import Detector
 
     d2 = get_cfg()
     d2.set_new_allowed(True)

@@ -12,7 +12,7 @@
 
 Lower layers never import this package. Where they need ClearML, :func:`install` plugs it in:
 clearml.conf's S3 credentials for :mod:`d2ops.storage`, and ClearML model references for
-:mod:`d2ops.model_source`. Importing this package installs them, so every process that uses
+:mod:`d2ops.model.source`. Importing this package installs them, so every process that uses
 ClearML through d2ops has them; the ``d2ops`` command calls :func:`install` for the others.
 """
 
@@ -34,7 +34,7 @@ def install() -> None:
     """Plug ClearML into the layers below: clearml.conf's S3 credentials and ClearML model references."""
     from d2ops import storage
     from d2ops.clearml.models import ClearMLModelRegistry
-    from d2ops.model_source import use_model_registry
+    from d2ops.model.source import use_model_registry
 
     storage.use_conf_credentials(_s3_credential_entries)
     use_model_registry(ClearMLModelRegistry())

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from clearml import InputModel, Model, OutputModel
 
 from d2ops.clearml.session import live_task
-from d2ops.model_source import ModelNotFoundError, ModelRef, resolve_model
+from d2ops.model.source import ModelNotFoundError, ModelRef, resolve_model
 from d2ops.registry import (
     Champion,
     ChampionConflictError,
@@ -198,7 +198,7 @@ def open_champion_store(cfg: ExperimentConfig) -> ChampionStore:
 
 
 class ClearMLModelRegistry:
-    """Resolves ``clearml://<project>/<name>[@<tag>]`` and model ids for :mod:`d2ops.model_source`."""
+    """Resolves ``clearml://<project>/<name>[@<tag>]`` and model ids for :mod:`d2ops.model.source`."""
 
     @staticmethod
     def _newest(ref: ModelRef) -> Any:

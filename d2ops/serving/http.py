@@ -42,7 +42,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from d2ops.serving import (
+from d2ops.serving.core import (
     MIB,
     TOKEN_ENV,
     DetectorAPI,
@@ -486,7 +486,7 @@ def _check_ready(state: ServerState) -> LoadedModel:
 
 async def _infer(state: ServerState, payloads: Sequence[bytes | str], threshold: float | None) -> list[tuple[Any, str]]:
     """Decode, queue for the batcher and wait: 400/415 bad image, 503 overloaded, 504 timed out."""
-    from d2ops.formats import BadImageError, UnsupportedFormatError
+    from d2ops.serving.formats import BadImageError, UnsupportedFormatError
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + state.settings.request_timeout
@@ -658,7 +658,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_cleanly)
     if settings.workers > 1:
         os.environ[SETTINGS_ENV] = settings.model_dump_json(exclude={"token"})
-        uvicorn.run("d2ops.server:create_app_from_env", factory=True, workers=settings.workers, **common)
+        uvicorn.run("d2ops.serving.http:create_app_from_env", factory=True, workers=settings.workers, **common)
         return 0
     fatal: list[BaseException] = []
     server: uvicorn.Server | None = None
@@ -683,7 +683,7 @@ def _exit_cleanly(signum: int, frame: Any) -> None:
 
 def _check_source(ref: str) -> None:
     """Fail before starting the server when a local model path plainly does not exist."""
-    from d2ops.model_source import ModelNotFoundError, parse_model_ref
+    from d2ops.model.source import ModelNotFoundError, parse_model_ref
 
     parsed = parse_model_ref(ref)
     if parsed.kind == "path" and not os.path.exists(os.path.expanduser(ref)):

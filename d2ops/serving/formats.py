@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from d2ops.predictor import Detection
+from d2ops.model.detector import Detection
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",

@@ -1,6 +1,6 @@
 """The serving core behind ``d2ops serve``: settings, the detector API, the micro-batcher, hot swap.
 
-The HTTP layer (:mod:`d2ops.server`) is a thin FastAPI shell over four parts that know nothing of HTTP:
+The HTTP layer (:mod:`d2ops.serving.http`) is a thin FastAPI shell over four parts that know nothing of HTTP:
 
 - :class:`ServeSettings`: every knob, validated once, with errors that name the option and the fix.
 - :class:`DetectorAPI`: the model-facing lifecycle in LitServe's shape: ``setup`` loads a bundle,
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
@@ -38,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 if TYPE_CHECKING:
     import numpy as np
 
-    from d2ops.predictor import Detection, Detector
+    from d2ops.model.detector import Detection, Detector
 
 __all__ = [
     "TOKEN_ENV",
@@ -128,7 +126,7 @@ def load_settings(values: Mapping[str, Any], environ: Mapping[str, str] | None =
 
 def default_model_name(ref: str) -> str:
     """A served name from the model reference: the bundle folder or zip name, or the ClearML name."""
-    from d2ops.model_source import parse_model_ref
+    from d2ops.model.source import parse_model_ref
 
     parsed = parse_model_ref(ref)
     if parsed.kind == "clearml_query" and parsed.name:
@@ -166,24 +164,10 @@ class LoadedModel:
 
 
 def bundle_version(bundle_dir: Path) -> str:
-    """A content hash of the bundle (weights, config, labels, metrics, metadata): equal files, equal version."""
-    digest = hashlib.sha256()
-    for name in ("model_final.pth", "config.yaml", "labels.json", "metrics.json", "metadata.json"):
-        path = bundle_dir / name
-        if not path.is_file():
-            continue
-        digest.update(name.encode() + b"\0")
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(4 * MIB), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:12]
+    """The bundle's content hash (:meth:`~d2ops.model.bundle.ModelBundle.version`)."""
+    from d2ops.model.bundle import ModelBundle
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
-    return data if isinstance(data, dict) else {"value": data}
+    return ModelBundle(bundle_dir).version()
 
 
 class DetectorAPI:
@@ -204,13 +188,13 @@ class DetectorAPI:
 
     def setup(self, bundle_dir: Path) -> Detector:
         """Load the detector from a bundle folder (imports torch and detectron2 on first use)."""
-        from d2ops.predictor import Detector
+        from d2ops.model.detector import Detector
 
         return Detector.from_bundle(bundle_dir, device=self.device)
 
     def decode_request(self, payload: bytes | str) -> np.ndarray:
         """Raw image bytes or a base64 string (CVAT) into a BGR image; raises ``BadImageError``."""
-        from d2ops.formats import decode_base64_image, decode_image
+        from d2ops.serving.formats import decode_base64_image, decode_image
 
         if isinstance(payload, str):
             return decode_base64_image(payload, max_pixels=self.max_pixels)
@@ -225,14 +209,15 @@ class DetectorAPI:
 
     def encode_response(self, detections: Sequence[Detection], contract: Contract) -> list[dict[str, Any]]:
         """One image's detections in the CVAT nuclio or the TorchServe reply format."""
-        from d2ops.formats import to_cvat, to_torchserve
+        from d2ops.serving.formats import to_cvat, to_torchserve
 
         return to_cvat(detections) if contract == "cvat" else to_torchserve(detections)
 
 
 def load_model(api: DetectorAPI, settings: ServeSettings) -> LoadedModel:
     """Resolve ``settings.model`` to a local bundle (downloading as needed) and set it up."""
-    from d2ops.model_source import resolve_model
+    from d2ops.model.bundle import ModelBundle
+    from d2ops.model.source import resolve_model
 
     bundle = resolve_model(settings.model, settings.cache_dir)
     started = time.perf_counter()
@@ -241,8 +226,8 @@ def load_model(api: DetectorAPI, settings: ServeSettings) -> LoadedModel:
         name=settings.served_name,
         version=bundle_version(bundle),
         labels=list(detector.labels),
-        metrics=_read_json(bundle / "metrics.json"),
-        metadata=_read_json(bundle / "metadata.json"),
+        metrics=ModelBundle(bundle).metrics(),
+        metadata=ModelBundle(bundle).metadata(),
         source=settings.model,
         bundle=str(bundle),
         device=str(detector.cfg.MODEL.DEVICE),
@@ -285,7 +270,7 @@ class SourceWatcher:
     """
 
     def __init__(self, ref: str) -> None:
-        from d2ops.model_source import parse_model_ref
+        from d2ops.model.source import parse_model_ref
 
         self.ref = ref
         self.parsed = parse_model_ref(ref)
@@ -323,7 +308,7 @@ class SourceWatcher:
         return storage.dataset_identity([r.info for r in remotes])
 
     def _clearml_fingerprint(self) -> str | None:
-        from d2ops.model_source import model_registry
+        from d2ops.model.source import model_registry
 
         return model_registry().newest_id(self.parsed)
 

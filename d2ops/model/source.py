@@ -12,14 +12,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import shutil
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from d2ops import storage
+from d2ops.model.bundle import ModelBundle, ModelNotFoundError
 
 __all__ = [
     "ModelNotFoundError",
@@ -34,11 +31,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _MODEL_ID = re.compile(r"^[0-9a-f]{32}$")
-_REQUIRED = ("model_final.pth", "config.yaml", "labels.json")
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """``M`` names no loadable bundle; the message says which forms are accepted."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +52,7 @@ def parse_model_ref(ref: str) -> ModelRef:
         if not project or not name:
             raise ModelNotFoundError(f"{ref!r}: expected clearml://<project>/<name>[@<tag>]")
         return ModelRef("clearml_query", ref, project=project, name=name, tag=tag or None)
-    if storage.is_s3_uri(ref):
+    if ref.startswith("s3://"):
         return ModelRef("s3", ref)
     if _MODEL_ID.match(ref) and not Path(ref).exists():
         return ModelRef("clearml_id", ref)
@@ -68,42 +60,12 @@ def parse_model_ref(ref: str) -> ModelRef:
 
 
 def _check_bundle(folder: Path, ref: str) -> Path:
-    missing = [name for name in _REQUIRED if not (folder / name).is_file()]
-    if missing:
-        raise ModelNotFoundError(
-            f"{ref} is not a d2ops model bundle (missing {', '.join(missing)}); "
-            "pass a bundle folder or zip, an s3:// URI, a ClearML model id or clearml://<project>/<name>[@<tag>]"
-        )
-    return folder
-
-
-def _extract(archive: Path, cache_dir: Path) -> Path:
-    """Unzip a bundle into a folder named by the archive's content hash (atomic, reused)."""
-    digest = hashlib.sha256(archive.read_bytes()).hexdigest()[:16]
-    target = cache_dir / f"bundle-{digest}"
-    if target.is_dir():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache_dir))
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(staging)
-    except (zipfile.BadZipFile, OSError) as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ModelNotFoundError(f"{archive} is not a readable bundle zip: {err}") from None
-    try:
-        staging.replace(target)
-    except OSError:
-        # Another process extracted the same archive first: its copy is identical, use it.
-        shutil.rmtree(staging, ignore_errors=True)
-        if not target.is_dir():
-            raise
-    return target
+    return ModelBundle.open(folder, ref).path
 
 
 def _local(path: Path, ref: str, cache_dir: Path) -> Path:
     if path.is_file() and path.suffix == ".zip":
-        return _check_bundle(_extract(path, cache_dir), ref)
+        return _check_bundle(ModelBundle.extract(path, cache_dir), ref)
     if path.is_dir():
         return _check_bundle(path, ref)
     raise ModelNotFoundError(f"model {ref} does not exist")
@@ -151,6 +113,8 @@ def resolve_model(ref: str, cache_dir: Path | str = "outputs/cache/models") -> P
     if parsed.kind == "path":
         return _local(Path(ref).expanduser(), ref, cache_dir)
     if parsed.kind == "s3":
+        from d2ops import storage  # only here: serving a local bundle never loads boto3
+
         dest = cache_dir / ("s3-" + hashlib.sha256(ref.encode()).hexdigest()[:16])
         return _local(storage.resolve_local(ref, dest, progress=False), ref, cache_dir)
     local = model_registry().local_copy(parsed)

@@ -1,12 +1,16 @@
 """A batched detectron2 predictor that loads a model bundle (weights, config.yaml, labels).
 
 It is detectron2's DefaultPredictor generalised to a list of images per forward pass, so that
-evaluation, batch inference and the serving layer all share one implementation.
+evaluation, batch inference and the serving layer all share one implementation. It imports no
+training, checkpointing or S3 code: the serving stack loads it alone.
+
+An image is a BGR uint8 array, or a :class:`Frame`: pixels decoded at a reduced size plus the size of
+the original frame, so that detections come back in the original frame's coordinates (detectron2's
+postprocessing rescales to the ``height`` and ``width`` it is given).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,9 +24,10 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
-from d2ops.training import resolve_device
+from d2ops.model.bundle import ModelBundle
+from d2ops.utils.device import resolve_device
 
-__all__ = ["Detection", "Detector"]
+__all__ = ["Detection", "Detector", "Frame", "load_d2_config"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,31 @@ class Detection:
         if self.polygons:
             out["polygons"] = self.polygons
         return out
+
+
+@dataclass(frozen=True)
+class Frame:
+    """An image decoded at a reduced size: ``pixels`` (BGR uint8) stand for a ``height`` x ``width`` frame."""
+
+    pixels: np.ndarray
+    height: int
+    width: int
+
+    @property
+    def scale(self) -> float:
+        """Original size over decoded size (1.0 when not reduced)."""
+        return self.height / self.pixels.shape[0]
+
+
+Image = np.ndarray | Frame
+
+
+def load_d2_config(path: str | Path) -> CfgNode:
+    """A detectron2 config file merged onto detectron2's defaults (new keys allowed, as the trainer wrote it)."""
+    cfg = get_cfg()
+    cfg.set_new_allowed(True)
+    cfg.merge_from_file(str(path))
+    return cfg
 
 
 def _mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
@@ -72,33 +102,37 @@ class Detector:
         self.input_format = cfg.INPUT.FORMAT
 
     @classmethod
-    def from_bundle(cls, bundle_dir: str | Path, device: str = "auto") -> Detector:
-        """Load a bundle written by :func:`d2ops.registry.build_bundle`."""
-        bundle_dir = Path(bundle_dir)
-        missing = [n for n in ("model_final.pth", "config.yaml", "labels.json") if not (bundle_dir / n).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{bundle_dir} is not a model bundle: missing {', '.join(missing)}")
-        cfg = get_cfg()
-        cfg.set_new_allowed(True)
-        cfg.merge_from_file(str(bundle_dir / "config.yaml"))
-        labels = json.loads((bundle_dir / "labels.json").read_text())
-        return cls(cfg, str(bundle_dir / "model_final.pth"), labels, device)
+    def from_bundle(cls, bundle: ModelBundle | str | Path, device: str = "auto") -> Detector:
+        """Load a :class:`~d2ops.model.bundle.ModelBundle` (or the folder of one)."""
+        if not isinstance(bundle, ModelBundle):
+            bundle = ModelBundle.open(bundle)
+        return cls(bundle.d2_config(), str(bundle.weights), bundle.labels(), device)
 
-    def _inputs(self, image: np.ndarray) -> dict[str, Any]:
+    @classmethod
+    def from_files(
+        cls, d2_config: str | Path, weights: str | Path, labels: Sequence[str], device: str = "auto"
+    ) -> Detector:
+        """Load weights and a detectron2 config file that are not (yet) a bundle, e.g. a training run's output."""
+        return cls(load_d2_config(d2_config), str(weights), labels, device)
+
+    def _inputs(self, frame: Image) -> dict[str, Any]:
+        if isinstance(frame, Frame):
+            image, height, width = frame.pixels, frame.height, frame.width
+        else:
+            image, (height, width) = frame, frame.shape[:2]
         if self.input_format == "RGB":
             image = image[:, :, ::-1]
-        height, width = image.shape[:2]
         resized = self.aug.get_transform(image).apply_image(image)
         tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
         return {"image": tensor, "height": height, "width": width}
 
     @torch.inference_mode()
-    def raw(self, images: Sequence[np.ndarray]) -> list[Any]:
+    def raw(self, images: Sequence[Image]) -> list[Any]:
         """detectron2 ``Instances`` per image (on the CPU)."""
         outputs = self.model([self._inputs(img) for img in images])
         return [out["instances"].to("cpu") for out in outputs]
 
-    def predict(self, images: Sequence[np.ndarray], score_threshold: float = 0.0) -> list[list[Detection]]:
+    def predict(self, images: Sequence[Image], score_threshold: float = 0.0) -> list[list[Detection]]:
         """Detections per image with score >= ``score_threshold``."""
         results = []
         for inst in self.raw(images):

@@ -6,7 +6,7 @@ over in different shapes: nuclio gives a dict when the request says ``applicatio
 otherwise; clearml-serving gives a dict for JSON and the raw bytes for anything else, so there the
 bytes may also be the image file itself. :func:`parse_detection_request` accepts all of these.
 
-Every client mistake raises :class:`BadRequestError` or :class:`~d2ops.formats.BadImageError`
+Every client mistake raises :class:`BadRequestError` or :class:`~d2ops.serving.formats.BadImageError`
 (both ``ValueError``), with a message that says what to send instead, so the front end can answer 4xx.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from d2ops.formats import decode_base64_image, decode_image
+from d2ops.serving.formats import decode_base64_image, decode_image
 
 __all__ = ["REQUEST_EXAMPLE", "BadRequestError", "DetectionRequest", "parse_detection_request", "parse_threshold"]
 

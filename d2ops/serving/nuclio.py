@@ -13,7 +13,7 @@ The package is *copied* into the function rather than pip-installed by a build d
 d2ops is not on a package index the nuclio builder can reach, the function folder is only copied into
 the image after the ``preCopy`` directives run, and installing d2ops would pull in its training and
 S3 dependencies. The copy makes the function run exactly the code that exported it (the same
-:class:`~d2ops.predictor.Detector` and :mod:`~d2ops.formats`), whatever d2ops the base image holds.
+:class:`~d2ops.model.detector.Detector` and :mod:`~d2ops.serving.formats`), whatever d2ops the base image holds.
 
 The second half of this module is what main.py calls at run time: :func:`init_context` loads the
 bundle once per nuclio worker, :func:`handle_event` answers one request.
@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 import d2ops
+from d2ops.model.bundle import ModelBundle, ModelNotFoundError
 
 __all__ = [
     "DEFAULT_BASE_IMAGE",
@@ -66,7 +67,7 @@ DEFAULT_RUNTIME = "python:3.11"
 MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
 EXPORT_MANIFEST = "d2ops-export.json"
 VARIANTS = ("cpu", "gpu")
-#: What d2ops.predictor and d2ops.formats import beyond torch and detectron2. Already in the default
+#: What d2ops.model.detector and d2ops.serving.formats import beyond torch and detectron2. Already in the default
 #: base image (a no-op there); installed when --base-image names a plain detectron2 image.
 RUNTIME_REQUIREMENTS = (
     "Pillow>=10",
@@ -76,7 +77,6 @@ RUNTIME_REQUIREMENTS = (
     "boto3>=1.34",
     "tqdm>=4.66",
 )
-_BUNDLE_FILES = ("model_final.pth", "config.yaml", "labels.json", "metrics.json", "metadata.json")
 _FUNCTION_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 _MAIN_PY = '''\
@@ -93,7 +93,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from d2ops import nuclio as d2ops_nuclio  # noqa: E402
+from d2ops.serving import nuclio as d2ops_nuclio  # noqa: E402
 
 MODEL_DIR = os.path.join(HERE, "model")
 
@@ -142,9 +142,7 @@ def cvat_label_spec(labels: Sequence[str], shape_type: str) -> list[dict[str, An
 
 def bundle_shape_type(bundle_dir: Path) -> str:
     """``polygon`` for instance-segmentation bundles (the handler sends mask outlines), else ``rectangle``."""
-    config = yaml.safe_load((bundle_dir / "config.yaml").read_text()) or {}
-    mask_on = bool(config.get("MODEL", {}).get("MASK_ON", False))
-    return "polygon" if mask_on else "rectangle"
+    return "polygon" if ModelBundle(bundle_dir).segments() else "rectangle"
 
 
 def _slug(text: str) -> str:
@@ -161,13 +159,9 @@ def function_name(name: str | None, bundle_dir: Path) -> str:
                 f"at most 63 characters, starting and ending with a letter or digit); e.g. {_slug(name)!r}"
             )
         return name
-    metadata = _read_json(bundle_dir / "metadata.json", {})
+    metadata = ModelBundle(bundle_dir).metadata()
     model = metadata.get("model_name") or metadata.get("experiment") or bundle_dir.name
     return _slug(f"d2ops-{model}")
-
-
-def _read_json(path: Path, default: Any) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else default
 
 
 def _labels_json(labels: Sequence[str], shape_type: str) -> str:
@@ -275,10 +269,8 @@ def _copy_package(dest: Path) -> None:
 def _copy_bundle(bundle_dir: Path, dest: Path, link_from: Path | None = None) -> None:
     """Copy the bundle files; the second variant hard-links the first's copy where it can."""
     dest.mkdir(parents=True)
-    for name in _BUNDLE_FILES:
-        src = (link_from or bundle_dir) / name
-        if not src.is_file():
-            continue
+    for path in ModelBundle(link_from or bundle_dir).files():
+        src, name = path, path.name
         if link_from is not None:
             try:
                 os.link(src, dest / name)
@@ -344,18 +336,19 @@ def export_nuclio(
     failed export leaves nothing half-written. An existing ``out_dir`` is replaced only when it is
     empty or an earlier export (it has ``d2ops-export.json``), or with ``force``.
     """
-    from d2ops.payloads import parse_threshold
+    from d2ops.serving.payloads import parse_threshold
 
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir).absolute()
-    missing = [n for n in ("model_final.pth", "config.yaml", "labels.json") if not (bundle_dir / n).is_file()]
-    if missing:
-        raise ExportError(f"{bundle_dir} is not a model bundle: missing {', '.join(missing)}")
+    try:
+        bundle = ModelBundle.open(bundle_dir)
+    except ModelNotFoundError as err:
+        raise ExportError(str(err)) from None
     threshold = parse_threshold(threshold, 0.5)
     fname = function_name(name, bundle_dir)
     _check_destination(out_dir, force)
-    labels = list(json.loads((bundle_dir / "labels.json").read_text()))
+    labels = bundle.labels()
     shape_type = bundle_shape_type(bundle_dir)
-    metadata = _read_json(bundle_dir / "metadata.json", {})
+    metadata = bundle.metadata()
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     header = f"# CVAT serverless function for d2ops model {fname}; written by `d2ops export nuclio` at {created}.\n"
     main_py = _MAIN_PY.format(name=fname, threshold=threshold)
@@ -401,7 +394,7 @@ def export_nuclio(
 def export_main(argv: Sequence[str] | None = None) -> int:
     """``d2ops export nuclio --model M --out DIR [--name N] [--threshold T] [--force]``."""
     from d2ops.cli import fail, user_errors_types
-    from d2ops.model_source import resolve_model
+    from d2ops.model.source import resolve_model
 
     parser = argparse.ArgumentParser(prog="d2ops export", description="export a model for another serving platform")
     parser.add_argument("target", choices=["nuclio"], help="nuclio: a CVAT serverless function (CPU and GPU)")
@@ -445,7 +438,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 
 def init_context(context: Any, model_dir: str | Path, *, device: str = "cpu", default_threshold: float = 0.5) -> None:
     """Load the bundle once per nuclio worker into ``context.user_data.model``."""
-    from d2ops.predictor import Detector
+    from d2ops.model.detector import Detector
 
     context.logger.info(f"d2ops: loading model from {model_dir} on {device}")
     detector = Detector.from_bundle(model_dir, device=device)
@@ -460,8 +453,8 @@ def _reply(context: Any, body: Any, status_code: int) -> Any:
 
 def handle_event(context: Any, event: Any) -> Any:
     """Answer one CVAT request: detections in CVAT's format, 400 for bad input, 500 without a traceback."""
-    from d2ops.formats import BadImageError, to_cvat
-    from d2ops.payloads import BadRequestError, parse_detection_request
+    from d2ops.serving.formats import BadImageError, to_cvat
+    from d2ops.serving.payloads import BadRequestError, parse_detection_request
 
     try:
         request = parse_detection_request(event.body, context.user_data.default_threshold, allow_raw_image=False)
