@@ -29,7 +29,8 @@ from d2ops.clearml.serving import EndpointRegistration, RegistrationError, build
 from d2ops.cli import main as cli_main
 from d2ops.model.detector import Detector
 from d2ops.serving.clearml_engine import PREPROCESS_FILE
-from d2ops.serving.formats import decode_image, to_cvat
+from d2ops.serving.formats import decode_image
+from d2ops.serving.replies import to_cvat
 
 pytest.importorskip("clearml_serving")
 

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from d2ops.model.detector import Detection
-from d2ops.serving.formats import BadImageError, decode_base64_image, decode_image, to_cvat, to_torchserve
+from d2ops.serving.formats import BadImageError, decode_base64_image, decode_image
+from d2ops.serving.replies import to_cvat, to_torchserve
 
 
 def _jpeg(width: int = 64, height: int = 48) -> bytes:

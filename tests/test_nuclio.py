@@ -24,7 +24,7 @@ from PIL import Image
 
 from d2ops.cli import main as cli_main
 from d2ops.model.detector import Detector
-from d2ops.serving.formats import decode_image, to_cvat
+from d2ops.serving.formats import decode_image
 from d2ops.serving.nuclio import (
     EXPORT_MANIFEST,
     MAX_REQUEST_BODY_BYTES,
@@ -33,6 +33,7 @@ from d2ops.serving.nuclio import (
     bundle_shape_type,
     export_nuclio,
 )
+from d2ops.serving.replies import to_cvat
 
 
 def _png(seed: int = 1, width: int = 160, height: int = 120) -> bytes:

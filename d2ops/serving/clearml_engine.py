@@ -17,7 +17,7 @@ image built from ``d2ops/detectron2``), creates one :class:`Preprocess` per proc
 a dict for ``application/json`` requests, ``{"image": <base64>, "threshold": 0.5}`` as CVAT sends it,
 and the raw bytes for any other content type, which may be the image file itself
 (``curl --data-binary @img.jpg -H 'Content-Type: image/jpeg'``). The reply is
-``{"detections": [...]}`` in CVAT's detector format (:func:`d2ops.serving.formats.to_cvat`, the same as the
+``{"detections": [...]}`` in CVAT's detector format (:func:`d2ops.serving.replies.to_cvat`, the same as the
 CVAT nuclio function's reply): a dict rather than a bare list because clearml-serving's metric logging
 reads ``return_value.keys()``. Bad input raises ``ValueError``, which clearml-serving answers with 422
 and the message.
@@ -40,9 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import numpy as np
-
-    from d2ops.model.detector import Detection, Detector
+    from d2ops.model.detector import Detection, Detector, Frame
 
 __all__ = [
     "PREPROCESS_FILE",
@@ -97,7 +95,7 @@ class Preprocess:
         log.info("d2ops model loaded from %s (%d labels)", bundle, len(self.detector.labels))
         return self.detector
 
-    def preprocess(self, body: Any, state: dict[str, Any], collect_custom_statistics_fn: StatsFn = None) -> np.ndarray:
+    def preprocess(self, body: Any, state: dict[str, Any], collect_custom_statistics_fn: StatsFn = None) -> Frame:
         """Decode the request (JSON dict, or raw bytes) into a BGR image; the threshold goes into ``state``."""
         from d2ops.serving.payloads import parse_detection_request
 
@@ -106,7 +104,7 @@ class Preprocess:
         return request.image
 
     def process(
-        self, data: np.ndarray, state: dict[str, Any], collect_custom_statistics_fn: StatsFn = None
+        self, data: Frame, state: dict[str, Any], collect_custom_statistics_fn: StatsFn = None
     ) -> list[Detection]:
         """Run the detector on one image."""
         if self.detector is None:
@@ -117,7 +115,7 @@ class Preprocess:
         self, data: list[Detection], state: dict[str, Any], collect_custom_statistics_fn: StatsFn = None
     ) -> dict[str, Any]:
         """``{"detections": [...]}`` in CVAT's format; the count is offered to clearml-serving's statistics."""
-        from d2ops.serving.formats import to_cvat
+        from d2ops.serving.replies import to_cvat
 
         if collect_custom_statistics_fn is not None:
             collect_custom_statistics_fn({"detections": len(data)})

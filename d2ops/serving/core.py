@@ -209,7 +209,7 @@ class DetectorAPI:
 
     def encode_response(self, detections: Sequence[Detection], contract: Contract) -> list[dict[str, Any]]:
         """One image's detections in the CVAT nuclio or the TorchServe reply format."""
-        from d2ops.serving.formats import to_cvat, to_torchserve
+        from d2ops.serving.replies import to_cvat, to_torchserve
 
         return to_cvat(detections) if contract == "cvat" else to_torchserve(detections)
 

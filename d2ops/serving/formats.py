@@ -10,29 +10,31 @@ import base64
 import binascii
 import io
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from d2ops.model.detector import Detection
+from d2ops.model.detector import Frame
 
 __all__ = [
+    "DEFAULT_INFERENCE_PIXELS",
     "DEFAULT_MAX_PIXELS",
     "SUPPORTED_FORMATS",
     "BadImageError",
     "UnsupportedFormatError",
+    "base64_bytes",
     "decode_base64_image",
+    "decode_frame",
     "decode_image",
-    "to_cvat",
-    "to_torchserve",
 ]
 
 #: Formats PIL may open; everything else (PDF, SVG, ...) is refused before decoding.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
 #: 40 megapixels: far above any camera frame a detector is run on, far below a decompression bomb.
 DEFAULT_MAX_PIXELS = 40_000_000
+#: Frames above this many pixels are decoded at a reduced size for inference (shapes are mapped back).
+DEFAULT_INFERENCE_PIXELS = 40_000_000
 
 
 class BadImageError(ValueError):
@@ -78,31 +80,28 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
-def decode_base64_image(text: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode CVAT's base64 image field (a data URL prefix is tolerated)."""
+def decode_frame(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, inference_pixels: int = DEFAULT_INFERENCE_PIXELS
+) -> Frame:
+    """Decode image bytes for inference: a :class:`~d2ops.model.detector.Frame` whose ``height`` and
+    ``width`` are the original frame's, and whose pixels are at most ``inference_pixels``.
+    """
+    image = decode_image(data, max_pixels=max_pixels)
+    return Frame(image, image.shape[0], image.shape[1])
+
+
+def base64_bytes(text: Any) -> bytes:
+    """The bytes of CVAT's base64 image field (a data URL prefix is tolerated)."""
     if not isinstance(text, str):
         raise BadImageError(f"'image' must be a base64 string, got {type(text).__name__}")
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]
     try:
-        data = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise BadImageError("'image' is not valid base64: encode the image file's bytes with base64") from None
-    return decode_image(data, max_pixels=max_pixels)
 
 
-def to_cvat(detections: Sequence[Detection]) -> list[dict[str, Any]]:
-    """CVAT's nuclio detector reply: rectangles, or polygons for instance-segmentation models."""
-    out: list[dict[str, Any]] = []
-    for det in detections:
-        if det.polygons:
-            for polygon in det.polygons:
-                out.append({"confidence": f"{det.score:.4f}", "label": det.label, "points": polygon, "type": "polygon"})
-        else:
-            out.append({"confidence": f"{det.score:.4f}", "label": det.label, "points": det.box, "type": "rectangle"})
-    return out
-
-
-def to_torchserve(detections: Sequence[Detection]) -> list[dict[str, Any]]:
-    """TorchServe's object-detector reply: ``[{"<label>": [x1, y1, x2, y2], "score": s}, ...]``."""
-    return [{det.label: det.box, "score": det.score} for det in detections]
+def decode_base64_image(text: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode CVAT's base64 image field into a BGR image (see :func:`base64_bytes`)."""
+    return decode_image(base64_bytes(text), max_pixels=max_pixels)

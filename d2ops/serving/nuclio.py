@@ -453,8 +453,9 @@ def _reply(context: Any, body: Any, status_code: int) -> Any:
 
 def handle_event(context: Any, event: Any) -> Any:
     """Answer one CVAT request: detections in CVAT's format, 400 for bad input, 500 without a traceback."""
-    from d2ops.serving.formats import BadImageError, to_cvat
+    from d2ops.serving.formats import BadImageError
     from d2ops.serving.payloads import BadRequestError, parse_detection_request
+    from d2ops.serving.replies import to_cvat
 
     try:
         request = parse_detection_request(event.body, context.user_data.default_threshold, allow_raw_image=False)

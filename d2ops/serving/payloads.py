@@ -17,9 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from d2ops.serving.formats import decode_base64_image, decode_image
+from d2ops.model.detector import Frame
+from d2ops.serving.formats import base64_bytes, decode_frame
 
 __all__ = ["REQUEST_EXAMPLE", "BadRequestError", "DetectionRequest", "parse_detection_request", "parse_threshold"]
 
@@ -32,9 +31,9 @@ class BadRequestError(ValueError):
 
 @dataclass(frozen=True)
 class DetectionRequest:
-    """One decoded request: a BGR uint8 image and the score threshold to apply."""
+    """One decoded request: the frame (BGR uint8 pixels and the original size) and the score threshold."""
 
-    image: np.ndarray
+    image: Frame
     threshold: float
 
 
@@ -71,7 +70,7 @@ def _from_dict(body: dict[str, Any], default_threshold: float) -> DetectionReque
     if "image" not in body:
         raise BadRequestError(f"the body has no 'image' field; send {REQUEST_EXAMPLE}")
     threshold = parse_threshold(body.get("threshold"), default_threshold)
-    return DetectionRequest(decode_base64_image(body["image"]), threshold)
+    return DetectionRequest(decode_frame(base64_bytes(body["image"])), threshold)
 
 
 def parse_detection_request(body: Any, default_threshold: float, *, allow_raw_image: bool) -> DetectionRequest:
@@ -89,7 +88,7 @@ def parse_detection_request(body: Any, default_threshold: float, *, allow_raw_im
         if _looks_like_json(body):
             return _from_dict(_json_object(body), default_threshold)
         if allow_raw_image:
-            return DetectionRequest(decode_image(body), default_threshold)
+            return DetectionRequest(decode_frame(body), default_threshold)
         what = "empty" if not body.strip() else "not JSON"
         raise BadRequestError(f"the body is {what}; send {REQUEST_EXAMPLE}")
     raise BadRequestError(f"unsupported body of type {type(body).__name__}; send {REQUEST_EXAMPLE}")
