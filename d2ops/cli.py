@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from d2ops.config import ConfigError, load_config
-from d2ops.steps import STEP_INPUTS, STEPS
 
 __all__ = ["main", "pipeline_main", "schedule_main", "step_main"]
 
@@ -76,6 +75,7 @@ def step_main(step: str, argv: Sequence[str] | None = None) -> int:
     from d2ops.clearml.session import on_agent
     from d2ops.clearml.step import run_step
     from d2ops.pipeline import step_parameters
+    from d2ops.steps import STEP_INPUTS
 
     # On a clearml-agent the script runs without arguments; its parameters come from the task.
     agent = on_agent()
@@ -210,10 +210,28 @@ def schedule_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+#: The pipeline's steps, in order (d2ops.steps.STEPS, which tests keep equal; named here so that
+#: ``d2ops serve`` does not import the step code, and with it S3 transfers and training).
+STEP_NAMES = ("download", "train", "evaluate", "infer", "register")
+
+
+def _serves_remote_model(argv: Sequence[str]) -> bool:
+    """Whether ``d2ops serve``'s --model needs ClearML (a model id, clearml://, or S3 with clearml.conf keys).
+
+    A local bundle is served without importing ClearML, S3 transfers or training code.
+    """
+    from d2ops.model.source import parse_model_ref
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model", default="")
+    known, _ = parser.parse_known_args(argv)
+    return bool(known.model) and parse_model_ref(known.model).kind != "path"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``d2ops <command>``: demo | pipeline | step <name> | serve | export nuclio | serving register | schedule."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    steps = ",".join(STEPS)
+    steps = ",".join(STEP_NAMES)
     commands = (
         f"demo | pipeline | step {{{steps}}} | serve | export nuclio | serving register | schedule {{cron,on-data}}"
     )
@@ -221,9 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"usage: d2ops {commands} [options]")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    from d2ops.clearml import install
+    if command != "serve" or _serves_remote_model(rest):
+        from d2ops.clearml import install
 
-    install()  # ClearML model references (clearml://, model ids) for serve, export and the steps
+        install()  # ClearML model references (clearml://, model ids) and clearml.conf's S3 credentials
     if command == "demo":
         from d2ops.demo import demo_main
 
@@ -234,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from d2ops.serving.http import serve_main
 
         return serve_main(rest)
-    if command == "step" and rest and rest[0] in STEPS:
+    if command == "step" and rest and rest[0] in STEP_NAMES:
         return step_main(rest[0], rest[1:])
     if command == "export":
         from d2ops.serving.nuclio import export_main
