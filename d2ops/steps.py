@@ -473,7 +473,7 @@ def run_register(ctx: StepContext) -> StepOutput:
             "gate": floor.to_dict(),
             "champion_gate": gate_record,
             "promotion": promotion.to_dict() if promotion else None,
-            "lineage": {**lineage, "code_version": json.loads((bundle / "metadata.json").read_text())["code_version"]},
+            "lineage": {**lineage, "code_version": ModelBundle(bundle).metadata()["code_version"]},
             "registration": registration,
         },
     )

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from clearml import InputModel, Model, OutputModel
 
 from d2ops.clearml.session import live_task
+from d2ops.model.bundle import ModelBundle
 from d2ops.model.source import ModelNotFoundError, ModelRef, resolve_model
 from d2ops.registry import (
     Champion,
@@ -152,9 +153,7 @@ class ClearMLChampionStore:
         if model is None:
             return None
         bundle = resolve_model(str(model.id), self.cache_dir)
-        meta_file = bundle / "metadata.json"
-        metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        return Champion(str(model.id), bundle, tuple(model.tags or ()), metadata)
+        return Champion(str(model.id), bundle, tuple(model.tags or ()), ModelBundle(bundle).metadata())
 
     def promote(
         self, bundle: Path, *, registration: dict[str, Any], decision: GateDecision, previous: Champion | None
