@@ -1,9 +1,26 @@
 """``d2ops serving register``: add a clearml-serving endpoint that serves a d2ops model with the custom engine.
 
-:func:`build_register_command` builds the ``clearml-serving`` command line (an argument list, never a
-shell string): ``model add`` for one model (by id, or the newest matching project/name/tags),
-``model auto-update`` to follow new versions of a model name. The engine it registers is
-:mod:`d2ops.serving.clearml_engine`.
+:func:`build_register_commands` builds the ``clearml-serving`` command lines (argument lists, never
+shell strings):
+
+- ``model add`` for one model (by id, or the newest matching project/name/tags), served at
+  ``/serve/<endpoint>`` (``/serve/<endpoint>/<version>`` with ``--version``);
+- ``model auto-update`` to follow new versions of a model name. clearml-serving serves those at
+  ``/serve/<endpoint>/<N>`` (``ModelRequestProcessor._sync_monitored_models``), so a second command,
+  ``model canary --endpoint <endpoint> --weights 1 --input-endpoint-prefix <endpoint>/``, routes the
+  plain ``/serve/<endpoint>`` to the newest ``N`` (``ModelRequestProcessor._update_canary_lookup``
+  sorts the prefix's endpoints by version, newest first, and keeps one per weight).
+
+Every command carries clearml-serving's global ``--yes``: ``verify_session_version`` in
+``clearml_serving/__main__.py`` otherwise asks y/n on stdin when the serving session was made by
+another clearml-serving version, which stalls or aborts an unattended run.
+
+Endpoint names and versions are single path segments: clearml-serving's route is
+``/serve/{model_id}/{version}`` (``serving/main.py``), so ``a/b`` with a version is unreachable, and
+``_sync_monitored_models`` parses ``int(url.split("/", 1)[1])``, which fails on ``a/b/1`` while it
+holds the update lock and every request waits on it.
+
+The engine it registers is :mod:`d2ops.serving.clearml_engine`, as ``custom_async`` by default.
 """
 
 from __future__ import annotations
@@ -20,9 +37,11 @@ from typing import NamedTuple
 
 from d2ops.serving.clearml_engine import PREPROCESS_FILE
 
-__all__ = ["EndpointRegistration", "RegistrationError", "build_register_command", "serving_main"]
+__all__ = ["ENGINES", "EndpointRegistration", "RegistrationError", "build_register_commands", "serving_main"]
 
-_ENDPOINT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9_.\-]+)*$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+#: clearml-serving engine types that load d2ops/serving/clearml_engine.py (``preprocess_service.py``).
+ENGINES = ("custom_async", "custom")
 _MODEL_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -47,13 +66,26 @@ class EndpointRegistration(NamedTuple):
     auto_update: bool = False
     max_versions: int = 1
     serving_service: str | None = None
+    engine: str = "custom_async"
 
     def validate(self) -> None:
         """Raise :class:`RegistrationError` for any combination clearml-serving would reject or misread."""
-        if not _ENDPOINT.match(self.endpoint):
+        if "/" in self.endpoint:
             raise RegistrationError(
-                f"--endpoint {self.endpoint!r}: use letters, digits, '_', '-', '.' and '/' (e.g. 'detector/shapes')"
+                f"--endpoint {self.endpoint!r}: '/' is not allowed. clearml-serving routes /serve/<endpoint>/<version> "
+                "by path segment, so such an endpoint is unreachable with a version and breaks --auto-update; "
+                f"use one segment, e.g. {self.endpoint.replace('/', '-')!r}"
             )
+        if not _SEGMENT.match(self.endpoint):
+            raise RegistrationError(
+                f"--endpoint {self.endpoint!r}: use letters, digits, '_', '-' and '.' (e.g. 'detector-shapes')"
+            )
+        if self.version is not None and not _SEGMENT.match(self.version):
+            raise RegistrationError(
+                f"--version {self.version!r}: use one path segment of letters, digits, '_', '-' and '.' (e.g. '2')"
+            )
+        if self.engine not in ENGINES:
+            raise RegistrationError(f"--engine {self.engine!r}: use one of {', '.join(ENGINES)}")
         by_query = self.project is not None or self.name is not None
         if (self.model_id is None) == (not by_query):
             raise RegistrationError("give exactly one of --model-id ID or --project P --name N")
@@ -88,29 +120,36 @@ def clearml_serving_program() -> list[str]:
     return ["clearml-serving"]
 
 
-def build_register_command(
+def build_register_commands(
     reg: EndpointRegistration, *, preprocess: Path = PREPROCESS_FILE, program: Sequence[str] = ("clearml-serving",)
-) -> list[str]:
-    """The clearml-serving command (an argument list) that registers ``reg`` with the custom engine."""
+) -> list[list[str]]:
+    """The clearml-serving commands (argument lists, run in order) that register ``reg``.
+
+    One ``model add``; or, with ``auto_update``, ``model auto-update`` and the ``model canary`` that
+    routes ``/serve/<endpoint>`` to the newest version.
+    """
     reg.validate()
-    cmd = [*program]
+    base = [*program, "--yes"]
     if reg.serving_service:
-        cmd += ["--id", reg.serving_service]
-    cmd += ["model", "auto-update" if reg.auto_update else "add"]
-    cmd += ["--engine", "custom", "--endpoint", reg.endpoint, "--preprocess", str(preprocess)]
+        base += ["--id", reg.serving_service]
+    cmd = [*base, "model", "auto-update" if reg.auto_update else "add"]
+    cmd += ["--engine", reg.engine, "--endpoint", reg.endpoint, "--preprocess", str(preprocess)]
     if reg.version is not None:
         cmd += ["--version", reg.version]
     if reg.model_id is not None:
-        return [*cmd, "--model-id", reg.model_id]
+        return [[*cmd, "--model-id", reg.model_id]]
     assert reg.project is not None and reg.name is not None  # validate() guarantees it
     cmd += ["--project", reg.project, "--name", reg.name]
     if reg.tags:
         cmd += ["--tags", *reg.tags]
     if reg.published is not False:  # default: serve only published (quality-gated) models
         cmd.append("--published")
-    if reg.auto_update:
-        cmd += ["--max-versions", str(reg.max_versions)]
-    return cmd
+    if not reg.auto_update:
+        return [cmd]
+    cmd += ["--max-versions", str(reg.max_versions)]
+    canary = [*base, "model", "canary", "--endpoint", reg.endpoint, "--weights", "1"]
+    canary += ["--input-endpoint-prefix", f"{reg.endpoint}/"]
+    return [cmd, canary]
 
 
 def _register_parser() -> argparse.ArgumentParser:
@@ -118,7 +157,13 @@ def _register_parser() -> argparse.ArgumentParser:
         prog="d2ops serving register",
         description="add a clearml-serving endpoint that serves a d2ops model with the custom engine",
     )
-    parser.add_argument("--endpoint", required=True, help="endpoint name, served at /serve/<endpoint>")
+    parser.add_argument(
+        "--endpoint",
+        required=True,
+        help="endpoint name, one path segment (no '/'): served at /serve/<endpoint> (with --version at "
+        "/serve/<endpoint>/<version>; with --auto-update each model version at /serve/<endpoint>/<N> and "
+        "the newest at /serve/<endpoint>)",
+    )
     parser.add_argument("--model-id", help="serve this ClearML model")
     parser.add_argument("--project", help="select the model by project and name (newest match)")
     parser.add_argument("--name", help="model name (exact)")
@@ -129,16 +174,28 @@ def _register_parser() -> argparse.ArgumentParser:
         default=None,
         help="only published models, i.e. those that passed the quality gate (default: on with --project/--name)",
     )
-    parser.add_argument("--version", help="endpoint version (model add only)")
-    parser.add_argument("--auto-update", action="store_true", help="follow new versions of --project/--name")
+    parser.add_argument("--version", help="endpoint version, served at /serve/<endpoint>/<version> (model add only)")
+    parser.add_argument(
+        "--auto-update",
+        action="store_true",
+        help="follow new versions of --project/--name: version N at /serve/<endpoint>/<N>, plus a canary "
+        "route from /serve/<endpoint> to the newest",
+    )
     parser.add_argument("--max-versions", type=int, default=1, help="versions kept with --auto-update (default 1)")
     parser.add_argument("--serving-service", help="clearml-serving service (control plane task) id")
-    parser.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="custom_async",
+        help="clearml-serving engine: custom_async (default) decodes and runs the model off the event loop, so "
+        "one slow image does not hold the worker's other requests; custom runs them on it",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     return parser
 
 
 def register_main(argv: Sequence[str] | None = None) -> int:
-    """``d2ops serving register ...``: print the clearml-serving command, then run it (unless --dry-run)."""
+    """``d2ops serving register ...``: print each clearml-serving command, then run it (unless --dry-run)."""
     from d2ops.cli import fail
 
     args = _register_parser().parse_args(argv)
@@ -153,20 +210,26 @@ def register_main(argv: Sequence[str] | None = None) -> int:
         auto_update=args.auto_update,
         max_versions=args.max_versions,
         serving_service=args.serving_service,
+        engine=args.engine,
     )
     program = clearml_serving_program()
     try:
-        cmd = build_register_command(reg, program=program)
+        commands = build_register_commands(reg, program=program)
     except RegistrationError as err:
         return fail(err)
-    print(shlex.join(cmd))
     if args.dry_run:
+        for cmd in commands:
+            print(shlex.join(cmd))
         return 0
     if program == ["clearml-serving"]:
-        return fail(RegistrationError("clearml-serving is not installed here: pip install clearml-serving"))
-    result = subprocess.run(cmd, check=False)
-    if result.returncode != 0:
-        return fail(RegistrationError(f"clearml-serving exited with status {result.returncode}"))
+        return fail(
+            RegistrationError("clearml-serving is not installed here: pip install 'clearml-serving>=1.3.5,<1.4'")
+        )
+    for cmd in commands:
+        print(shlex.join(cmd), flush=True)
+        result = subprocess.run(cmd, check=False)
+        if result.returncode != 0:
+            return fail(RegistrationError(f"clearml-serving exited with status {result.returncode}: {shlex.join(cmd)}"))
     return 0
 
 

@@ -1,40 +1,59 @@
-"""Serve d2ops bundles with clearml-serving: a custom engine, and ``d2ops serving register``.
+"""Serve d2ops bundles with clearml-serving: the custom engine (``custom`` or ``custom_async``).
 
-**The engine.** ``clearml-serving model add --engine custom --preprocess d2ops/serving/clearml_engine.py``
-uploads this file; every inference container loads it with ``importlib`` (as a standalone module, so
-it imports d2ops absolutely: the container needs d2ops and detectron2 installed, e.g. an inference
-image built from ``d2ops/detectron2``), creates one :class:`Preprocess` per process and calls, as
-``clearml_serving/serving/preprocess_service.py`` (``CustomPreprocessRequest``) and
-``model_request_processor.py`` (``_process_request``) do:
+``clearml-serving model add --engine custom_async --preprocess d2ops/serving/clearml_engine.py`` (what
+``d2ops serving register`` runs, see :mod:`d2ops.clearml.serving`) uploads this file; every inference
+container loads it with ``importlib`` as a standalone module, so it imports d2ops absolutely: the
+container needs d2ops and detectron2 installed (``docker/Dockerfile.clearml-serving``). It creates one
+:class:`Preprocess` per process and calls, as ``clearml_serving/serving/preprocess_service.py``
+(``BasePreprocessRequest._instantiate_custom_preprocess_cls``) and ``model_request_processor.py``
+(``ModelRequestProcessor._process_request``) do:
 
 1. ``load(local_file_name)`` once, with ``Model(model_id).get_local_copy()``: the bundle folder
    (d2ops registers bundles as packages, so ClearML extracts them) or the bundle zip;
 2. per request ``preprocess(body, state, fn)``, ``process(data, state, fn)``, ``postprocess(data, state, fn)``,
-   synchronously, with a fresh ``state`` dict and ``fn`` either ``None`` or a callable that takes a dict
-   of custom statistics.
+   with a fresh ``state`` dict and ``fn`` either ``None`` or a callable that takes a dict of custom statistics.
+
+With ``--engine custom`` the three run synchronously on the worker's event loop, so one slow image
+holds every other request of that worker. With ``--engine custom_async``
+(``CustomAsyncPreprocessRequest``) clearml-serving awaits them: ``load`` sees the endpoint's engine
+type (``self.model_endpoint``, set by clearml-serving before ``load``) and switches this instance to
+coroutines that decode and run the model in threads (``asyncio.to_thread``), so the event loop keeps
+taking requests. ``D2OPS_INFERENCE_CONCURRENCY`` (default 1) bounds the forward passes running at once
+per worker process.
 
 ``body`` is what clearml-serving's FastAPI route ``serve_model(..., request: Union[bytes, Dict])`` gets:
-a dict for ``application/json`` requests, ``{"image": <base64>, "threshold": 0.5}`` as CVAT sends it,
-and the raw bytes for any other content type, which may be the image file itself
-(``curl --data-binary @img.jpg -H 'Content-Type: image/jpeg'``). The reply is
-``{"detections": [...]}`` in CVAT's detector format (:func:`d2ops.serving.replies.to_cvat`, the same as the
-CVAT nuclio function's reply): a dict rather than a bare list because clearml-serving's metric logging
-reads ``return_value.keys()``. Bad input raises ``ValueError``, which clearml-serving answers with 422
-and the message.
+a dict for ``application/json`` requests, and the raw bytes for any other content type. Accepted, as
+``d2ops serve`` accepts them (:func:`d2ops.serving.payloads.parse_detection_batch`):
+
+- ``{"image": <base64>, "threshold": 0.5}`` (CVAT's body) -> ``{"detections": [shape, ...]}``;
+- ``{"images": [<base64>, ...]}`` -> ``{"detections": [[shape, ...], ...]}``, one list per image;
+- the image file's bytes (``curl --data-binary @img.jpg -H 'Content-Type: image/jpeg'``) -> one list;
+- a ``multipart/form-data`` upload (``curl -F data=@img.jpg [-F threshold=0.3]``): one list for one
+  file, one list per file for several.
+
+Shapes are CVAT's detector format (:func:`d2ops.serving.replies.to_cvat`). The reply is a dict rather
+than a bare list because clearml-serving's metric logging reads ``return_value.keys()``. Bad input
+raises ``ValueError``, which clearml-serving answers with 422 and the message.
+
+**Statistics.** Each request offers ``detection_count`` (detections in the reply, all images) and
+``image_count`` to clearml-serving's statistics. Their names differ from every request and reply key
+(``image``, ``images``, ``threshold``, ``detections``): ``_process_request`` copies the request and
+reply values of a logged metric's name over the custom ones, so a statistic called ``detections``
+would arrive as the list of shapes. Log them with
+``clearml-serving metrics add --endpoint <name> --variable-scalar detection_count=0,1,2,5,10,20,50,100``.
 
 Environment of the inference container: ``D2OPS_DEVICE`` (``auto``, ``cpu``, ``cuda``; default
-``auto``), ``D2OPS_SCORE_THRESHOLD`` (default 0.5), ``D2OPS_MODEL_CACHE`` (where bundle zips are extracted).
-
-**Registration.** :func:`build_register_command` builds the ``clearml-serving`` command line (an
-argument list, never a shell string) that adds the endpoint: ``model add`` for one model (by id, or
-the newest matching project/name/tags), ``model auto-update`` to follow new versions of a model name.
+``auto``), ``D2OPS_SCORE_THRESHOLD`` (default 0.5), ``D2OPS_MODEL_CACHE`` (where bundle zips are
+extracted), ``D2OPS_MAX_IMAGES`` (images per request, default 16), ``D2OPS_INFERENCE_CONCURRENCY``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +62,7 @@ if TYPE_CHECKING:
     from d2ops.model.detector import Detection, Detector, Frame
 
 __all__ = [
+    "ASYNC_ENGINE",
     "PREPROCESS_FILE",
     "Preprocess",
     "find_bundle",
@@ -52,6 +72,8 @@ log = logging.getLogger(__name__)
 
 #: The file clearml-serving uploads as the endpoint's pre/post-processing code: this module.
 PREPROCESS_FILE = Path(__file__).resolve()
+#: clearml-serving's engine type that awaits the three calls (``CustomAsyncPreprocessRequest``).
+ASYNC_ENGINE = "custom_async"
 
 StatsFn = Callable[[dict[str, Any]], None] | None
 
@@ -70,6 +92,19 @@ def find_bundle(local: Path, cache_dir: Path) -> Path:
         raise ValueError(f"the endpoint's model is not a d2ops bundle: {err}") from None
 
 
+def _positive_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name}={raw!r}: set it to a whole number of at least 1")
+    return value
+
+
 class Preprocess:
     """clearml-serving's custom-engine class for d2ops bundles (see the module docstring for the call order).
 
@@ -77,46 +112,79 @@ class Preprocess:
     """
 
     def __init__(self) -> None:
-        from d2ops.serving.payloads import parse_threshold
+        from d2ops.serving.payloads import DEFAULT_MAX_IMAGES, parse_threshold
 
         self.detector: Detector | None = None
         self.device = os.environ.get("D2OPS_DEVICE", "auto")
         self.default_threshold = parse_threshold(os.environ.get("D2OPS_SCORE_THRESHOLD"), 0.5)
         self.cache_dir = Path(os.environ.get("D2OPS_MODEL_CACHE", Path(tempfile.gettempdir()) / "d2ops-models"))
+        self.max_images = _positive_int("D2OPS_MAX_IMAGES", DEFAULT_MAX_IMAGES)
+        self._forward_slots = threading.BoundedSemaphore(_positive_int("D2OPS_INFERENCE_CONCURRENCY", 1))
 
     def load(self, local_file_name: str | None) -> Detector:
-        """Load the endpoint's model (its local copy: a bundle folder or zip) onto ``D2OPS_DEVICE``."""
+        """Load the endpoint's model (its local copy: a bundle folder or zip) onto ``D2OPS_DEVICE``.
+
+        Under ``--engine custom_async`` this instance's three calls become coroutines (see the module docstring).
+        """
         from d2ops.model.detector import Detector
 
         if not local_file_name:
             raise ValueError("the endpoint has no model: register it with --model-id or --project/--name")
         bundle = find_bundle(Path(local_file_name), self.cache_dir)
         self.detector = Detector.from_bundle(bundle, device=self.device)
-        log.info("d2ops model loaded from %s (%d labels)", bundle, len(self.detector.labels))
+        engine = getattr(getattr(self, "model_endpoint", None), "engine_type", None)
+        if engine == ASYNC_ENGINE:
+            # clearml-serving looks the methods up on the instance on every request.
+            vars(self).update(
+                preprocess=self.preprocess_async, process=self.process_async, postprocess=self.postprocess_async
+            )
+        log.info("d2ops model loaded from %s (%d labels, engine %s)", bundle, len(self.detector.labels), engine)
         return self.detector
 
-    def preprocess(self, body: Any, state: dict[str, Any], collect_custom_statistics_fn: StatsFn = None) -> Frame:
-        """Decode the request (JSON dict, or raw bytes) into a BGR image; the threshold goes into ``state``."""
-        from d2ops.serving.payloads import parse_detection_request
+    # ---- synchronous (``--engine custom``)
 
-        request = parse_detection_request(body, self.default_threshold, allow_raw_image=True)
+    def preprocess(self, body: Any, state: dict[str, Any], collect_custom_statistics_fn: StatsFn = None) -> list[Frame]:
+        """Decode the request (JSON dict, JSON, image or multipart bytes) into frames; the rest goes in ``state``."""
+        from d2ops.serving.payloads import parse_detection_batch
+
+        request = parse_detection_batch(body, self.default_threshold, max_images=self.max_images)
         state["threshold"] = request.threshold
-        return request.image
+        state["single"] = request.single
+        return list(request.images)
 
     def process(
-        self, data: Frame, state: dict[str, Any], collect_custom_statistics_fn: StatsFn = None
-    ) -> list[Detection]:
-        """Run the detector on one image."""
+        self, data: list[Frame], state: dict[str, Any], collect_custom_statistics_fn: StatsFn = None
+    ) -> list[list[Detection]]:
+        """Run the detector on the request's frames (one forward pass)."""
         if self.detector is None:
             raise RuntimeError("Preprocess.process called before load(): clearml-serving found no model to load")
-        return self.detector.predict([data], state["threshold"])[0]
+        with self._forward_slots:
+            return self.detector.predict(data, state["threshold"])
 
     def postprocess(
-        self, data: list[Detection], state: dict[str, Any], collect_custom_statistics_fn: StatsFn = None
+        self, data: list[list[Detection]], state: dict[str, Any], collect_custom_statistics_fn: StatsFn = None
     ) -> dict[str, Any]:
-        """``{"detections": [...]}`` in CVAT's format; the count is offered to clearml-serving's statistics."""
+        """``{"detections": ...}`` in CVAT's format; counts go to clearml-serving's statistics."""
         from d2ops.serving.replies import to_cvat
 
         if collect_custom_statistics_fn is not None:
-            collect_custom_statistics_fn({"detections": len(data)})
-        return {"detections": to_cvat(data)}
+            collect_custom_statistics_fn({"detection_count": sum(len(dets) for dets in data), "image_count": len(data)})
+        replies = [to_cvat(dets) for dets in data]
+        return {"detections": replies[0] if state.get("single", True) else replies}
+
+    # ---- awaited (``--engine custom_async``): decoding and the model run in threads
+
+    async def preprocess_async(
+        self, body: Any, state: dict[str, Any], collect_custom_statistics_fn: StatsFn = None
+    ) -> list[Frame]:
+        return await asyncio.to_thread(Preprocess.preprocess, self, body, state, collect_custom_statistics_fn)
+
+    async def process_async(
+        self, data: list[Frame], state: dict[str, Any], collect_custom_statistics_fn: StatsFn = None
+    ) -> list[list[Detection]]:
+        return await asyncio.to_thread(Preprocess.process, self, data, state, collect_custom_statistics_fn)
+
+    async def postprocess_async(
+        self, data: list[list[Detection]], state: dict[str, Any], collect_custom_statistics_fn: StatsFn = None
+    ) -> dict[str, Any]:
+        return await asyncio.to_thread(Preprocess.postprocess, self, data, state, collect_custom_statistics_fn)
