@@ -35,7 +35,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 COMPOSE_FILE = DOCKER / "docker-compose.yml"
 AGENT_CONF = DOCKER / "clearml-agent.conf"
-DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.serving", DOCKER / "Dockerfile.agent"]
+CLEARML_SERVING_DOCKERFILE = DOCKER / "Dockerfile.clearml-serving"
+DOCKERFILES = [
+    DOCKER / "Dockerfile",
+    DOCKER / "Dockerfile.serving",
+    DOCKER / "Dockerfile.agent",
+    CLEARML_SERVING_DOCKERFILE,
+]
 D2_DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.serving"]
 SCRIPTS = sorted((ROOT / "scripts").glob("*.sh"))
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -128,7 +134,7 @@ def test_compose_file_matches_the_compose_spec_schema(raw_compose: dict[str, Any
 
 
 def test_compose_accepts_the_file_with_secrets_set(dummy_env_file: Path) -> None:
-    for profiles in ([], ["--profile", "gpu"], ["--profile", "build"]):
+    for profiles in ([], ["--profile", "gpu"], ["--profile", "build"], ["--profile", "clearml-serving"]):
         done = _compose(*profiles, "config", "--quiet", env_file=dummy_env_file)
         assert done.returncode == 0, done.stderr
 
@@ -347,6 +353,57 @@ def test_serving_image_is_non_root_with_a_health_check() -> None:
     assert entrypoint[:2] == ["d2ops", "serve"]
     args = build_parser().parse_args(entrypoint[2:] + cmd)  # the real `d2ops serve` accepts them
     assert (args.host, args.port, args.model) == ("0.0.0.0", 8080, "/models/bundle")
+
+
+def test_clearml_serving_image_runs_clearml_serving_on_the_serving_image() -> None:
+    """docker/Dockerfile.clearml-serving: the d2ops/serving image (detectron2 + d2ops), clearml-serving in the
+    range pyproject.toml names, its statistics dependencies (``ModelRequestProcessor._stats_send_loop`` imports
+    kafka's KafkaProducer with ``compression_type='lz4'``), clearml-serving's own entrypoint.sh (pinned by
+    commit and checksum, run from a folder where its relative ``clearml_serving/serving/...`` path exists),
+    and the non-root user. What this cannot show: that the image builds (no Docker engine here)."""
+    import tomllib
+
+    text = CLEARML_SERVING_DOCKERFILE.read_text()
+    steps = _instructions(CLEARML_SERVING_DOCKERFILE)
+    assert ("ARG", "BASE_IMAGE=d2ops/serving:latest") in steps and ("FROM", "${BASE_IMAGE}") in steps
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (pin,) = [r for r in pyproject["serving"] if r.startswith("clearml-serving")]
+    assert pin in pyproject["dev"] and pin == "clearml-serving>=1.3.5,<1.4"
+    install = next(args for instr, args in steps if instr == "RUN" and "clearml-serving" in args)
+    assert f'"{pin}"' in install
+    for requirement in ('"kafka-python>=2.0.2,<2.1"', '"lz4>=4.0.0,<5"', "gunicorn", "uvicorn[standard]"):
+        assert requirement in install  # clearml_serving/serving/requirements.txt's statistics and server pins
+    assert "import kafka, lz4.frame, uvloop, gunicorn" in install
+    (add,) = [" ".join(args.split()) for instr, args in steps if instr == "ADD"]
+    assert re.search(r"--checksum=sha256:[0-9a-f]{64} --chmod=755 ", add)
+    assert "/clearml_serving/serving/entrypoint.sh /opt/clearml-serving/entrypoint.sh" in add
+    assert re.search(r"^ARG CLEARML_SERVING_COMMIT=[0-9a-f]{40}$", text, re.MULTILINE)
+    assert ("WORKDIR", "/opt/clearml-serving") in steps and "uvicorn_mp_entrypoint.py" in text
+    users = [args for instr, args in steps if instr == "USER"]
+    assert users[-1] == "10001:10001"
+    assert json.loads(next(args for instr, args in steps if instr == "ENTRYPOINT")) == [
+        "/opt/clearml-serving/entrypoint.sh"
+    ]
+    assert ("EXPOSE", "8080") in steps
+    assert (DOCKER / "Dockerfile.clearml-serving.dockerignore").read_text().split()[-1] == "*"  # copies nothing
+
+
+def test_clearml_serving_profile_runs_the_inference_image(resolved: dict[str, Any], dummy_env_file: Path) -> None:
+    done = _compose("config", "--services", env_file=dummy_env_file)
+    assert "clearml-serving-inference" not in done.stdout.split()  # only with --profile clearml-serving
+    service = resolved["services"]["clearml-serving-inference"]
+    assert service["profiles"] == ["clearml-serving"]
+    assert service["image"] == "d2ops/clearml-serving:latest"
+    assert service["build"]["dockerfile"] == "docker/Dockerfile.clearml-serving"
+    assert service["build"]["args"]["BASE_IMAGE"] == resolved["services"]["d2ops-serving-image"]["image"]
+    env = service["environment"]
+    assert env["CLEARML_API_HOST"] == "http://apiserver:8008" and env["CLEARML_SERVING_TASK_ID"] == ""
+    assert env["CLEARML_API_ACCESS_KEY"] == DUMMY_ENV["CLEARML_AGENT_ACCESS_KEY"]
+    assert env["CLEARML_API_SECRET_KEY"] == DUMMY_ENV["CLEARML_AGENT_SECRET_KEY"]
+    mounts = {(v["source"], v["target"]): v for v in service["volumes"]}
+    assert mounts[(str(AGENT_CONF), env["CLEARML_CONFIG_FILE"])]["read_only"] is True
+    assert [p["target"] for p in service["ports"]] == [8080] and service["ports"][0]["host_ip"] == "127.0.0.1"
+    assert service["depends_on"]["apiserver"]["condition"] == "service_healthy"
 
 
 def test_build_contexts_ignore_everything_the_images_do_not_copy() -> None:
