@@ -184,7 +184,7 @@ def _start(tmp: Path, commands: list[list[str]], *, port: int | None, bundles: d
 
 def _registered(proc: subprocess.Popen[str], output: list[str]) -> list[int]:
     assert proc.stdout is not None
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
@@ -237,7 +237,7 @@ def served(bundles: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
     output: list[str] = []
     try:
         codes = _registered(proc, output)
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300
         while True:  # the app is up once any route answers
             try:
                 with socket.create_connection(("127.0.0.1", port), 1):
