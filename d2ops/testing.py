@@ -10,11 +10,14 @@ __all__ = ["build_tiny_bundle"]
 _SMOKE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
 
 
-def build_tiny_bundle(work: Path, *, seed: int = 0, metadata: dict[str, Any] | None = None) -> Path:
+def build_tiny_bundle(
+    work: Path, *, seed: int = 0, metadata: dict[str, Any] | None = None, masks: bool = False
+) -> Path:
     """A real, loadable model bundle in about a second: the smoke architecture with seeded random weights.
 
     The score threshold is 0, so its predictions are meaningless but deterministic and never empty:
-    what serving tests and benchmarks need (the same boxes in-process and over HTTP).
+    what serving tests and benchmarks need (the same boxes in-process and over HTTP). With ``masks``
+    it is a Mask R-CNN (``MODEL.MASK_ON``), whose random mask head gives non-empty masks.
     """
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
@@ -33,6 +36,7 @@ def build_tiny_bundle(work: Path, *, seed: int = 0, metadata: dict[str, Any] | N
     d2 = build_d2_config(cfg, dataset, train_dir)
     d2.defrost()
     d2.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    d2.MODEL.MASK_ON = masks
     d2.freeze()
     torch.manual_seed(seed)
     train_dir.mkdir(parents=True, exist_ok=True)

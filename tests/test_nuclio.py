@@ -196,9 +196,10 @@ def test_each_function_folder_ships_bundle_package_and_entry_point(export_dir: P
     assert manifest["name"] == "d2ops-tiny" and manifest["variants"] == ["cpu", "gpu"]
 
 
-def test_mask_models_are_polygon_functions(tmp_path: Path) -> None:
+def test_mask_models_are_mask_functions_or_polygon_ones_on_request(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text("MODEL:\n  MASK_ON: true\n")
-    assert bundle_shape_type(tmp_path) == "polygon"
+    assert bundle_shape_type(tmp_path) == "mask"
+    assert bundle_shape_type(tmp_path, "polygon") == "polygon"
     (tmp_path / "config.yaml").write_text("MODEL:\n  MASK_ON: false\n")
     assert bundle_shape_type(tmp_path) == "rectangle"
 

@@ -126,4 +126,7 @@ def test_mask_rcnn_trains_evaluates_and_predicts_polygons(via_dataset: Path, tmp
     image = read_image(str(next((via_dataset / "val").glob("*.jpg"))), format="BGR")
     detections = detector.predict([image])[0]
     assert detections, "an untrained model with threshold 0 still proposes boxes"
-    assert all(d.polygons for d in detections[:5]), "instance segmentation detections carry polygons"
+    assert all(d.mask is not None and d.mask_box is not None for d in detections), "detections carry masks"
+    from d2ops.serving.replies import to_cvat
+
+    assert len(to_cvat(detections)) == len(detections), "one CVAT shape per object"

@@ -27,25 +27,39 @@ from detectron2.modeling import build_model
 from d2ops.model.bundle import ModelBundle
 from d2ops.utils.device import resolve_device
 
-__all__ = ["Detection", "Detector", "Frame", "load_d2_config"]
+__all__ = ["Detection", "Detector", "Frame", "load_d2_config", "mask_polygon"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Detection:
-    """One detected object, in absolute pixel coordinates of the input image."""
+    """One detected object, in absolute pixel coordinates of the input image.
+
+    Instance-segmentation models also give the object's ``mask``: a boolean array cropped to
+    ``mask_box``, the integer box ``[xtl, ytl, xbr, ybr]`` with inclusive right and bottom edges
+    (the crop CVAT's mask shapes use).
+    """
 
     label: str
     category_index: int
     score: float
     box: list[float]  # x1, y1, x2, y2
-    polygons: list[list[float]] = field(default_factory=list)  # for instance segmentation models
+    mask: np.ndarray | None = field(default=None, repr=False)
+    mask_box: tuple[int, int, int, int] | None = None
+
+    @property
+    def polygon(self) -> list[float]:
+        """One simplified outline of the mask (x, y pairs), or [] without a mask: one object, one polygon."""
+        if self.mask is None or self.mask_box is None:
+            return []
+        return mask_polygon(self.mask, self.mask_box[:2])
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"label": self.label, "score": self.score, "box": self.box}
-        if self.polygons:
-            out["polygons"] = self.polygons
+        polygon = self.polygon
+        if polygon:
+            out["polygon"] = polygon
         return out
 
 
@@ -74,11 +88,33 @@ def load_d2_config(path: str | Path) -> CfgNode:
     return cfg
 
 
-def _mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
+def mask_polygon(mask: np.ndarray, offset: Sequence[int] = (0, 0), tolerance: float = 1.0) -> list[float]:
+    """The outline of a mask's largest region, simplified (Douglas-Peucker, ``tolerance`` pixels).
+
+    One polygon per object: smaller islands are dropped, as CVAT's own functions do
+    (``serverless/.../nuclio/model_handler.py``: ``find_contours`` then ``approximate_polygon`` of one
+    contour). Holes cannot be drawn by a polygon; mask shapes keep them.
+    """
     import cv2
 
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    return [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return []
+    largest = max(contours, key=cv2.contourArea)
+    simplified = cv2.approxPolyDP(largest, tolerance, True).reshape(-1, 2)
+    if len(simplified) < 3:
+        return []
+    return (simplified + np.asarray(offset[:2])).astype(float).reshape(-1).tolist()
+
+
+def _mask_crop(mask: np.ndarray, box: Sequence[float]) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The mask cropped to the box's integer pixels, with the inclusive box (inside the image)."""
+    height, width = mask.shape
+    xtl = min(max(int(np.floor(box[0])), 0), width - 1)
+    ytl = min(max(int(np.floor(box[1])), 0), height - 1)
+    xbr = min(max(int(np.ceil(box[2])) - 1, xtl), width - 1)
+    ybr = min(max(int(np.ceil(box[3])) - 1, ytl), height - 1)
+    return np.ascontiguousarray(mask[ytl : ybr + 1, xtl : xbr + 1]), (xtl, ytl, xbr, ybr)
 
 
 class Detector:
@@ -143,7 +179,9 @@ class Detector:
             for i, (box, score, cls) in enumerate(
                 zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(), inst.pred_classes.tolist(), strict=True)
             ):
-                polygons = _mask_to_polygons(masks[i]) if masks is not None else []
-                dets.append(Detection(self.labels[cls], int(cls), float(score), [float(v) for v in box], polygons))
+                det = Detection(self.labels[cls], int(cls), float(score), [float(v) for v in box])
+                if masks is not None:
+                    det.mask, det.mask_box = _mask_crop(masks[i], box)
+                dets.append(det)
             results.append(dets)
         return results

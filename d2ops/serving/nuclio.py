@@ -104,6 +104,7 @@ def init_context(context):
         MODEL_DIR,
         device=os.environ.get("D2OPS_DEVICE", "cpu"),
         default_threshold=float(os.environ.get("D2OPS_SCORE_THRESHOLD", "{threshold}")),
+        shape=os.environ.get("D2OPS_CVAT_SHAPE", "{shape}"),
     )
 
 
@@ -140,9 +141,11 @@ def cvat_label_spec(labels: Sequence[str], shape_type: str) -> list[dict[str, An
     return [{"id": index, "name": name, "type": shape_type} for index, name in enumerate(labels)]
 
 
-def bundle_shape_type(bundle_dir: Path) -> str:
-    """``polygon`` for instance-segmentation bundles (the handler sends mask outlines), else ``rectangle``."""
-    return "polygon" if ModelBundle(bundle_dir).segments() else "rectangle"
+def bundle_shape_type(bundle_dir: Path, shape: str = "mask") -> str:
+    """The CVAT label type: ``shape`` (``mask`` or ``polygon``) for segmenting bundles, else ``rectangle``."""
+    from d2ops.serving.replies import cvat_label_type
+
+    return cvat_label_type(ModelBundle(bundle_dir).segments(), shape)
 
 
 def _slug(text: str) -> str:
@@ -199,6 +202,7 @@ def build_function_config(
         "env": [
             {"name": "D2OPS_DEVICE", "value": "cuda" if gpu else "cpu"},
             {"name": "D2OPS_SCORE_THRESHOLD", "value": str(threshold)},
+            {"name": "D2OPS_CVAT_SHAPE", "value": "polygon" if shape_type == "polygon" else "mask"},
         ],
         "build": {
             "image": f"cvat.{name}" + (":latest-gpu" if gpu else ""),
@@ -325,6 +329,7 @@ def export_nuclio(
     *,
     name: str | None = None,
     threshold: float = 0.5,
+    shape: str = "mask",
     base_image: str = DEFAULT_BASE_IMAGE,
     runtime: str = DEFAULT_RUNTIME,
     force: bool = False,
@@ -347,11 +352,14 @@ def export_nuclio(
     fname = function_name(name, bundle_dir)
     _check_destination(out_dir, force)
     labels = bundle.labels()
-    shape_type = bundle_shape_type(bundle_dir)
+    try:
+        shape_type = bundle_shape_type(bundle_dir, shape)
+    except ValueError as err:
+        raise ExportError(f"--shape: {err}") from None
     metadata = bundle.metadata()
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     header = f"# CVAT serverless function for d2ops model {fname}; written by `d2ops export nuclio` at {created}.\n"
-    main_py = _MAIN_PY.format(name=fname, threshold=threshold)
+    main_py = _MAIN_PY.format(name=fname, threshold=threshold, shape=shape)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -406,6 +414,12 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder to write (DIR/cpu and DIR/gpu)")
     parser.add_argument("--name", help="nuclio function name (default: d2ops-<model>)")
     parser.add_argument("--threshold", type=float, default=0.5, help="default score threshold (default 0.5)")
+    parser.add_argument(
+        "--shape",
+        choices=["mask", "polygon"],
+        default="mask",
+        help="how a segmenting model's objects reach CVAT: masks (keep holes) or one polygon each",
+    )
     parser.add_argument("--base-image", default=DEFAULT_BASE_IMAGE, help="image with detectron2 (docker/Dockerfile)")
     parser.add_argument("--runtime", default=DEFAULT_RUNTIME, help="nuclio runtime matching the image's Python")
     parser.add_argument("--cache-dir", default="outputs/cache/models", help="where remote models are downloaded")
@@ -419,6 +433,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
             args.out,
             name=args.name,
             threshold=args.threshold,
+            shape=args.shape,
             base_image=args.base_image,
             runtime=args.runtime,
             force=args.force,
@@ -436,7 +451,9 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 # -------------------------------------------------------------------------------------- nuclio runtime
 
 
-def init_context(context: Any, model_dir: str | Path, *, device: str = "cpu", default_threshold: float = 0.5) -> None:
+def init_context(
+    context: Any, model_dir: str | Path, *, device: str = "cpu", default_threshold: float = 0.5, shape: str = "mask"
+) -> None:
     """Load the bundle once per nuclio worker into ``context.user_data.model``."""
     from d2ops.model.detector import Detector
 
@@ -444,6 +461,7 @@ def init_context(context: Any, model_dir: str | Path, *, device: str = "cpu", de
     detector = Detector.from_bundle(model_dir, device=device)
     context.user_data.model = detector
     context.user_data.default_threshold = default_threshold
+    context.user_data.shape = "polygon" if shape == "polygon" else "mask"
     context.logger.info(f"d2ops: model ready ({len(detector.labels)} labels: {', '.join(detector.labels)})")
 
 
@@ -466,4 +484,4 @@ def handle_event(context: Any, event: Any) -> Any:
     except Exception:  # the serving boundary: log everything, show the client nothing internal
         context.logger.error(f"d2ops: prediction failed\n{traceback.format_exc()}")
         return _reply(context, {"error": "internal error while running the model; see the function's logs"}, 500)
-    return _reply(context, to_cvat(detections), 200)
+    return _reply(context, to_cvat(detections, context.user_data.shape), 200)

@@ -1,0 +1,92 @@
+"""A d2ops model as a CVAT 2.x native auto-annotation function (``cvat_sdk.auto_annotation``); no nuclio.
+
+Annotate a CVAT task from a machine that can reach CVAT and holds the bundle::
+
+    cvat-cli --server-host https://cvat.example.com --auth USER task auto-annotate TASK_ID \\
+        --function-module d2ops.serving.cvat_function -p bundle=str:/models/shapes [-p device=str:cuda]
+
+The same module serves as a CVAT AI agent (``cvat-cli function create-native "d2ops shapes"
+--function-module d2ops.serving.cvat_function -p bundle=str:...``, then ``cvat-cli function run-agent``
+with the same module and parameters). cvat-cli calls :func:`create` with the ``-p`` parameters.
+
+The function wraps the same :class:`~d2ops.model.detector.Detector` as ``d2ops serve`` and the nuclio
+function. It declares one label per class, of type ``mask`` for segmenting models (``rectangle``
+otherwise), and returns one shape per object. When CVAT asks to convert masks to polygons
+(``conv_mask_to_poly``), each object is one simplified polygon instead, as cvat-sdk's driver requires.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import cvat_sdk.auto_annotation as cvataa
+import cvat_sdk.models as models
+import numpy as np
+import PIL.Image
+from cvat_sdk.masks import encode_mask
+from PIL import ImageOps
+
+from d2ops.model.bundle import ModelBundle
+from d2ops.model.detector import Detection, Detector
+from d2ops.serving.replies import cvat_label_type
+
+__all__ = ["D2opsDetectionFunction", "create"]
+
+
+class D2opsDetectionFunction:
+    """A ``cvat_sdk.auto_annotation.DetectionFunction`` over a d2ops bundle.
+
+    ``bundle``: a bundle folder or zip, or an ``s3://`` URI; ``threshold``: the score threshold when
+    CVAT sends none (cvat-cli ``--conf-threshold`` overrides it).
+    """
+
+    def __init__(
+        self, bundle: str, device: str = "cpu", threshold: float = 0.5, cache_dir: str = "outputs/cache/models"
+    ) -> None:
+        from d2ops.model.source import resolve_model
+
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
+        folder = ModelBundle.open(resolve_model(bundle, Path(cache_dir)), bundle)
+        self.bundle = folder
+        self.threshold = float(threshold)
+        self.detector = Detector.from_bundle(folder, device=device)
+        self.segments = folder.segments()
+
+    @cached_property
+    def spec(self) -> cvataa.DetectionFunctionSpec:
+        label_type = cvat_label_type(self.segments, "mask")
+        return cvataa.DetectionFunctionSpec(
+            labels=[cvataa.label_spec(name, index, type=label_type) for index, name in enumerate(self.detector.labels)]
+        )
+
+    def detect(
+        self, context: cvataa.DetectionFunctionContext, image: PIL.Image.Image
+    ) -> list[models.LabeledShapeRequest]:
+        threshold = self.threshold if context.conf_threshold is None else context.conf_threshold
+        rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        detections = self.detector.predict([np.ascontiguousarray(rgb[:, :, ::-1])], threshold)[0]
+        height, width = rgb.shape[:2]
+        return [self._shape(det, context.conv_mask_to_poly, height, width) for det in detections]
+
+    @staticmethod
+    def _shape(det: Detection, to_polygon: bool, height: int, width: int) -> models.LabeledShapeRequest:
+        if det.mask is None or det.mask_box is None:
+            return cvataa.rectangle(det.category_index, det.box)
+        if to_polygon:
+            x1, y1, x2, y2 = det.box
+            return cvataa.polygon(det.category_index, det.polygon or [x1, y1, x2, y1, x2, y2, x1, y2])
+        xtl, ytl, xbr, ybr = det.mask_box
+        bitmap = np.zeros((height, width), dtype=bool)
+        crop = det.mask if det.mask.any() else np.ones_like(det.mask)  # an empty mask is the object's box
+        bitmap[ytl : ybr + 1, xtl : xbr + 1] = crop
+        return cvataa.mask(det.category_index, encode_mask(bitmap, [xtl, ytl, xbr + 1, ybr + 1]))
+
+
+def create(**params: Any) -> D2opsDetectionFunction:
+    """What cvat-cli calls with the ``-p name=type:value`` parameters (``bundle`` is required)."""
+    if "bundle" not in params:
+        raise ValueError("pass the model with -p bundle=str:<bundle folder, zip or s3:// URI>")
+    return D2opsDetectionFunction(**params)

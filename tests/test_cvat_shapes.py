@@ -1,0 +1,211 @@
+"""CVAT gets one shape per object, masks from segmenting models, from both nuclio and native functions.
+
+Reply shapes are defined by CVAT's own code:
+- nuclio detectors: ``cvat/apps/lambda_manager/views.py`` (the detector branch of ``LambdaJob``'s result
+  conversion) takes ``rectangle``, ``polygon`` and ``mask``; a mask's ``points`` are the row-major 0/255
+  crop of the inclusive box followed by ``[xtl, ytl, xbr, ybr]``, exactly what CVAT's own functions write
+  (``serverless/openvino/base/shared.py`` ``to_cvat_mask``), and CVAT run-length encodes them itself.
+  views.py itself could not be run here (it needs CVAT's Django server); the tests decode masks the way
+  that converter does and re-encode them with cvat-sdk's ``cvat_sdk.masks.encode_mask``, the RLE CVAT stores.
+- native functions: cvat-sdk 2.80's ``cvat_sdk.auto_annotation``: ``DetectionFunctionSpec`` validation,
+  the ``rectangle``/``polygon``/``mask`` builders, and ``driver._AnnotationMapper.validate_and_remap``,
+  the label mapping and shape validation ``annotate_task`` runs on every frame's output.
+The nuclio function is driven with nuclio-sdk's own ``Event``, ``Context`` and ``Response`` types.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from d2ops.model.detector import Detector
+from d2ops.serving.replies import cvat_label_type, to_cvat
+
+cvataa = pytest.importorskip("cvat_sdk.auto_annotation")
+nuclio_sdk = pytest.importorskip("nuclio_sdk")
+from cvat_sdk import models  # noqa: E402
+from cvat_sdk.auto_annotation.driver import _AnnotationMapper  # noqa: E402
+from cvat_sdk.masks import decode_mask, encode_mask  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mask_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from d2ops.testing import build_tiny_bundle
+
+    return build_tiny_bundle(tmp_path_factory.mktemp("maskrcnn"), masks=True)
+
+
+@pytest.fixture(scope="module")
+def mask_detector(mask_bundle: Path) -> Detector:
+    return Detector.from_bundle(mask_bundle, device="cpu")
+
+
+def _image(seed: int = 1, width: int = 160, height: int = 120) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, size=(height, width, 3), dtype=np.uint8)
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image[:, :, ::-1]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _cvat_mask_bitmap(points: list[Any], width: int, height: int) -> np.ndarray:
+    """A nuclio mask reply as CVAT's lambda manager reads it: the crop's 0/255 values, then the inclusive box."""
+    *values, xtl, ytl, xbr, ybr = points
+    assert all(isinstance(v, int) for v in (xtl, ytl, xbr, ybr))
+    assert 0 <= xtl <= xbr < width and 0 <= ytl <= ybr < height
+    crop = np.asarray(values).reshape(ybr - ytl + 1, xbr - xtl + 1)
+    assert set(np.unique(crop)) <= {0, 255}
+    bitmap = np.zeros((height, width), dtype=bool)
+    bitmap[ytl : ybr + 1, xtl : xbr + 1] = crop == 255
+    return bitmap
+
+
+# ------------------------------------------------------------------------------------- nuclio replies
+
+
+def test_a_segmenting_model_sends_one_mask_per_object(mask_detector: Detector) -> None:
+    image = _image()
+    detections = mask_detector.predict([image], 0.0)[0]
+    shapes = to_cvat(detections)
+    assert len(detections) > 3 and len(shapes) == len(detections)  # before: one polygon per contour
+    assert {s["type"] for s in shapes} == {"mask"}
+    for det, shape in zip(detections, shapes, strict=True):
+        bitmap = _cvat_mask_bitmap(shape["points"], 160, 120)
+        assert bitmap.any()
+        # what CVAT stores: cvat-sdk's RLE of that bitmap decodes to the same pixels
+        xtl, ytl, xbr, ybr = shape["points"][-4:]
+        rle = encode_mask(bitmap, [xtl, ytl, xbr + 1, ybr + 1])
+        assert np.array_equal(decode_mask(rle, image_width=160, image_height=120), bitmap)
+        assert shape["label"] == det.label and float(shape["confidence"]) == pytest.approx(det.score, abs=1e-4)
+
+
+def test_polygons_on_request_are_one_simplified_outline_per_object(mask_detector: Detector) -> None:
+    detections = mask_detector.predict([_image()], 0.0)[0]
+    shapes = to_cvat(detections, "polygon")
+    assert len(shapes) == len(detections) and {s["type"] for s in shapes} == {"polygon"}
+    for shape in shapes:
+        points = shape["points"]
+        assert len(points) >= 6 and len(points) % 2 == 0
+        xs, ys = points[0::2], points[1::2]
+        assert min(xs) >= 0 and max(xs) <= 160 and min(ys) >= 0 and max(ys) <= 120
+    # simplified: far fewer vertices than the mask outline's pixels
+    assert sum(len(s["points"]) for s in shapes) / len(shapes) < 60
+
+
+def test_a_segmenting_model_never_sends_a_rectangle(mask_detector: Detector) -> None:
+    detections = mask_detector.predict([_image(5)], 0.0)[0]
+    for det in detections:
+        det.mask = np.zeros_like(det.mask)  # an object whose mask came out empty
+    for shape in ("mask", "polygon"):
+        replies = to_cvat(detections, shape)
+        assert len(replies) == len(detections) and {r["type"] for r in replies} == {shape}
+
+
+def test_label_types_match_the_replies() -> None:
+    assert cvat_label_type(True) == "mask" and cvat_label_type(True, "polygon") == "polygon"
+    assert cvat_label_type(False) == cvat_label_type(False, "polygon") == "rectangle"
+    with pytest.raises(ValueError, match="mask, polygon"):
+        cvat_label_type(True, "ellipse")
+
+
+def test_nuclio_function_answers_cvats_request_with_masks(mask_bundle: Path, tmp_path: Path) -> None:
+    """nuclio-sdk's Event and Context, CVAT's body ``{"image": <base64>}`` (threshold only when non-zero)."""
+    from d2ops.serving import nuclio as d2ops_nuclio
+
+    logger = nuclio_sdk.Logger(logging.DEBUG)
+    for shape in ("mask", "polygon"):
+        context = nuclio_sdk.Context(platform=None, logger=logger)
+        d2ops_nuclio.init_context(context, mask_bundle, device="cpu", default_threshold=0.0, shape=shape)
+        image = _image(2)
+        body = json.dumps({"image": base64.b64encode(_png(image)).decode()}).encode()
+        event = nuclio_sdk.Event(body=body, content_type="application/json", method="POST", path="/")
+        response = d2ops_nuclio.handle_event(context, event)
+        assert isinstance(response, nuclio_sdk.Response) and response.status_code == 200
+        replies = json.loads(response.body)
+        expected = context.user_data.model.predict([image], 0.0)[0]
+        assert len(replies) == len(expected) and {r["type"] for r in replies} == {shape}
+
+
+def test_export_declares_mask_labels_for_a_segmenting_model(mask_bundle: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from d2ops.serving.nuclio import export_nuclio
+
+    export = export_nuclio(mask_bundle, tmp_path / "fn")
+    config = yaml.safe_load((tmp_path / "fn" / "cpu" / "function.yaml").read_text())
+    spec = json.loads(config["metadata"]["annotations"]["spec"])
+    assert export.shape_type == "mask" and {label["type"] for label in spec} == {"mask"}
+    env = {e["name"]: e["value"] for e in config["spec"]["env"]}
+    assert env["D2OPS_CVAT_SHAPE"] == "mask"
+    polygons = export_nuclio(mask_bundle, tmp_path / "fn2", shape="polygon")
+    assert polygons.shape_type == "polygon"
+
+
+# ----------------------------------------------------------------------------------- native functions
+
+
+def _task_labels(names: list[str], label_type: str) -> list[Any]:
+    return [models.Label(id=100 + i, name=n, type=label_type, attributes=[], sublabels=[], color="#ff0000",
+                         _check_type=False) for i, n in enumerate(names)]  # fmt: skip
+
+
+def _annotate(function: Any, image: np.ndarray, ds_labels: list[Any], *, to_polygon: bool) -> list[Any]:
+    """One frame through cvat-sdk's driver: its context type, the function, then its label mapping and checks."""
+    from cvat_sdk.auto_annotation.driver import _DetectionFunctionContextImpl
+
+    mapper = _AnnotationMapper(logging.getLogger("test"), function.spec.labels, ds_labels,
+                               allow_unmatched_labels=False, conv_mask_to_poly=to_polygon)  # fmt: skip
+    context = _DetectionFunctionContextImpl(frame_name="f.png", conf_threshold=0.0, conv_mask_to_poly=to_polygon)
+    output = function.detect(context, Image.fromarray(image[:, :, ::-1]))
+    _, shapes = mapper.validate_and_remap(output, 3)
+    return shapes
+
+
+def test_native_function_gives_cvat_masks_one_per_object(mask_bundle: Path, mask_detector: Detector) -> None:
+    from d2ops.serving.cvat_function import create
+
+    function = create(bundle=str(mask_bundle), threshold=0.0)
+    assert isinstance(function.spec, cvataa.DetectionFunctionSpec)
+    assert {label.type for label in function.spec.labels} == {"mask"}
+    image = _image(3)
+    expected = mask_detector.predict([image], 0.0)[0]
+    labels = mask_detector.labels
+    shapes = _annotate(function, image, _task_labels(labels, "mask"), to_polygon=False)
+    assert len(shapes) == len(expected) and {s.type.value for s in shapes} == {"mask"}
+    for shape, det in zip(shapes, expected, strict=True):
+        assert shape.label_id == 100 + labels.index(det.label) and shape.frame == 3
+        assert decode_mask(shape.points, image_width=160, image_height=120).any()
+    # CVAT's "convert masks to polygons": one polygon per object, and the driver accepts it
+    polygons = _annotate(function, image, _task_labels(labels, "polygon"), to_polygon=True)
+    assert len(polygons) == len(expected) and {s.type.value for s in polygons} == {"polygon"}
+
+
+def test_native_function_of_a_box_model_gives_rectangles(tiny_bundle: Path) -> None:
+    from cvat_sdk.auto_annotation import BadFunctionError
+
+    from d2ops.serving.cvat_function import create
+
+    function = create(bundle=str(tiny_bundle), threshold=0.0)
+    labels = [label.name for label in function.spec.labels]
+    shapes = _annotate(function, _image(4), _task_labels(labels, "rectangle"), to_polygon=False)
+    assert shapes and {s.type.value for s in shapes} == {"rectangle"}
+    # the driver refuses a task whose labels want another shape: the spec says what the function sends
+    with pytest.raises(BadFunctionError, match="rectangle"):
+        _annotate(function, _image(4), _task_labels(labels, "polygon"), to_polygon=False)
+
+
+def test_native_function_needs_a_bundle_and_says_how_to_pass_it() -> None:
+    from d2ops.serving.cvat_function import create
+
+    with pytest.raises(ValueError, match="-p bundle=str:"):
+        create()
