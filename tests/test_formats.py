@@ -47,10 +47,12 @@ def test_bad_bytes_are_refused_with_a_reason(payload: bytes, message: str) -> No
         decode_image(payload)
 
 
-def test_unsupported_format() -> None:
+def test_pixels_that_cannot_be_normalised_are_refused_as_unsupported() -> None:
+    from d2ops.serving.formats import UnsupportedFormatError
+
     buf = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buf, format="ICO")
-    with pytest.raises(BadImageError, match="unsupported image format ICO"):
+    Image.fromarray(np.full((8, 8), np.inf, dtype=np.float32), mode="F").save(buf, format="TIFF")
+    with pytest.raises(UnsupportedFormatError, match="NaN or infinite"):
         decode_image(buf.getvalue())
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import shutil
 import signal
@@ -219,7 +220,10 @@ def test_models_describe_the_bundle(client: httpx.Client, tiny_bundle: Path) -> 
     assert model["name"] == tiny_bundle.name and model["version"] == bundle_version(tiny_bundle)
     assert model["labels"] == ["square", "circle", "triangle"]
     assert model["metrics"] == {"bbox": {"AP50": 0.0}} and model["metadata"]["experiment"] == "tiny"
-    assert model["source"] == str(tiny_bundle) and model["device"] == "cpu"
+    assert model["device"] == "cpu" and model["label_type"] == "rectangle"
+    # no token: anyone may ask, so no filesystem paths or storage URIs
+    assert model["source"] is None and model["bundle"] is None
+    assert str(tiny_bundle) not in json.dumps(model)
 
 
 def test_openapi_declares_both_contracts(client: httpx.Client) -> None:
@@ -301,9 +305,15 @@ def _truncated_png() -> bytes:
     return data[: len(data) // 2]
 
 
-def _ico() -> bytes:
+def _nan_tiff() -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (16, 16)).save(buf, format="ICO")
+    Image.fromarray(np.full((16, 16), np.nan, dtype=np.float32), mode="F").save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def _thin_png(width: int = 2000, height: int = 2) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 90, 90)).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -317,7 +327,10 @@ CVAT_CASES = [
     ("invalid base64", {"json": {"image": "not base64!"}}, 400, "not valid base64"),
     ("not an image", {"json": {"image": _b64(b"hello, world")}}, 400, "not an image"),
     ("truncated image", {"json": {"image": _b64(_truncated_png())}}, 400, "truncated"),
-    ("unsupported format", {"json": {"image": _b64(_ico())}}, 415, "unsupported image format ICO"),
+    ("pixels that are not numbers", {"json": {"image": _b64(_nan_tiff())}}, 415, "NaN or infinite"),
+    ("aspect ratio too extreme", {"json": {"image": _b64(_thin_png())}}, 400, "less extreme aspect ratio"),
+    ("threshold true", {"json": {"image": "aGk=", "threshold": True}}, 422, "threshold"),
+    ("more images than a request may hold", {"json": {"images": [_b64(_png(1))] * 17}}, 413, "split the request"),
     ("decompression bomb", {"json": {"image": _b64(_bomb())}}, 400, "decompression bomb"),
     ("empty body", {"headers": {"content-type": "application/json"}}, 422, "request body is empty"),
     ("not JSON", {"content": b"{image: ", "headers": {"content-type": "application/json"}}, 422, "not valid JSON"),
@@ -334,7 +347,8 @@ TORCHSERVE_CASES = [
     ("empty body", {"content": b""}, 400, "empty body"),
     ("not an image", {"content": b"hello"}, 400, "not an image"),
     ("truncated image", {"content": _truncated_png()}, 400, "truncated"),
-    ("unsupported format", {"content": _ico()}, 415, "unsupported image format"),
+    ("pixels that are not numbers", {"content": _nan_tiff()}, 415, "NaN or infinite"),
+    ("aspect ratio too extreme", {"content": _thin_png(2, 2000)}, 400, "less extreme aspect ratio"),
     ("decompression bomb", {"content": _bomb()}, 400, "decompression bomb"),
     ("form without a file", {"data": {"field": "value"}, "files": {}}, 400, "no file"),
     ("threshold not a number", {"content": _png(1), "params": {"threshold": "x"}}, 422, "threshold"),
@@ -488,7 +502,8 @@ def test_token_is_required_except_on_probes(guarded: ServerProcess, tiny_bundle:
     assert _post(f"{url}/predict", json={"image": _b64(image)}, headers=auth).status_code == 200
     assert _get(f"{url}/v1/models", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
     assert _post(f"{url}/predictions/{tiny_bundle.name}", content=image, headers=auth).status_code == 200
-    assert _get(f"{url}/v1/models", headers=auth).status_code == 200
+    (model,) = _get(f"{url}/v1/models", headers=auth).json()["models"]
+    assert model["source"] == str(tiny_bundle), "with a token, callers are trusted with the model's source"
     assert TOKEN not in guarded.log()
     metrics = _get(f"{url}/metrics").text
     assert 'd2ops_requests_total{method="POST",route="/predict",status="401"} 3.0' in metrics

@@ -151,6 +151,22 @@ class Detector:
         """Load weights and a detectron2 config file that are not (yet) a bundle, e.g. a training run's output."""
         return cls(load_d2_config(d2_config), str(weights), labels, device)
 
+    def input_problem(self, image: Image) -> str | None:
+        """Why the model cannot take this image (None when it can): an aspect ratio so extreme that the
+        test-time resize (``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST``) leaves a side of zero pixels."""
+        pixels = image.pixels if isinstance(image, Frame) else image
+        height, width = pixels.shape[:2]
+        new_h, new_w = T.ResizeShortestEdge.get_output_shape(
+            height, width, self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST
+        )
+        if min(new_h, new_w) < 1:
+            return (
+                f"the image is {width}x{height} pixels: at the model's input size ({self.cfg.INPUT.MIN_SIZE_TEST} "
+                f"short side, {self.cfg.INPUT.MAX_SIZE_TEST} long side at most) one side would be 0 pixels; "
+                "crop or pad it to a less extreme aspect ratio"
+            )
+        return None
+
     def _inputs(self, frame: Image) -> dict[str, Any]:
         if isinstance(frame, Frame):
             image, height, width = frame.pixels, frame.height, frame.width
@@ -164,7 +180,11 @@ class Detector:
 
     @torch.inference_mode()
     def raw(self, images: Sequence[Image]) -> list[Any]:
-        """detectron2 ``Instances`` per image (on the CPU)."""
+        """detectron2 ``Instances`` per image (on the CPU); ValueError for an image :meth:`input_problem` refuses."""
+        for image in images:
+            problem = self.input_problem(image)
+            if problem:
+                raise ValueError(problem)
         outputs = self.model([self._inputs(img) for img in images])
         return [out["instances"].to("cpu") for out in outputs]
 

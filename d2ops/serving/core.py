@@ -22,11 +22,12 @@ import contextlib
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -34,9 +35,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 if TYPE_CHECKING:
-    import numpy as np
-
-    from d2ops.model.detector import Detection, Detector
+    from d2ops.model.detector import Detection, Detector, Frame
 
 __all__ = [
     "TOKEN_ENV",
@@ -81,12 +80,24 @@ class ServeSettings(BaseModel):
     workers: int = Field(1, ge=1, le=64)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="default score threshold")
+    cvat_shape: Literal["mask", "polygon"] = Field("mask", description="a segmenting model's CVAT shapes")
     max_batch_size: int = Field(8, ge=1, le=1024, description="1 disables micro-batching")
     max_batch_wait_ms: float = Field(5.0, ge=0.0, le=10_000.0)
     max_queue_depth: int = Field(64, ge=1, description="images waiting for the model; beyond it: 503")
     request_timeout: float = Field(30.0, gt=0.0, le=3600.0, description="seconds; beyond it: 504")
     max_body_size: int = Field(32 * MIB, ge=1024, description="bytes; beyond it: 413")
-    max_pixels: int = Field(40_000_000, ge=1, description="per image; larger images are refused (bombs)")
+    max_pixels: int = Field(60_000_000, ge=1, description="per image; larger images are refused (bombs)")
+    max_inference_pixels: int = Field(
+        12_000_000, ge=10_000, description="larger frames are decoded reduced for inference; shapes are mapped back"
+    )
+    max_request_images: int = Field(16, ge=1, description="images in one request; beyond it: 413")
+    max_request_pixels: int = Field(
+        120_000_000, ge=1, description="pixels of all images of one request (from their headers); beyond it: 413"
+    )
+    body_timeout: float = Field(20.0, gt=0.0, le=3600.0, description="seconds to receive a request body; then 408")
+    keep_alive_timeout: float = Field(5.0, gt=0.0, le=600.0, description="seconds an idle connection stays open")
+    max_header_bytes: int = Field(64 * 1024, ge=4096, description="request line and headers; beyond it the "
+                                  "connection is closed")  # fmt: skip
     watch: bool = False
     poll_interval: float = Field(30.0, gt=0.0, description="seconds between polls of the source with watch")
     cache_dir: Path = Path("outputs/cache/models")
@@ -149,10 +160,28 @@ class ModelInfo:
     labels: list[str]
     metrics: dict[str, Any]
     metadata: dict[str, Any]
-    source: str
-    bundle: str
+    source: str | None
+    bundle: str | None
     device: str
     loaded_at: str
+    label_type: str = "rectangle"
+
+    def public(self) -> ModelInfo:
+        """What anyone may see when the server has no token: no filesystem paths, no storage URIs."""
+        return replace(self, source=None, bundle=None, metadata=_without_locations(self.metadata))
+
+
+def _without_locations(value: Any) -> Any:
+    """``value`` with every string that names a file or storage location (``/...``, ``s3://...``) dropped."""
+    if isinstance(value, dict):
+        return {k: _without_locations(v) for k, v in value.items() if not _is_location(v)}
+    if isinstance(value, list):
+        return [_without_locations(v) for v in value if not _is_location(v)]
+    return value
+
+
+def _is_location(value: Any) -> bool:
+    return isinstance(value, str) and (value.startswith(("/", "~", "file:")) or "://" in value)
 
 
 @dataclass(frozen=True)
@@ -178,13 +207,21 @@ class DetectorAPI:
     ``encode_response`` back in the request's task.
     """
 
-    def __init__(self, device: str = "auto", max_pixels: int = 40_000_000) -> None:
+    def __init__(
+        self,
+        device: str = "auto",
+        max_pixels: int = 60_000_000,
+        inference_pixels: int = 12_000_000,
+        cvat_shape: str = "mask",
+    ) -> None:
         if max_pixels < 1:
             raise ValueError(f"max_pixels must be a positive pixel count, got {max_pixels}")
         if device != "auto" and device != "cpu" and not device.startswith("cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
         self.device = device
         self.max_pixels = max_pixels
+        self.inference_pixels = inference_pixels
+        self.cvat_shape = cvat_shape
 
     def setup(self, bundle_dir: Path) -> Detector:
         """Load the detector from a bundle folder (imports torch and detectron2 on first use)."""
@@ -192,16 +229,21 @@ class DetectorAPI:
 
         return Detector.from_bundle(bundle_dir, device=self.device)
 
-    def decode_request(self, payload: bytes | str) -> np.ndarray:
-        """Raw image bytes or a base64 string (CVAT) into a BGR image; raises ``BadImageError``."""
-        from d2ops.serving.formats import decode_base64_image, decode_image
+    def payload_bytes(self, payload: bytes | str) -> bytes:
+        """The image file's bytes: raw, or from a base64 string (CVAT); raises ``BadImageError``."""
+        from d2ops.serving.formats import base64_bytes
 
-        if isinstance(payload, str):
-            return decode_base64_image(payload, max_pixels=self.max_pixels)
-        return decode_image(payload, max_pixels=self.max_pixels)
+        return base64_bytes(payload) if isinstance(payload, str) else payload
+
+    def decode_request(self, payload: bytes | str) -> Frame:
+        """Raw image bytes or a base64 string (CVAT) into a frame for the model; raises ``BadImageError``."""
+        from d2ops.serving.formats import decode_frame
+
+        data = self.payload_bytes(payload)
+        return decode_frame(data, max_pixels=self.max_pixels, inference_pixels=self.inference_pixels)
 
     def predict(
-        self, detector: Detector, images: Sequence[np.ndarray], thresholds: Sequence[float]
+        self, detector: Detector, images: Sequence[Frame], thresholds: Sequence[float]
     ) -> list[list[Detection]]:
         """One forward pass over the batch; each image keeps its own request's score threshold."""
         results = detector.predict(images, score_threshold=min(thresholds, default=0.0))
@@ -211,28 +253,35 @@ class DetectorAPI:
         """One image's detections in the CVAT nuclio or the TorchServe reply format."""
         from d2ops.serving.replies import to_cvat, to_torchserve
 
-        return to_cvat(detections) if contract == "cvat" else to_torchserve(detections)
+        return to_cvat(detections, self.cvat_shape) if contract == "cvat" else to_torchserve(detections)
 
 
 def load_model(api: DetectorAPI, settings: ServeSettings) -> LoadedModel:
     """Resolve ``settings.model`` to a local bundle (downloading as needed) and set it up."""
     from d2ops.model.bundle import ModelBundle
     from d2ops.model.source import resolve_model
+    from d2ops.serving.replies import cvat_label_type
 
     bundle = resolve_model(settings.model, settings.cache_dir)
     started = time.perf_counter()
-    detector = api.setup(bundle)
-    info = ModelInfo(
-        name=settings.served_name,
-        version=bundle_version(bundle),
-        labels=list(detector.labels),
-        metrics=ModelBundle(bundle).metrics(),
-        metadata=ModelBundle(bundle).metadata(),
-        source=settings.model,
-        bundle=str(bundle),
-        device=str(detector.cfg.MODEL.DEVICE),
-        loaded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
+    # Load a private copy whose files match the sha256s its metadata.json records: a bundle folder being
+    # replaced file by file (labels first, weights later) is never loaded half old, half new.
+    with tempfile.TemporaryDirectory(prefix="d2ops-load-") as tmp:
+        snapshot = ModelBundle.open(bundle, settings.model).copy_to(Path(tmp) / "bundle")
+        snapshot.verify()
+        detector = api.setup(snapshot.path)
+        info = ModelInfo(
+            name=settings.served_name,
+            version=snapshot.version(),
+            labels=list(detector.labels),
+            metrics=snapshot.metrics(),
+            metadata=snapshot.metadata(),
+            source=settings.model,
+            bundle=str(bundle),
+            device=str(detector.cfg.MODEL.DEVICE),
+            loaded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            label_type=cvat_label_type(snapshot.segments(), settings.cvat_shape),
+        )
     log.info("model %s version %s loaded from %s in %.1f s", info.name, info.version, bundle,
              time.perf_counter() - started)  # fmt: skip
     return LoadedModel(detector, info)
@@ -485,10 +534,14 @@ class MicroBatcher:
         images, thresholds = [i.image for i in batch], [i.threshold for i in batch]
         try:
             outputs = await loop.run_in_executor(self._executor, self.run_batch, images, thresholds)
-        except Exception as err:  # the model failed: every request in the batch gets the error
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(err)
+        except Exception as err:
+            if len(batch) == 1:
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(err)
+            else:  # one image may have broken the batch: run each alone, so only its own request fails
+                log.warning("a batch of %d images failed (%s); running them one by one", len(batch), err)
+                for item in batch:
+                    await self._run_one(loop, item)
         else:
             for item, out in zip(batch, outputs, strict=True):
                 if not item.future.done():
@@ -497,6 +550,19 @@ class MicroBatcher:
             self._record(len(batch), time.perf_counter() - started)
             if self._queue.empty():
                 self._idle.set()
+
+    async def _run_one(self, loop: asyncio.AbstractEventLoop, item: _Item) -> None:
+        assert self._executor is not None
+        if item.future.done():
+            return
+        try:
+            output = await loop.run_in_executor(self._executor, self.run_batch, [item.image], [item.threshold])
+        except Exception as err:
+            if not item.future.done():
+                item.future.set_exception(err)
+        else:
+            if not item.future.done():
+                item.future.set_result(output[0])
 
     def _record(self, size: int, seconds: float) -> None:
         s = self.stats

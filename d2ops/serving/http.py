@@ -37,7 +37,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -80,7 +80,16 @@ class CvatRequest(BaseModel):
 
     image: str | None = Field(None, description="base64 of a JPEG/PNG file (a data: URL prefix is accepted)")
     images: list[str] | None = Field(None, min_length=1, description="several base64 images: one reply list each")
-    threshold: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False, description="score threshold")
+    threshold: float | None = Field(
+        None, ge=0.0, le=1.0, allow_inf_nan=False, description="score threshold (a number, or a numeric string)"
+    )
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # pydantic would read true as 1.0
+            raise ValueError("must be a number between 0 and 1, not true or false")
+        return value
 
     @model_validator(mode="after")
     def _one_of_image_or_images(self) -> CvatRequest:
@@ -188,12 +197,21 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body over the limit of {limit} bytes ({limit / MIB:g} MiB); send less")
 
 
-class BodyLimitMiddleware:
-    """413 for a body over the limit: from Content-Length up front, else counted while it streams in."""
+class BodyTimedOut(HTTPException):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"the request body did not arrive within {seconds:g} s (--body-timeout); "
+                              "send it at once")  # fmt: skip
 
-    def __init__(self, app: ASGIApp, max_body_size: int) -> None:
+
+class BodyLimitMiddleware:
+    """413 for a body over the limit: from Content-Length up front, else counted while it streams in.
+    408 for a body still arriving ``body_timeout`` seconds after the app first asked for it (a slow client
+    would otherwise hold its connection, and a worker's attention, for as long as it likes)."""
+
+    def __init__(self, app: ASGIApp, max_body_size: int, body_timeout: float = 20.0) -> None:
         self.app = app
         self.limit = max_body_size
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -203,12 +221,22 @@ class BodyLimitMiddleware:
             return await _json_reply(413, BodyTooLarge(self.limit).detail)(scope, receive, send)
         seen = 0
         started = False
+        complete = False
+        deadline: float | None = None
 
         async def counting_receive() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete, deadline
+            if complete:
+                return await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + self.body_timeout
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                raise BodyTimedOut(self.body_timeout) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.limit:
                     raise BodyTooLarge(self.limit)
             return message
@@ -220,10 +248,11 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge as err:
+        except (BodyTooLarge, BodyTimedOut) as err:
             if started:
                 raise
-            await _json_reply(413, err.detail)(scope, receive, send)
+            headers = {"Connection": "close"} if isinstance(err, BodyTimedOut) else None
+            await _json_reply(err.status_code, err.detail, headers)(scope, receive, send)
 
 
 class AuthMiddleware:
@@ -400,7 +429,12 @@ def create_app(
     on_fatal: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
     """The FastAPI app for ``settings``; the model loads in the background once the app has started."""
-    api = api or DetectorAPI(device=settings.device, max_pixels=settings.max_pixels)
+    api = api or DetectorAPI(
+        device=settings.device,
+        max_pixels=settings.max_pixels,
+        inference_pixels=settings.max_inference_pixels,
+        cvat_shape=settings.cvat_shape,
+    )
     state = ServerState(settings, api, on_fatal or (lambda err: None))
 
     @asynccontextmanager
@@ -422,7 +456,7 @@ def create_app(
     app.state.serving = state
     _add_error_handlers(app)
     _add_routes(app, state)
-    app.add_middleware(BodyLimitMiddleware, max_body_size=settings.max_body_size)
+    app.add_middleware(BodyLimitMiddleware, max_body_size=settings.max_body_size, body_timeout=settings.body_timeout)
     if settings.token is not None:
         app.add_middleware(AuthMiddleware, token=settings.token.get_secret_value())
     app.add_middleware(ObserveMiddleware, metrics=state.metrics, state=state)
@@ -484,19 +518,57 @@ def _check_ready(state: ServerState) -> LoadedModel:
     return loaded
 
 
+def _check_request_bounds(state: ServerState, data: Sequence[bytes]) -> None:
+    """Before any pixel is decoded: the request's image count and its pixels (from the headers).
+
+    A request that can never fit gets 413 with what to change; one that only has to wait gets 503.
+    """
+    from d2ops.serving.formats import read_header
+
+    s = state.settings
+    limit = min(s.max_request_images, s.max_queue_depth)
+    if len(data) > limit:
+        raise HTTPException(413, f"{len(data)} images in one request; this server takes at most {limit} "
+                                 "(--max-request-images, --max-queue-depth): split the request")  # fmt: skip
+    headers = [read_header(d, max_pixels=s.max_pixels) for d in data]
+    total = sum(h.pixels for h in headers)
+    if total > s.max_request_pixels:
+        raise HTTPException(413, f"the request's images hold {total} pixels; this server takes at most "
+                                 f"{s.max_request_pixels} per request (--max-request-pixels): send fewer or "
+                                 "smaller images per request")  # fmt: skip
+    if state.batcher.depth + len(data) > s.max_queue_depth:
+        raise Overloaded(
+            f"server overloaded: {state.batcher.depth} images already waiting (queue depth {s.max_queue_depth})",
+            retry_after=state.batcher.retry_after(),
+        )
+
+
 async def _infer(state: ServerState, payloads: Sequence[bytes | str], threshold: float | None) -> list[tuple[Any, str]]:
-    """Decode, queue for the batcher and wait: 400/415 bad image, 503 overloaded, 504 timed out."""
+    """Bound, decode, queue for the batcher and wait: 400/415 bad image, 413 too much, 503 overloaded, 504 late."""
     from d2ops.serving.formats import BadImageError, UnsupportedFormatError
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + state.settings.request_timeout
-    _check_ready(state)
+    loaded = _check_ready(state)
+    which = "" if len(payloads) == 1 else " (one of the images)"
+
+    def decode() -> list[Any]:
+        data = [state.api.payload_bytes(p) for p in payloads]
+        _check_request_bounds(state, data)
+        frames = [state.api.decode_request(d) for d in data]
+        for frame in frames:
+            problem = loaded.detector.input_problem(frame)
+            if problem:
+                raise BadImageError(problem)
+        return frames
+
     try:
-        images = await asyncio.to_thread(lambda: [state.api.decode_request(p) for p in payloads])
+        images = await asyncio.to_thread(decode)
     except BadImageError as err:
-        which = "" if len(payloads) == 1 else " (one of the images)"
         status = 415 if isinstance(err, UnsupportedFormatError) else 400
         raise HTTPException(status, f"{err}{which}") from None
+    except Overloaded as err:
+        raise HTTPException(503, str(err), {"Retry-After": str(err.retry_after)}) from None
     threshold = state.settings.threshold if threshold is None else threshold
     try:
         return await state.batcher.submit(images, [threshold] * len(images), deadline)
@@ -506,6 +578,8 @@ async def _infer(state: ServerState, payloads: Sequence[bytes | str], threshold:
         raise HTTPException(
             504, f"no result within --request-timeout {state.settings.request_timeout:g} s; retry later"
         ) from None
+    except ValueError as err:  # the model refused this image (input_problem): only this request fails
+        raise HTTPException(400, f"{err}{which}") from None
     except Exception:
         log.exception("inference failed")
         raise HTTPException(500, "internal error") from None
@@ -556,7 +630,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def models() -> ModelList:
         """The served model: name, version, labels, metrics and source, from the bundle."""
         loaded = _check_ready(state)
-        return ModelList(models=[loaded.info])
+        # Without a token anyone can ask: paths and storage URIs stay private then.
+        return ModelList(models=[loaded.info if state.settings.token is not None else loaded.info.public()])
 
     @app.post(
         "/predict",
@@ -625,7 +700,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=defaults["request_timeout"].default,
                    help="seconds a request may take before it gets 504")  # fmt: skip
     p.add_argument("--max-body-size", type=int, default=defaults["max_body_size"].default, help="bytes (413 beyond)")
-    p.add_argument("--max-pixels", type=int, default=defaults["max_pixels"].default, help="per image")
+    p.add_argument("--max-pixels", type=int, default=defaults["max_pixels"].default,
+                   help="per image: larger images are refused (decompression bombs)")  # fmt: skip
+    p.add_argument("--max-inference-pixels", type=int, default=defaults["max_inference_pixels"].default,
+                   help="larger frames are decoded reduced; shapes come back in the frame's pixels")  # fmt: skip
+    p.add_argument("--max-request-images", type=int, default=defaults["max_request_images"].default,
+                   help="images in one request (413 beyond)")  # fmt: skip
+    p.add_argument("--max-request-pixels", type=int, default=defaults["max_request_pixels"].default,
+                   help="pixels of all images of one request, from their headers (413 beyond)")  # fmt: skip
+    p.add_argument("--body-timeout", type=float, default=defaults["body_timeout"].default,
+                   help="seconds a client may take to send its request body (408 beyond)")  # fmt: skip
+    p.add_argument("--cvat-shape", choices=["mask", "polygon"], default="mask",
+                   help="a segmenting model's CVAT shapes: masks, or one polygon per object")  # fmt: skip
     p.add_argument("--watch", action="store_true", help="poll the model source and hot-swap new versions")
     p.add_argument("--poll-interval", type=float, default=defaults["poll_interval"].default, help="seconds")
     p.add_argument("--cache-dir", default=str(defaults["cache_dir"].default), help="where remote bundles go")
@@ -652,6 +738,8 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         "port": settings.port,
         "access_log": settings.access_log,
         "timeout_graceful_shutdown": int(settings.request_timeout) + 5,
+        "timeout_keep_alive": settings.keep_alive_timeout,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
         "log_config": None,
     }
     # uvicorn re-raises SIGTERM after its graceful shutdown; a finished shutdown is a clean exit.
