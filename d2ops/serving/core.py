@@ -258,7 +258,7 @@ class DetectorAPI:
 
 def load_model(api: DetectorAPI, settings: ServeSettings) -> LoadedModel:
     """Resolve ``settings.model`` to a local bundle (downloading as needed) and set it up."""
-    from d2ops.model.bundle import ModelBundle
+    from d2ops.model.bundle import InconsistentBundleError, ModelBundle
     from d2ops.model.source import resolve_model
     from d2ops.serving.replies import cvat_label_type
 
@@ -268,7 +268,10 @@ def load_model(api: DetectorAPI, settings: ServeSettings) -> LoadedModel:
     # replaced file by file (labels first, weights later) is never loaded half old, half new.
     with tempfile.TemporaryDirectory(prefix="d2ops-load-") as tmp:
         snapshot = ModelBundle.open(bundle, settings.model).copy_to(Path(tmp) / "bundle")
-        snapshot.verify()
+        try:
+            snapshot.verify()
+        except InconsistentBundleError as err:
+            raise InconsistentBundleError(str(err).replace(str(snapshot.path), str(bundle))) from None
         detector = api.setup(snapshot.path)
         info = ModelInfo(
             name=settings.served_name,

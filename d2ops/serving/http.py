@@ -208,14 +208,21 @@ class BodyLimitMiddleware:
     408 for a body still arriving ``body_timeout`` seconds after the app first asked for it (a slow client
     would otherwise hold its connection, and a worker's attention, for as long as it likes)."""
 
-    def __init__(self, app: ASGIApp, max_body_size: int, body_timeout: float = 20.0) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_size: int, body_timeout: float = 20.0, max_header_bytes: int = 64 * 1024
+    ) -> None:
         self.app = app
         self.limit = max_body_size
         self.body_timeout = body_timeout
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        header_bytes = sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+        if header_bytes > self.max_header_bytes:  # uvicorn's httptools parser has no limit of its own
+            message = f"request headers of {header_bytes} bytes are over the limit of {self.max_header_bytes}"
+            return await _json_reply(431, message, {"Connection": "close"})(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await _json_reply(413, BodyTooLarge(self.limit).detail)(scope, receive, send)
@@ -404,8 +411,13 @@ class ServerState:
 
     async def _reload(self, watcher: SourceWatcher, fingerprint: str | None) -> Literal["loaded", "rejected", "retry"]:
         log.info("--watch: %s changed; loading the new version", watcher.ref)
+        from d2ops.model.bundle import InconsistentBundleError
+
         try:
             loaded = await asyncio.to_thread(load_model, self.api, self.settings)
+        except InconsistentBundleError as err:  # mid-replacement: the next change will complete it
+            log.warning("--watch: %s; the old version keeps serving", err)
+            return "rejected"
         except Exception:
             self.metrics.reloads.labels("failure").inc()
             log.exception("--watch: the new version of %s does not load; the old one keeps serving", watcher.ref)
@@ -456,7 +468,12 @@ def create_app(
     app.state.serving = state
     _add_error_handlers(app)
     _add_routes(app, state)
-    app.add_middleware(BodyLimitMiddleware, max_body_size=settings.max_body_size, body_timeout=settings.body_timeout)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_size=settings.max_body_size,
+        body_timeout=settings.body_timeout,
+        max_header_bytes=settings.max_header_bytes,
+    )
     if settings.token is not None:
         app.add_middleware(AuthMiddleware, token=settings.token.get_secret_value())
     app.add_middleware(ObserveMiddleware, metrics=state.metrics, state=state)
