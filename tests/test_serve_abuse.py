@@ -265,3 +265,27 @@ def test_a_bundle_replaced_file_by_file_is_never_served_half_new(tiny_bundle: Pa
         assert "metadata.json records" in proc.log()
     finally:
         proc.stop()
+
+
+def test_watching_a_zip_keeps_two_versions_in_the_cache(tiny_bundle: Path, logs: Path, tmp_path: Path) -> None:
+    """Before: every new zip version was unzipped into the cache and never removed."""
+    from d2ops.testing import build_tiny_bundle
+
+    archive = tmp_path / "model.zip"
+    cache = tmp_path / "cache"
+    ModelBundle.open(tiny_bundle).zip(archive)
+    proc = ServerProcess(archive, logs, "--watch", "--poll-interval", "0.3", "--cache-dir", str(cache))
+    try:
+        proc.wait_listening()
+        proc.wait_ready()
+        for seed in (11, 12, 13):
+            version = ModelBundle.open(build_tiny_bundle(tmp_path / f"v{seed}", seed=seed))
+            version.zip(archive)  # atomic replace, as a publisher would
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{proc.url}/ready", timeout=HTTP_TIMEOUT).json().get("version") != version.version():
+                assert time.monotonic() < deadline, proc.tail()
+                time.sleep(0.2)
+        assert len([p for p in cache.iterdir() if p.name.startswith("bundle-")]) == 2
+        assert httpx.post(f"{proc.url}/predict", json={"image": _b64(_png(1))}, timeout=HTTP_TIMEOUT).is_success
+    finally:
+        proc.stop()

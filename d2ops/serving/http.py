@@ -26,11 +26,13 @@ import hmac
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
@@ -341,6 +343,7 @@ class ServerState:
         self.holder = ModelHolder()
         self.active_predictions = 0
         self.closing = False
+        self.extracted: list[str] = []  # bundle folders this server unzipped into the cache, oldest first
         self.batcher = MicroBatcher(
             self._run_batch,
             max_batch_size=settings.max_batch_size,
@@ -364,6 +367,18 @@ class ServerState:
         self.metrics.reloads.labels("success").inc()
         if old is not None:
             log.info("now serving version %s (was %s)", loaded.info.version, old.info.version)
+        self._prune_cache(loaded.info.bundle)
+
+    def _prune_cache(self, bundle: str | None) -> None:
+        """With --watch on a zip, each version is unzipped into the cache: keep the current and the previous."""
+        cache = Path(self.settings.cache_dir).resolve()
+        if bundle is None or Path(bundle).resolve().parent != cache or bundle in self.extracted:
+            return
+        self.extracted.append(bundle)
+        while len(self.extracted) > 2:
+            stale = self.extracted.pop(0)
+            shutil.rmtree(stale, ignore_errors=True)
+            log.info("--watch: removed %s, two versions old, from the model cache", stale)
 
     async def load_initial(self) -> None:
         """Load the model in the background; with --watch, then keep polling the source."""
