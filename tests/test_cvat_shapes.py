@@ -1,12 +1,13 @@
 """CVAT gets one shape per object, masks from segmenting models, from both nuclio and native functions.
 
 Reply shapes are defined by CVAT's own code:
-- nuclio detectors: ``cvat/apps/lambda_manager/views.py`` (the detector branch of ``LambdaJob``'s result
-  conversion) takes ``rectangle``, ``polygon`` and ``mask``; a mask's ``points`` are the row-major 0/255
-  crop of the inclusive box followed by ``[xtl, ytl, xbr, ybr]``, exactly what CVAT's own functions write
-  (``serverless/openvino/base/shared.py`` ``to_cvat_mask``), and CVAT run-length encodes them itself.
-  views.py itself could not be run here (it needs CVAT's Django server); the tests decode masks the way
-  that converter does and re-encode them with cvat-sdk's ``cvat_sdk.masks.encode_mask``, the RLE CVAT stores.
+- nuclio detectors: ``cvat/apps/lambda_manager/views.py`` ``LambdaJob._call_detector`` (read at cvat-ai/cvat
+  024777e) takes ``rectangle``, ``polygon`` and ``mask`` shapes. For a mask it reads ``anno["mask"]``: the
+  row-major 0/255 crop of the inclusive box followed by ``[xtl, ytl, xbr, ybr]``, as CVAT's own functions
+  write it (``serverless/openvino/base/shared.py`` ``to_cvat_mask``), and run-length encodes it
+  (``mask_tools.mask_to_rle``); with "convert masks to polygons" it takes ``anno["points"]`` instead.
+  views.py cannot run here (it needs CVAT's Django server and database): :func:`_lambda_manager_shape`
+  repeats that branch line for line, and cvat-sdk's ``decode_mask`` reads the RLE it stores.
 - native functions: cvat-sdk 2.80's ``cvat_sdk.auto_annotation``: ``DetectionFunctionSpec`` validation,
   the ``rectangle``/``polygon``/``mask`` builders, and ``driver._AnnotationMapper.validate_and_remap``,
   the label mapping and shape validation ``annotate_task`` runs on every frame's output.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -33,7 +35,7 @@ cvataa = pytest.importorskip("cvat_sdk.auto_annotation")
 nuclio_sdk = pytest.importorskip("nuclio_sdk")
 from cvat_sdk import models  # noqa: E402
 from cvat_sdk.auto_annotation.driver import _AnnotationMapper  # noqa: E402
-from cvat_sdk.masks import decode_mask, encode_mask  # noqa: E402
+from cvat_sdk.masks import decode_mask  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +60,37 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _cvat_mask_bitmap(points: list[Any], width: int, height: int) -> np.ndarray:
-    """A nuclio mask reply as CVAT's lambda manager reads it: the crop's 0/255 values, then the inclusive box."""
-    *values, xtl, ytl, xbr, ybr = points
+def _runs(flat: np.ndarray) -> list[int]:
+    """Run lengths of a flat 0/non-0 array, starting with the zeros (datumaro ``mask_to_rle``'s counts)."""
+    values = (flat != 0).astype(np.int8)
+    changes = np.flatnonzero(np.diff(values)) + 1
+    bounds = [0, *changes.tolist(), len(values)]
+    runs = [b - a for a, b in itertools.pairwise(bounds)]
+    return ([0, *runs]) if values[0] else runs
+
+
+def _lambda_manager_shape(anno: dict[str, Any], conv_mask_to_poly: bool) -> dict[str, Any]:
+    """``LambdaJob._call_detector``'s shape conversion (cvat/apps/lambda_manager/views.py), line for line."""
+    shape = {"type": anno["type"], "points": anno["mask"] if anno["type"] == "mask" else anno["points"]}
+    if anno["type"] == "mask" and "points" in anno and conv_mask_to_poly:
+        shape["type"] = "polygon"
+        shape["points"] = anno["points"]
+    elif anno["type"] == "mask":
+        xtl, ytl, xbr, ybr = shape["points"][-4:]
+        cut_points = shape["points"][:-4]
+        shape["points"] = [*_runs(np.array(cut_points)), xtl, ytl, xbr, ybr]
+    return shape
+
+
+def _cvat_mask_bitmap(anno: dict[str, Any], width: int, height: int) -> np.ndarray:
+    """A nuclio mask reply as CVAT stores it, decoded by cvat-sdk: the object's pixels in the frame."""
+    *values, xtl, ytl, xbr, ybr = anno["mask"]
     assert all(isinstance(v, int) for v in (xtl, ytl, xbr, ybr))
     assert 0 <= xtl <= xbr < width and 0 <= ytl <= ybr < height
-    crop = np.asarray(values).reshape(ybr - ytl + 1, xbr - xtl + 1)
-    assert set(np.unique(crop)) <= {0, 255}
-    bitmap = np.zeros((height, width), dtype=bool)
-    bitmap[ytl : ybr + 1, xtl : xbr + 1] = crop == 255
-    return bitmap
+    assert len(values) == (ybr - ytl + 1) * (xbr - xtl + 1) and set(values) <= {0, 255}
+    stored = _lambda_manager_shape(anno, conv_mask_to_poly=False)
+    assert stored["type"] == "mask"
+    return decode_mask(stored["points"], image_width=width, image_height=height)
 
 
 # ------------------------------------------------------------------------------------- nuclio replies
@@ -80,13 +103,13 @@ def test_a_segmenting_model_sends_one_mask_per_object(mask_detector: Detector) -
     assert len(detections) > 3 and len(shapes) == len(detections)  # before: one polygon per contour
     assert {s["type"] for s in shapes} == {"mask"}
     for det, shape in zip(detections, shapes, strict=True):
-        bitmap = _cvat_mask_bitmap(shape["points"], 160, 120)
-        assert bitmap.any()
-        # what CVAT stores: cvat-sdk's RLE of that bitmap decodes to the same pixels
-        xtl, ytl, xbr, ybr = shape["points"][-4:]
-        rle = encode_mask(bitmap, [xtl, ytl, xbr + 1, ybr + 1])
-        assert np.array_equal(decode_mask(rle, image_width=160, image_height=120), bitmap)
+        bitmap = _cvat_mask_bitmap(shape, 160, 120)
+        xtl, ytl, xbr, ybr = det.mask_box
+        assert np.array_equal(bitmap[ytl : ybr + 1, xtl : xbr + 1], det.mask) and bitmap.sum() == det.mask.sum()
         assert shape["label"] == det.label and float(shape["confidence"]) == pytest.approx(det.score, abs=1e-4)
+        # CVAT's "convert masks to polygons" switch: the lambda manager takes the outline in "points"
+        converted = _lambda_manager_shape(shape, conv_mask_to_poly=True)
+        assert converted["type"] == "polygon" and len(converted["points"]) >= 6
 
 
 def test_polygons_on_request_are_one_simplified_outline_per_object(mask_detector: Detector) -> None:

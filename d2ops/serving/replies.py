@@ -2,14 +2,15 @@
 
 Every front end (HTTP server, CVAT nuclio function, clearml-serving engine) encodes through here.
 
-CVAT's shapes are the ones its lambda manager parses (``cvat/apps/lambda_manager/views.py``, the
-detector branch of ``LambdaJob._call_detector``/``DetectionResultConverter``) and its own functions write
-(``serverless/openvino/base/shared.py`` ``to_cvat_mask``):
+CVAT's shapes are the ones its lambda manager parses (``cvat/apps/lambda_manager/views.py``,
+``LambdaJob._call_detector``) and its own functions write (``serverless/openvino/base/shared.py``
+``to_cvat_mask``):
 
 - ``rectangle``: ``points = [x1, y1, x2, y2]``;
 - ``polygon``: ``points = [x, y, x, y, ...]``;
-- ``mask``: ``points`` = the row-major 0/255 values of the mask cropped to the inclusive box
-  ``[xtl, ytl, xbr, ybr]``, followed by those four numbers (CVAT run-length encodes it itself).
+- ``mask``: ``mask`` = the row-major 0/255 values of the mask cropped to the inclusive box
+  ``[xtl, ytl, xbr, ybr]``, followed by those four numbers (CVAT run-length encodes it itself), and
+  ``points`` = the object's outline, which CVAT uses instead when "convert masks to polygons" is on.
 
 One object is always one shape. A segmenting model answers with masks (or, asked for polygons, one
 simplified outline per object); a box-only model with rectangles. A segmenting model never sends a
@@ -40,7 +41,7 @@ def cvat_label_type(segments: bool, shape: str = "mask") -> str:
 
 
 def cvat_mask_points(mask: np.ndarray, box: Sequence[int]) -> list[int]:
-    """CVAT's mask ``points``: row-major 0/255 over the crop, then ``[xtl, ytl, xbr, ybr]`` (inclusive)."""
+    """CVAT's ``mask`` field: row-major 0/255 over the crop, then ``[xtl, ytl, xbr, ybr]`` (inclusive)."""
     crop = np.asarray(mask, dtype=bool)
     if not crop.any():  # an empty mask would be no shape at all: the object is its box
         crop = np.ones_like(crop)
@@ -56,9 +57,10 @@ def _cvat_shape(det: Detection, shape: str) -> dict[str, Any]:
     base = {"confidence": f"{det.score:.4f}", "label": det.label}
     if det.mask is None or det.mask_box is None:
         return {**base, "points": det.box, "type": "rectangle"}
+    outline = det.polygon or _box_polygon(det.box)
     if shape == "mask":
-        return {**base, "points": cvat_mask_points(det.mask, det.mask_box), "type": "mask"}
-    return {**base, "points": det.polygon or _box_polygon(det.box), "type": "polygon"}
+        return {**base, "mask": cvat_mask_points(det.mask, det.mask_box), "points": outline, "type": "mask"}
+    return {**base, "points": outline, "type": "polygon"}
 
 
 def to_cvat(detections: Sequence[Detection], shape: str = "mask") -> list[dict[str, Any]]:
