@@ -29,6 +29,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -171,8 +172,13 @@ def _start(tmp: Path, commands: list[list[str]], *, port: int | None, bundles: d
         "bundles": bundles,
         "kafka_log": str(tmp / "kafka.jsonl"),
     }
+    # The driver runs from a copy outside the repository: ClearML's Task.init (the control plane's and
+    # clearml-serving's setup_task) would otherwise analyse the whole git work tree, .venv included, and
+    # wait up to 300 s for that before closing a task.
+    driver = tmp / "clearml_serving_driver.py"
+    shutil.copyfile(__file__, driver)
     return subprocess.Popen(
-        [sys.executable, __file__, json.dumps(cfg)],
+        [sys.executable, str(driver), json.dumps(cfg)],
         cwd=tmp,
         env=_driver_env(tmp),
         stdin=subprocess.DEVNULL,
