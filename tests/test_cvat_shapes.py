@@ -207,7 +207,11 @@ def test_native_function_gives_cvat_masks_one_per_object(mask_bundle: Path, mask
     assert len(shapes) == len(expected) and {s.type.value for s in shapes} == {"mask"}
     for shape, det in zip(shapes, expected, strict=True):
         assert shape.label_id == 100 + labels.index(det.label) and shape.frame == 3
-        assert decode_mask(shape.points, image_width=160, image_height=120).any()
+        # cvat-sdk's decoder gives back exactly the object's mask, in its place in the frame
+        bitmap = decode_mask(shape.points, image_width=160, image_height=120)
+        xtl, ytl, xbr, ybr = det.mask_box
+        crop = det.mask if det.mask.any() else np.ones_like(det.mask)
+        assert np.array_equal(bitmap[ytl : ybr + 1, xtl : xbr + 1], crop) and bitmap.sum() == crop.sum()
     # CVAT's "convert masks to polygons": one polygon per object, and the driver accepts it
     polygons = _annotate(function, image, _task_labels(labels, "polygon"), to_polygon=True)
     assert len(polygons) == len(expected) and {s.type.value for s in polygons} == {"polygon"}

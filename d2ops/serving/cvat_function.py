@@ -68,21 +68,22 @@ class D2opsDetectionFunction:
         threshold = self.threshold if context.conf_threshold is None else context.conf_threshold
         rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
         detections = self.detector.predict([np.ascontiguousarray(rgb[:, :, ::-1])], threshold)[0]
-        height, width = rgb.shape[:2]
-        return [self._shape(det, context.conv_mask_to_poly, height, width) for det in detections]
+        return [self._shape(det, context.conv_mask_to_poly) for det in detections]
 
     @staticmethod
-    def _shape(det: Detection, to_polygon: bool, height: int, width: int) -> models.LabeledShapeRequest:
+    def _shape(det: Detection, to_polygon: bool) -> models.LabeledShapeRequest:
         if det.mask is None or det.mask_box is None:
             return cvataa.rectangle(det.category_index, det.box)
         if to_polygon:
             x1, y1, x2, y2 = det.box
             return cvataa.polygon(det.category_index, det.polygon or [x1, y1, x2, y1, x2, y2, x1, y2])
-        xtl, ytl, xbr, ybr = det.mask_box
-        bitmap = np.zeros((height, width), dtype=bool)
-        crop = det.mask if det.mask.any() else np.ones_like(det.mask)  # an empty mask is the object's box
-        bitmap[ytl : ybr + 1, xtl : xbr + 1] = crop
-        return cvataa.mask(det.category_index, encode_mask(bitmap, [xtl, ytl, xbr + 1, ybr + 1]))
+        crop = np.asarray(det.mask, dtype=bool)
+        if not crop.any():  # an empty mask is the object's box
+            crop = np.ones_like(crop)
+        # cvat-sdk's encoder over the crop alone (no frame-sized bitmap per object), then the crop's place in
+        # the frame: encode_mask ends with the inclusive box [0, 0, w - 1, h - 1] of the crop it encoded
+        encoded = encode_mask(crop, [0, 0, crop.shape[1], crop.shape[0]])
+        return cvataa.mask(det.category_index, [*encoded[:-4], *det.mask_box])
 
 
 def create(**params: Any) -> D2opsDetectionFunction:
