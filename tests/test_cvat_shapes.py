@@ -112,6 +112,42 @@ def test_a_segmenting_model_sends_one_mask_per_object(mask_detector: Detector) -
         assert converted["type"] == "polygon" and len(converted["points"]) >= 6
 
 
+def test_masks_of_a_reduced_frame_come_back_in_the_original_frame_without_frame_sized_arrays(
+    mask_detector: Detector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large frame decoded reduced (formats.decode_frame's Frame): masks are mapped to the original frame
+    crop by crop. Before, detectron2 pasted every instance's mask into a frame-sized array (an 8000x5100
+    frame: 40 MB per instance, 100 instances per image)."""
+    from detectron2.structures import ROIMasks
+
+    from d2ops.model.detector import Frame
+
+    pasted: list[tuple[int, int]] = []
+    paste = ROIMasks.to_bitmasks  # what detectron2's detector_postprocess pastes every mask with
+
+    def recording_paste(self: ROIMasks, boxes: Any, height: int, width: int, threshold: float = 0.5) -> Any:
+        pasted.append((int(height), int(width)))
+        return paste(self, boxes, height, width, threshold)  # detectron2's own pasting, only observed
+
+    monkeypatch.setattr(ROIMasks, "to_bitmasks", recording_paste)
+    image = _image(6)
+    small = mask_detector.predict([image], 0.0)[0]
+    large = mask_detector.predict([Frame(image, 1200, 1600)], 0.0)[0]
+    assert pasted == [(120, 160), (120, 160)]  # never the 1200x1600 original
+    assert len(large) == len(small) > 3
+    for big, det in zip(large, small, strict=True):
+        assert big.box == pytest.approx([v * 10 for v in det.box], rel=1e-5)
+        xtl, ytl, xbr, ybr = big.mask_box
+        assert big.mask.shape == (ybr - ytl + 1, xbr - xtl + 1) and 0 <= xtl <= xbr < 1600 and ybr < 1200
+        frame_mask = np.zeros((120, 160), dtype=bool)
+        frame_mask[det.mask_box[1] : det.mask_box[3] + 1, det.mask_box[0] : det.mask_box[2] + 1] = det.mask
+        ys, xs = np.nonzero(big.mask)
+        assert frame_mask[(ys + ytl) // 10, (xs + xtl) // 10].all()  # every original pixel lies in the mask
+        assert big.mask.sum() == pytest.approx(det.mask.sum() * 100, rel=0.35)
+        assert np.array_equal(_cvat_mask_bitmap(to_cvat([big])[0], 1600, 1200)[ytl : ybr + 1, xtl : xbr + 1],
+                              big.mask if big.mask.any() else np.ones_like(big.mask))  # fmt: skip
+
+
 def test_polygons_on_request_are_one_simplified_outline_per_object(mask_detector: Detector) -> None:
     detections = mask_detector.predict([_image()], 0.0)[0]
     shapes = to_cvat(detections, "polygon")

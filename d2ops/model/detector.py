@@ -107,14 +107,31 @@ def mask_polygon(mask: np.ndarray, offset: Sequence[int] = (0, 0), tolerance: fl
     return (simplified + np.asarray(offset[:2])).astype(float).reshape(-1).tolist()
 
 
-def _mask_crop(mask: np.ndarray, box: Sequence[float]) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """The mask cropped to the box's integer pixels, with the inclusive box (inside the image)."""
-    height, width = mask.shape
+def _inclusive_box(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
+    """The integer pixels a box covers, ``[xtl, ytl, xbr, ybr]`` with inclusive right and bottom (inside the image)."""
     xtl = min(max(int(np.floor(box[0])), 0), width - 1)
     ytl = min(max(int(np.floor(box[1])), 0), height - 1)
     xbr = min(max(int(np.ceil(box[2])) - 1, xtl), width - 1)
     ybr = min(max(int(np.ceil(box[3])) - 1, ytl), height - 1)
-    return np.ascontiguousarray(mask[ytl : ybr + 1, xtl : xbr + 1]), (xtl, ytl, xbr, ybr)
+    return xtl, ytl, xbr, ybr
+
+
+def _mask_crop(
+    mask: np.ndarray, box: Sequence[float], frame: Frame | None = None
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The mask cropped to the box's integer pixels, with the inclusive box (inside the image).
+
+    With a reduced ``frame``, ``mask`` is at the decoded size and ``box`` in the original frame: the crop is
+    sampled (nearest pixel) at the original size over the box only, never over the whole original frame.
+    """
+    if frame is None:
+        xtl, ytl, xbr, ybr = _inclusive_box(box, *mask.shape)
+        return np.ascontiguousarray(mask[ytl : ybr + 1, xtl : xbr + 1]), (xtl, ytl, xbr, ybr)
+    small_h, small_w = mask.shape
+    xtl, ytl, xbr, ybr = _inclusive_box(box, frame.height, frame.width)
+    cols = np.minimum(((np.arange(xtl, xbr + 1) + 0.5) * small_w / frame.width).astype(int), small_w - 1)
+    rows = np.minimum(((np.arange(ytl, ybr + 1) + 0.5) * small_h / frame.height).astype(int), small_h - 1)
+    return np.ascontiguousarray(mask[np.ix_(rows, cols)]), (xtl, ytl, xbr, ybr)
 
 
 class Detector:
@@ -167,41 +184,56 @@ class Detector:
             )
         return None
 
-    def _inputs(self, frame: Image) -> dict[str, Any]:
-        if isinstance(frame, Frame):
+    def _inputs(self, frame: Image, at_original_size: bool = True) -> dict[str, Any]:
+        if isinstance(frame, Frame) and at_original_size:
             image, height, width = frame.pixels, frame.height, frame.width
         else:
-            image, (height, width) = frame, frame.shape[:2]
+            image = frame.pixels if isinstance(frame, Frame) else frame
+            height, width = image.shape[:2]
         if self.input_format == "RGB":
             image = image[:, :, ::-1]
         resized = self.aug.get_transform(image).apply_image(image)
         tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
         return {"image": tensor, "height": height, "width": width}
 
-    @torch.inference_mode()
     def raw(self, images: Sequence[Image]) -> list[Any]:
-        """detectron2 ``Instances`` per image (on the CPU); ValueError for an image :meth:`input_problem` refuses."""
+        """detectron2 ``Instances`` per image (on the CPU), in each original frame; ValueError for an image
+        :meth:`input_problem` refuses."""
+        return self._run(images, at_original_size=True)
+
+    @torch.inference_mode()
+    def _run(self, images: Sequence[Image], at_original_size: bool) -> list[Any]:
         for image in images:
             problem = self.input_problem(image)
             if problem:
                 raise ValueError(problem)
-        outputs = self.model([self._inputs(img) for img in images])
+        outputs = self.model([self._inputs(img, at_original_size) for img in images])
         return [out["instances"].to("cpu") for out in outputs]
 
     def predict(self, images: Sequence[Image], score_threshold: float = 0.0) -> list[list[Detection]]:
-        """Detections per image with score >= ``score_threshold``."""
+        """Detections per image with score >= ``score_threshold``, in each original frame.
+
+        A reduced :class:`Frame` is postprocessed at its decoded size and the boxes and mask crops are mapped
+        to the original frame here: detectron2 would paste every instance's mask into a frame-sized array
+        (100 instances of an 8000x5100 frame: 4 GB).
+        """
         results = []
-        for inst in self.raw(images):
+        for image, inst in zip(images, self._run(images, at_original_size=False), strict=True):
             keep = inst.scores >= score_threshold
             inst = inst[keep]
             masks = inst.pred_masks.numpy() if inst.has("pred_masks") else None
+            frame = image if isinstance(image, Frame) else None
+            sx, sy = (
+                (1.0, 1.0) if frame is None else (frame.width / inst.image_size[1], frame.height / inst.image_size[0])
+            )
             dets = []
             for i, (box, score, cls) in enumerate(
                 zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(), inst.pred_classes.tolist(), strict=True)
             ):
-                det = Detection(self.labels[cls], int(cls), float(score), [float(v) for v in box])
+                x1, y1, x2, y2 = (float(v) for v in box)
+                det = Detection(self.labels[cls], int(cls), float(score), [x1 * sx, y1 * sy, x2 * sx, y2 * sy])
                 if masks is not None:
-                    det.mask, det.mask_box = _mask_crop(masks[i], box)
+                    det.mask, det.mask_box = _mask_crop(masks[i], det.box, frame)
                 dets.append(det)
             results.append(dets)
         return results
