@@ -386,3 +386,67 @@ class TestUnderNuclioSdk:
         event = _nuclio_event(b'{"image": ', "application/json")  # nuclio hands the bytes over undecoded
         response = platform.call_handler(main.handler, event)
         assert response.status_code == 400 and "not valid JSON" in json.loads(response.body)["error"]
+
+
+# ------------------------------------------------------ a segmenting model, under nuclio-sdk, as CVAT parses it
+
+
+@pytest.fixture(scope="module")
+def mask_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Detector]:
+    from d2ops.testing import build_tiny_bundle
+
+    bundle = build_tiny_bundle(tmp_path_factory.mktemp("maskrcnn"), masks=True)
+    out = tmp_path_factory.mktemp("nuclio-mask") / "fn"
+    export_nuclio(bundle, out, threshold=0.0)
+    return out, Detector.from_bundle(bundle, device="cpu")
+
+
+class TestMaskFunctionUnderNuclioSdk:
+    """The exported Mask R-CNN function under nuclio-sdk's test Platform (its Context, Logger, Response).
+
+    Reply shapes as CVAT's ``cvat/apps/lambda_manager/views.py`` ``LambdaJob._call_detector`` reads them: a
+    ``mask`` shape's ``mask`` is the row-major 0/255 crop of the inclusive box followed by
+    ``[xtl, ytl, xbr, ybr]``, its ``points`` the outline used for "convert masks to polygons"; a
+    ``polygon`` shape's ``points`` are ``x, y`` pairs. Before, every outer contour was its own polygon.
+    """
+
+    @pytest.mark.parametrize("shape", ["mask", "polygon"])
+    def test_one_shape_per_object_in_the_shape_the_env_asks_for(
+        self, mask_export: tuple[Path, Detector], shape: str
+    ) -> None:
+        pytest.importorskip("nuclio_sdk")
+        from nuclio_sdk.test import Platform
+
+        out, reference = mask_export
+        png = _png(seed=11)
+        expected = reference.predict([decode_image(png)], 0.0)[0]
+        with exported_main(out / "cpu") as main, pytest.MonkeyPatch.context() as mp:
+            mp.setenv("D2OPS_CVAT_SHAPE", shape)
+            event = _nuclio_event(json.dumps({"image": _b64(png)}).encode(), "application/json")
+            response = Platform().call_handler(main.handler, event)
+        assert (response.status_code, response.content_type) == (200, "application/json")
+        replies = json.loads(response.body)
+        assert len(expected) > 3 and len(replies) == len(expected)  # one shape per object
+        assert replies == json.loads(json.dumps(to_cvat(expected, shape)))
+        for reply, det in zip(replies, expected, strict=True):
+            assert reply["type"] == shape and reply["label"] == det.label
+            outline = reply["points"]
+            assert len(outline) >= 6 and len(outline) % 2 == 0
+            if shape == "mask":
+                *crop, xtl, ytl, xbr, ybr = reply["mask"]
+                assert [xtl, ytl, xbr, ybr] == list(det.mask_box) and set(crop) <= {0, 255}
+                values = np.asarray(crop, dtype=np.uint8).reshape(ybr - ytl + 1, xbr - xtl + 1)
+                assert np.array_equal(values == 255, det.mask if det.mask.any() else np.ones_like(det.mask))
+            else:
+                assert "mask" not in reply
+
+    def test_an_unknown_shape_stops_the_function_at_start(self, mask_export: tuple[Path, Detector]) -> None:
+        pytest.importorskip("nuclio_sdk")
+        import nuclio_sdk
+
+        out, _ = mask_export
+        with exported_main(out / "cpu") as main, pytest.MonkeyPatch.context() as mp:
+            mp.setenv("D2OPS_CVAT_SHAPE", "ellipse")
+            context = nuclio_sdk.Context(platform=None, logger=nuclio_sdk.Logger(10))
+            with pytest.raises(ValueError, match=r"D2OPS_CVAT_SHAPE.*mask, polygon"):
+                main.init_context(context)

@@ -454,14 +454,23 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 def init_context(
     context: Any, model_dir: str | Path, *, device: str = "cpu", default_threshold: float = 0.5, shape: str = "mask"
 ) -> None:
-    """Load the bundle once per nuclio worker into ``context.user_data.model``."""
-    from d2ops.model.detector import Detector
+    """Load the bundle once per nuclio worker into ``context.user_data.model``.
 
+    ``shape`` (``D2OPS_CVAT_SHAPE``): how a segmenting model's objects are sent, ``mask`` or ``polygon``;
+    anything else fails the function's start rather than silently sending another shape.
+    """
+    from d2ops.model.detector import Detector
+    from d2ops.serving.replies import cvat_label_type
+
+    try:
+        cvat_label_type(True, shape)
+    except ValueError as err:
+        raise ValueError(f"D2OPS_CVAT_SHAPE: {err}") from None
     context.logger.info(f"d2ops: loading model from {model_dir} on {device}")
     detector = Detector.from_bundle(model_dir, device=device)
     context.user_data.model = detector
     context.user_data.default_threshold = default_threshold
-    context.user_data.shape = "polygon" if shape == "polygon" else "mask"
+    context.user_data.shape = shape
     context.logger.info(f"d2ops: model ready ({len(detector.labels)} labels: {', '.join(detector.labels)})")
 
 
