@@ -253,6 +253,25 @@ def test_native_function_gives_cvat_masks_one_per_object(mask_bundle: Path, mask
     assert len(polygons) == len(expected) and {s.type.value for s in polygons} == {"polygon"}
 
 
+def test_native_function_can_declare_and_send_polygons(mask_bundle: Path, mask_detector: Detector) -> None:
+    from cvat_sdk.auto_annotation import BadFunctionError
+
+    from d2ops.serving.cvat_function import create
+
+    function = create(bundle=str(mask_bundle), threshold=0.0, shape="polygon")
+    assert {label.type for label in function.spec.labels} == {"polygon"}
+    image, labels = _image(3), mask_detector.labels
+    expected = mask_detector.predict([image], 0.0)[0]
+    shapes = _annotate(function, image, _task_labels(labels, "polygon"), to_polygon=False)
+    assert len(shapes) == len(expected) and {s.type.value for s in shapes} == {"polygon"}
+    # cvat-sdk's driver refuses a mask function for a task whose labels are polygons (_are_label_types_compatible)
+    with pytest.raises(BadFunctionError, match="'mask' in the function"):
+        _annotate(create(bundle=str(mask_bundle), threshold=0.0), image, _task_labels(labels, "polygon"),
+                  to_polygon=False)  # fmt: skip
+    with pytest.raises(ValueError, match="mask, polygon"):
+        create(bundle=str(mask_bundle), shape="ellipse")
+
+
 def test_native_function_of_a_box_model_gives_rectangles(tiny_bundle: Path) -> None:
     from cvat_sdk.auto_annotation import BadFunctionError
 

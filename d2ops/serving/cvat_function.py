@@ -11,8 +11,9 @@ with the same module and parameters). cvat-cli calls :func:`create` with the ``-
 
 The function wraps the same :class:`~d2ops.model.detector.Detector` as ``d2ops serve`` and the nuclio
 function. It declares one label per class, of type ``mask`` for segmenting models (``rectangle``
-otherwise), and returns one shape per object. When CVAT asks to convert masks to polygons
-(``conv_mask_to_poly``), each object is one simplified polygon instead, as cvat-sdk's driver requires.
+otherwise; ``polygon`` with ``-p shape=str:polygon``), and returns one shape per object. When CVAT asks to
+convert masks to polygons (``conv_mask_to_poly``), each object is one simplified polygon instead, as
+cvat-sdk's driver requires (``driver._AnnotationMapper``).
 """
 
 from __future__ import annotations
@@ -39,16 +40,25 @@ class D2opsDetectionFunction:
     """A ``cvat_sdk.auto_annotation.DetectionFunction`` over a d2ops bundle.
 
     ``bundle``: a bundle folder or zip, or an ``s3://`` URI; ``threshold``: the score threshold when
-    CVAT sends none (cvat-cli ``--conf-threshold`` overrides it).
+    CVAT sends none (cvat-cli ``--conf-threshold`` overrides it); ``shape``: how a segmenting model's
+    objects are sent, ``mask`` (default) or ``polygon`` (one simplified polygon each, labels declared
+    ``polygon``, for tasks whose labels are polygons).
     """
 
     def __init__(
-        self, bundle: str, device: str = "cpu", threshold: float = 0.5, cache_dir: str = "outputs/cache/models"
+        self,
+        bundle: str,
+        device: str = "cpu",
+        threshold: float = 0.5,
+        cache_dir: str = "outputs/cache/models",
+        shape: str = "mask",
     ) -> None:
         from d2ops.model.source import resolve_model
 
         if not 0.0 <= float(threshold) <= 1.0:
             raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
+        cvat_label_type(True, shape)  # ValueError unless mask or polygon, before loading anything
+        self.shape = shape
         folder = ModelBundle.open(resolve_model(bundle, Path(cache_dir)), bundle)
         self.bundle = folder
         self.threshold = float(threshold)
@@ -57,7 +67,7 @@ class D2opsDetectionFunction:
 
     @cached_property
     def spec(self) -> cvataa.DetectionFunctionSpec:
-        label_type = cvat_label_type(self.segments, "mask")
+        label_type = cvat_label_type(self.segments, self.shape)
         return cvataa.DetectionFunctionSpec(
             labels=[cvataa.label_spec(name, index, type=label_type) for index, name in enumerate(self.detector.labels)]
         )
@@ -68,7 +78,8 @@ class D2opsDetectionFunction:
         threshold = self.threshold if context.conf_threshold is None else context.conf_threshold
         rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
         detections = self.detector.predict([np.ascontiguousarray(rgb[:, :, ::-1])], threshold)[0]
-        return [self._shape(det, context.conv_mask_to_poly) for det in detections]
+        to_polygon = context.conv_mask_to_poly or self.shape == "polygon"
+        return [self._shape(det, to_polygon) for det in detections]
 
     @staticmethod
     def _shape(det: Detection, to_polygon: bool) -> models.LabeledShapeRequest:
