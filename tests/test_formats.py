@@ -78,6 +78,49 @@ def test_reply_formats() -> None:
     assert to_torchserve([box]) == [{"circle": [1.0, 2.0, 30.0, 40.0], "score": 0.91234}]
 
 
+def _ring_and_island() -> Detection:
+    """One object whose mask is a ring (a hole) plus a small island: two outer contours, one inner."""
+    mask = np.zeros((20, 30), dtype=bool)
+    mask[2:18, 2:18] = True
+    mask[7:13, 7:13] = False  # the hole
+    mask[8:11, 24:27] = True  # the island
+    return Detection("ring", 0, 0.8, [10.0, 20.0, 40.0, 40.0], mask=mask, mask_box=(10, 20, 39, 39))
+
+
+def test_cvat_mask_reply_is_one_shape_with_its_hole() -> None:
+    """CVAT's lambda manager (views.py ``LambdaJob._call_detector``) reads a mask shape's ``mask``: the row-major
+    0/255 crop of the inclusive box, then ``[xtl, ytl, xbr, ybr]``; ``points`` is the outline it uses when
+    converting masks to polygons. Before, each outer contour was its own polygon and the hole was lost."""
+    det = _ring_and_island()
+    (reply,) = to_cvat([det])
+    assert reply["type"] == "mask" and reply["label"] == "ring" and reply["confidence"] == "0.8000"
+    *values, xtl, ytl, xbr, ybr = reply["mask"]
+    assert (xtl, ytl, xbr, ybr) == (10, 20, 39, 39) and all(isinstance(v, int) for v in reply["mask"])
+    crop = np.asarray(values).reshape(20, 30)
+    assert set(values) == {0, 255} and np.array_equal(crop == 255, det.mask)  # hole and island kept
+    xs, ys = reply["points"][0::2], reply["points"][1::2]
+    assert len(xs) >= 3 and min(xs) >= 12 and max(xs) <= 27 and min(ys) >= 22 and max(ys) <= 37  # the ring
+
+
+def test_cvat_polygon_reply_is_the_largest_region_simplified() -> None:
+    det = _ring_and_island()
+    (reply,) = to_cvat([det], shape="polygon")
+    assert reply["type"] == "polygon" and "mask" not in reply
+    points = reply["points"]
+    assert len(points) == 8  # the ring's square outline: 4 corners after approxPolyDP, the island dropped
+    assert sorted(set(points[0::2])) == [12.0, 27.0] and sorted(set(points[1::2])) == [22.0, 37.0]
+
+
+def test_a_segmenting_model_never_sends_a_rectangle_even_for_an_empty_mask() -> None:
+    empty = Detection("ring", 0, 0.5, [3.0, 4.0, 9.0, 8.0], mask=np.zeros((4, 6), dtype=bool), mask_box=(3, 4, 8, 7))
+    (as_mask,) = to_cvat([empty])
+    assert as_mask["type"] == "mask" and as_mask["mask"] == [255] * 24 + [3, 4, 8, 7]  # the box, as a mask
+    (as_polygon,) = to_cvat([empty], "polygon")
+    assert as_polygon == {**as_polygon, "type": "polygon", "points": [3.0, 4.0, 9.0, 4.0, 9.0, 8.0, 3.0, 8.0]}
+    with pytest.raises(ValueError, match="mask, polygon"):
+        to_cvat([empty], "ellipse")
+
+
 def test_tiny_bundle_predicts_deterministically(tiny_bundle: Path) -> None:
     from d2ops.model.detector import Detector
 
