@@ -151,7 +151,9 @@ def _free_port() -> int:
 
 
 def _driver_env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "D2OPS_"))}
+    # TRAINS_PROC_MASTER_ID (ClearML's legacy name) is left by earlier in-process tasks of the suite; with it
+    # the driver's Task.init thinks it is a child process and returns a stub.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_", "D2OPS_"))}
     env.update(
         CLEARML_CACHE_DIR=str(tmp / "clearml-cache"),
         CLEARML_OFFLINE_MODE="1",
