@@ -263,6 +263,10 @@ def open_step(
         ending = _record_failure(task, step, err)
         raise
     finally:
+        # Write every queued report before closing. Task.close waits for them only when ClearML's exit
+        # hook saw no exit code, and that hook records any sys.exit in the process, caught or not, for
+        # good (clearml task.py Task.__shutdown; utilities/process/exit_hooks.py ExitHooks.exit).
+        task.flush(wait_for_uploads=True)
         task.close()
         # After close: ClearML's own shutdown marks a locally run task completed when its exit hook saw no
         # exception (it has not, yet) and no signal (d2ops handled SIGTERM), which would undo the status.
