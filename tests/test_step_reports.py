@@ -42,12 +42,13 @@ _SCRIPT = textwrap.dedent(
         ctx.reporter.single_value("gate/promoted", 1.0)
         return StepOutput()
 
-    run_step("download", step_parameters("download", sys.argv[2], overrides), mode="offline", function=quiet)
+    params = step_parameters("download", sys.argv[2], overrides)
+    run_step("download", params, mode="offline", function=quiet)
     try:
         sys.exit(3)  # what a CLI's main() does on bad input, caught by its caller
     except SystemExit:
         pass
-    result = run_step("download", step_parameters("download", sys.argv[2], overrides), mode="offline", function=reporting)
+    result = run_step("download", params, mode="offline", function=reporting)
     # read at once, as the next step or the caller does
     metrics = Path(result.session_folder) / "metrics.jsonl"
     print("METRICS " + json.dumps(metrics.read_text() if metrics.exists() else None), flush=True)
