@@ -8,7 +8,6 @@ runs the offline pipeline through every step, stops the endpoint, prints a summa
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import time
@@ -18,6 +17,7 @@ from typing import Any
 
 from d2ops.clearml.session import enable_offline
 from d2ops.config import load_config
+from d2ops.utils.jsonio import write_json
 
 __all__ = ["demo_main", "run_demo", "summarize"]
 
@@ -75,7 +75,7 @@ def run_demo(out_dir: Path, config: str, overrides: Sequence[str] = ()) -> dict[
         load_config(config, all_overrides)  # fail fast on a bad config, before any work
         run = run_offline(config, all_overrides)
     summary = summarize(run, time.perf_counter() - tic)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out_dir / "summary.json", summary)
     return summary
 
 

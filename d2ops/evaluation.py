@@ -24,6 +24,7 @@ from pycocotools.cocoeval import COCOeval
 from d2ops.config import EvalConfig
 from d2ops.model.detector import Detector
 from d2ops.reporting import Reporter
+from d2ops.utils.jsonio import write_json
 
 __all__ = ["EvalResult", "detection_counts", "evaluate", "f_beta"]
 
@@ -190,7 +191,7 @@ def evaluate(
         images=len(coco_gt.imgs),
     )
     _report(result, coco_gt, results, labels, reporter)
-    (output_dir / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2))
+    write_json(output_dir / "metrics.json", result.to_dict())
     reporter.artifact("metrics", output_dir / "metrics.json")
     return result
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from tqdm import tqdm
 
 from d2ops.model.detector import Detector
 from d2ops.reporting import Reporter
+from d2ops.utils.jsonio import write_json
 
 __all__ = ["IMAGE_SUFFIXES", "InferResult", "infer_folder", "list_images"]
 
@@ -115,10 +115,10 @@ def infer_folder(
     seconds = (time.perf_counter() - tic) / len(paths)
     categories = [{"id": i + 1, "name": name} for i, name in enumerate(detector.labels)]
     predictions = output_dir / "predictions.coco.json"
-    predictions.write_text(json.dumps({"images": images, "categories": categories, "annotations": annotations}))
+    write_json(predictions, {"images": images, "categories": categories, "annotations": annotations}, indent=None)
     results = output_dir / "coco_results.json"
     keys = ("image_id", "category_id", "bbox", "score")
-    results.write_text(json.dumps([{k: a[k] for k in keys} for a in annotations]))
+    write_json(results, [{k: a[k] for k in keys} for a in annotations], indent=None)
     reporter.artifact("predictions", predictions)
     reporter.artifact("coco_results", results)
     log.info("inferred %d images, %d detections, %.3f s/image", len(paths), len(annotations), seconds)

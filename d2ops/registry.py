@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import d2ops
 from d2ops.model.bundle import ModelBundle
+from d2ops.utils.jsonio import write_json
 
 if TYPE_CHECKING:
     from d2ops.config import EvalConfig
@@ -80,7 +81,7 @@ def metric_value(metrics: dict[str, Any], metric: str, setting: str = "registry.
             known = sorted(k for k, v in metrics.items() if not isinstance(v, list))
             raise KeyError(f"{setting} {metric!r} is not in the evaluation metrics (top-level keys: {known})")
         node = node[part]
-    return float(node)
+    return math.nan if node is None else float(node)  # null in metrics.json: not measured
 
 
 def check_gate(metrics: dict[str, Any], metric: str, min_value: float) -> GateResult:
@@ -253,20 +254,6 @@ class ChampionStore(Protocol):
         ...
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so readers see the old or the new file, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, default=str)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class LocalChampionStore:
     """A model registry in a folder, for offline runs: ``<root>/<model_name>/``.
 
@@ -340,7 +327,9 @@ class LocalChampionStore:
                     f"step compared against {previous.id if previous else None}; rerun the register step"
                 )
             self._add_bundle(bundle, model_id, now, registration, decision)
-            _write_json_atomic(self.pointer, {"id": model_id, "bundle": f"models/{model_id}", "since": now.isoformat()})
+            write_json(
+                self.pointer, {"id": model_id, "bundle": f"models/{model_id}", "since": now.isoformat()}, default=str
+            )
             events: list[dict[str, Any]] = [
                 {
                     "at": now.isoformat(),
@@ -363,7 +352,7 @@ class LocalChampionStore:
                         "replaced_by": model_id,
                     }
                 )
-            _write_json_atomic(self.history_file, [*self.history(), *events])
+            write_json(self.history_file, [*self.history(), *events], default=str)
         log.info("%s is now the %s model in %s", model_id, self.tag, self.folder)
         return Promotion(model_id, previous.id if previous else None, retired, "local")
 
@@ -383,7 +372,7 @@ class LocalChampionStore:
                 "registration_id": registration.get("id"),
                 "decision": decision.to_dict(),
             }
-            _write_json_atomic(staging / "record.json", record)
+            write_json(staging / "record.json", record, default=str)
             os.replace(staging, models / model_id)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -394,7 +383,7 @@ class LocalChampionStore:
         tags = [t for t in record["tags"] if t != self.tag]
         tags += [t for t in retired_tags(self.retired_tag, now) if t not in tags]
         record.update(tags=tags, retired_at=now.isoformat(), replaced_by=replaced_by)
-        _write_json_atomic(self.folder / "models" / model_id / "record.json", record)
+        write_json(self.folder / "models" / model_id / "record.json", record, default=str)
         return tags
 
 

@@ -25,6 +25,7 @@ from d2ops.config import ExperimentConfig, config_hash
 from d2ops.model.bundle import ModelBundle
 from d2ops.registry import ChampionStore, LocalChampionStore
 from d2ops.reporting import Reporter
+from d2ops.utils.jsonio import write_json
 
 __all__ = [
     "STEPS",
@@ -202,7 +203,7 @@ def run_download(ctx: StepContext) -> StepOutput:
     manifest["splits"] = summaries
     path = ctx.workdir / "dataset_manifest.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(manifest, indent=2, default=str))
+    write_json(path, manifest, default=str)
     for role, summary in summaries.items():
         ctx.reporter.single_value(f"data/{role}_images", summary["images"])
     return StepOutput(

@@ -48,6 +48,7 @@ from d2ops.datasets import RegisteredDataset
 from d2ops.distributed import EventRelay, FileReporter, LaunchPlan, launch_plan
 from d2ops.reporting import Reporter
 from d2ops.utils.device import resolve_device
+from d2ops.utils.jsonio import write_json
 
 __all__ = [
     "CheckpointConflict",
@@ -291,7 +292,7 @@ def _train_worker(job: TrainJob, events: Path, result: Path) -> None:
         register_splits(job.data_root, job.data)
     outcome = _fit(job, FileReporter(events) if main else Reporter())
     if main:
-        result.write_text(json.dumps(outcome, default=str))
+        write_json(result, outcome, indent=None, default=str)
 
 
 def _launch(job: TrainJob, plan: LaunchPlan, reporter: Reporter, output_dir: Path) -> dict[str, Any]:

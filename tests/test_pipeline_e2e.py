@@ -42,6 +42,35 @@ def test_quality_on_held_out_images(pipeline_run: dict[str, Any]) -> None:
         assert key in summary["bbox"]
 
 
+def _strict_json(path: Path) -> Any:
+    """Parse as jq or a browser's JSON.parse would: NaN, Infinity and -Infinity are refused."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{path}: {constant} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_every_output_is_strict_json(pipeline_run: dict[str, Any]) -> None:
+    """The smoke shapes are at most 64 px a side: COCO's APl (area > 96 px squared) is not measured, and
+    comes out null, not NaN. Every JSON file d2ops wrote parses strictly (detectron2's own train/
+    metrics.json, JSON lines, and ClearML's session files are theirs)."""
+    out = pipeline_run["out"]
+    summary = _strict_json(out / "summary.json")
+    assert "APl" in summary["bbox"] and summary["bbox"]["APl"] is None
+    metrics = _strict_json(out / "run" / "evaluate" / "metrics.json")
+    assert metrics["bbox"]["APl"] is None
+    written = [
+        path
+        for path in sorted((out / "run").rglob("*.json"))
+        if "train" not in path.relative_to(out / "run").parts[:1]
+    ]
+    written += sorted((out / "registry").rglob("*.json"))
+    assert any(p.name == "metadata.json" for p in written) and any(p.name == "record.json" for p in written)
+    for path in written:
+        _strict_json(path)
+
+
 def test_every_step_left_an_offline_session(pipeline_run: dict[str, Any]) -> None:
     sessions = pipeline_run["summary"]["clearml_sessions"]
     assert list(sessions) == ["download", "train", "evaluate", "infer", "register"]

@@ -7,7 +7,6 @@ own offline path); :class:`ClearMLChampionStore` finds, and promotes to, the pro
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ from d2ops.registry import (
     Promotion,
     retired_tags,
 )
+from d2ops.utils import jsonio
 
 if TYPE_CHECKING:
     from d2ops.clearml.step import StepRun
@@ -77,7 +77,7 @@ def register_model(
         config_dict=config or None,
         comment=(headline or f"d2ops detectron2 bundle; quality gate {'passed' if publish else 'failed'}")
         + "\n"
-        + json.dumps(metadata, sort_keys=True, default=str),
+        + jsonio.dumps(metadata, sort_keys=True, default=str),
     )
     if run.mode == "offline":
         # clearml 1.18 to 2.1.12: the offline stand-in model is reachable only through this private call.
@@ -87,7 +87,7 @@ def register_model(
     model.update_weights(weights_filename=str(bundle_zip), auto_delete_file=False, is_package=True, async_enable=False)
     if run.mode != "offline":
         for key, value in metadata.items():
-            text = json.dumps(value, default=str) if isinstance(value, dict | list) else str(value)
+            text = jsonio.dumps(value, default=str) if isinstance(value, dict | list) else str(value)
             model.set_metadata(key, text, v_type="str")
         if publish:
             model.publish()

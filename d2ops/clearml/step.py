@@ -71,6 +71,7 @@ from d2ops.pipeline import (
 from d2ops.registry import ChampionStore
 from d2ops.reporting import Reporter
 from d2ops.steps import STEP_FUNCTIONS, StepContext, StepOutput, StepRuntime
+from d2ops.utils import jsonio
 
 __all__ = [
     "STOPPED_TAG",
@@ -151,7 +152,8 @@ class ClearMLReporter(Reporter):
         self.logger.report_image(title, series, iteration=iteration, image=image)
 
     def artifact(self, name: str, obj: Path | dict[str, Any]) -> None:
-        payload = str(obj) if isinstance(obj, Path) else obj
+        # A dict is stored as ClearML's JSON artifact: strict (NaN -> null), as every d2ops output.
+        payload = str(obj) if isinstance(obj, Path) else jsonio.strict(obj)
         self.task.upload_artifact(name, artifact_object=payload, wait_on_upload=True)
 
     def configuration(self, name: str, text: str, description: str = "") -> None:

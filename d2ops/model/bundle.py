@@ -26,6 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from d2ops.utils import jsonio
+
 if TYPE_CHECKING:
     from detectron2.config import CfgNode
 
@@ -249,14 +251,14 @@ class ModelBundle:
             staging.chmod(0o755)  # mkdtemp makes 0700: a serving image running as another user could not read it
             shutil.copy2(weights, staging / cls.WEIGHTS)
             shutil.copy2(d2_config, staging / cls.CONFIG)
-            (staging / cls.LABELS).write_text(json.dumps(labels))
-            (staging / cls.METRICS).write_text(json.dumps(metrics, indent=2))
+            (staging / cls.LABELS).write_text(jsonio.dumps(labels))
+            (staging / cls.METRICS).write_text(jsonio.dumps(metrics, indent=2))
             meta = {
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 **metadata,
                 "files": {name: _sha256(staging / name) for name in cls.HASHED},
             }
-            (staging / cls.METADATA).write_text(json.dumps(meta, indent=2))
+            (staging / cls.METADATA).write_text(jsonio.dumps(meta, indent=2))
             if out_dir.exists():
                 shutil.rmtree(out_dir)
             os.replace(staging, out_dir)
