@@ -23,10 +23,14 @@ from d2ops.config import DataConfig
 
 __all__ = [
     "SHAPE_CLASSES",
+    "CocoCategories",
     "RegisteredDataset",
+    "coco_categories",
+    "dataset_classes",
     "generate_shapes_dataset",
     "load_via_dicts",
     "register_splits",
+    "via_label_note",
 ]
 
 log = logging.getLogger(__name__)
@@ -162,11 +166,18 @@ def load_via_dicts(
 
 @dataclass(frozen=True)
 class RegisteredDataset:
-    """The detectron2 catalog names of a dataset's splits and its class list."""
+    """The detectron2 catalog names of a dataset's splits and its class list.
+
+    ``json_files`` are the COCO files detectron2 and the evaluation read: the split's own file, or a
+    cleaned copy without the categories :func:`coco_categories` drops. ``notes`` say where the class
+    list came from (dropped categories, empty ones, the one label of a single-class VIA dataset); they
+    are logged at WARNING and recorded in the dataset manifest.
+    """
 
     names: dict[str, str]
     class_names: list[str]
     json_files: dict[str, str]
+    notes: tuple[str, ...] = ()
 
     def name(self, role: str) -> str:
         if role not in self.names:
@@ -174,36 +185,123 @@ class RegisteredDataset:
         return self.names[role]
 
 
-def _coco_class_names(json_file: Path) -> list[str]:
-    cats = json.loads(json_file.read_text())["categories"]
-    return [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
+@dataclass(frozen=True)
+class CocoCategories:
+    """The classes of a COCO dataset: what is kept, what is dropped and why."""
+
+    kept: list[dict[str, Any]]
+    dropped: list[dict[str, Any]]
+    notes: tuple[str, ...]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c["name"] for c in self.kept]
+
+
+def coco_categories(split_files: dict[str, Path]) -> CocoCategories:
+    """Decide the classes of a COCO dataset from all of its split files.
+
+    Roboflow's COCO export writes its project as category 0: the supercategory of every real class,
+    with no annotation. It is not a class, and is dropped with a warning that names it. Any other
+    category with no annotation in any split is kept (the model gets an output for it that never
+    learns), with a warning that says so.
+    """
+    datas = {role: json.loads(path.read_text()) for role, path in split_files.items()}
+    first = next(iter(datas.values()))
+    categories = sorted(first.get("categories", []), key=lambda c: c["id"])
+    used = {a["category_id"] for data in datas.values() for a in data.get("annotations", [])}
+    parents = {c.get("supercategory") for c in categories}
+    kept, dropped, notes = [], [], []
+    for cat in categories:
+        if cat["id"] in used:
+            kept.append(cat)
+            continue
+        children = sorted(c["name"] for c in categories if c.get("supercategory") == cat["name"] and c is not cat)
+        if cat["name"] in parents and children:
+            dropped.append(cat)
+            notes.append(
+                f"category {cat['id']} {cat['name']!r} is dropped: it has no annotations and is the supercategory "
+                f"of {', '.join(map(repr, children[:5]))}{', ...' if len(children) > 5 else ''} (Roboflow writes "
+                "the project as one), so it is not a class"
+            )
+        else:
+            kept.append(cat)
+            notes.append(
+                f"category {cat['id']} {cat['name']!r} has no annotations in any split: it stays class "
+                f"{len(kept)} of the model, which will never learn to predict it; remove it from the export if "
+                "it is not a class"
+            )
+    return CocoCategories(kept=kept, dropped=dropped, notes=tuple(notes))
+
+
+def via_label_note(data: DataConfig) -> str | None:
+    """Where a VIA dataset's labels come from when no region attribute holds them."""
+    if data.format != "via" or data.label_attribute or not data.class_names:
+        return None
+    return (
+        f"every VIA region is labelled {data.class_names[0]!r}: data.label_attribute is null, so the dataset is "
+        f"single-class and its one class is data.class_names[0]; if that is not what the data shows, set "
+        f"data.class_names=[<your class>] (or data.label_attribute to the region attribute holding each class)"
+    )
+
+
+def _classes(json_files: dict[str, Path], data: DataConfig) -> tuple[list[str], list[str], set[int]]:
+    """Class names, notes on where they came from, and the COCO category ids to drop."""
+    if data.format == "coco":
+        categories = coco_categories(json_files)
+        return categories.class_names, list(categories.notes), {c["id"] for c in categories.dropped}
+    note = via_label_note(data)
+    return list(data.class_names or []), [note] if note else [], set()
+
+
+def dataset_classes(root: Path, data: DataConfig) -> tuple[list[str], list[str]]:
+    """The class list a dataset trains, and the notes on how it was decided (no detectron2 import)."""
+    json_files = {role: root / folder / data.annotation_file for role, folder in data.splits.items()}
+    class_names, notes, _ = _classes({r: p for r, p in json_files.items() if p.is_file()}, data)
+    return class_names, notes
+
+
+def _cleaned_coco(json_file: Path, drop: set[int], cache: Path) -> Path:
+    """A copy of ``json_file`` without the ``drop`` categories, content-addressed under ``cache``."""
+    raw = json_file.read_bytes()
+    digest = hashlib.sha256(raw + repr(sorted(drop)).encode()).hexdigest()[:16]
+    target = cache / digest / json_file.name
+    if not target.is_file():
+        from d2ops.utils.jsonio import write_json
+
+        data = json.loads(raw)
+        data["categories"] = [c for c in data.get("categories", []) if c["id"] not in drop]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_json(target, data, indent=None)
+    return target
 
 
 def register_splits(root: Path, data: DataConfig, prefix: str = "d2ops") -> RegisteredDataset:
     """Register every configured split in detectron2's DatasetCatalog (idempotently).
 
     COCO splits go through detectron2's own ``register_coco_instances`` so its COCOEvaluator
-    can use the original JSON; VIA splits are converted by :func:`load_via_dicts`.
+    can use the JSON (a cleaned copy when :func:`coco_categories` drops a category); VIA splits are
+    converted by :func:`load_via_dicts`.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances
 
+    split_dirs = {role: root / folder for role, folder in data.splits.items() if (root / folder).is_dir()}
+    json_files = {role: split_dir / data.annotation_file for role, split_dir in split_dirs.items()}
+    class_names, notes, drop = _classes(json_files, data)
+    if drop:
+        cleaned = Path(data.cache_dir) / "annotations"
+        json_files = {role: _cleaned_coco(path, drop, cleaned) for role, path in json_files.items()}
+    for note in notes:
+        log.warning("%s", note)
     names: dict[str, str] = {}
-    json_files: dict[str, str] = {}
-    class_names: list[str] = list(data.class_names or [])
-    for role, folder in data.splits.items():
-        split_dir = root / folder
-        if not split_dir.is_dir():
-            continue
-        digest = hashlib.sha1(str(split_dir.resolve()).encode()).hexdigest()[:10]
+    for role, split_dir in split_dirs.items():
+        digest = hashlib.sha1(f"{split_dir.resolve()}|{json_files[role]}".encode()).hexdigest()[:10]
         name = names[role] = f"{prefix}_{role}_{digest}"
-        json_files[role] = str(split_dir / data.annotation_file)
-        if data.format == "coco" and not class_names:
-            class_names = _coco_class_names(split_dir / data.annotation_file)
         if name in DatasetCatalog.list():
             continue
         if data.format == "coco":
-            register_coco_instances(name, {}, json_files[role], str(split_dir))
+            register_coco_instances(name, {}, str(json_files[role]), str(split_dir))
         else:
             assert data.class_names is not None  # guaranteed by DataConfig validation
             DatasetCatalog.register(
@@ -214,4 +312,9 @@ def register_splits(root: Path, data: DataConfig, prefix: str = "d2ops") -> Regi
         meta = MetadataCatalog.get(name)
         if not meta.get("thing_classes"):
             meta.set(thing_classes=class_names)
-    return RegisteredDataset(names=names, class_names=class_names, json_files=json_files)
+    return RegisteredDataset(
+        names=names,
+        class_names=class_names,
+        json_files={role: str(path) for role, path in json_files.items()},
+        notes=tuple(notes),
+    )

@@ -183,6 +183,17 @@ def _validated_dataset(ctx: StepContext, root: Path | None = None) -> tuple[Path
     return root, {role: s.to_dict() for role, s in summaries.items()}
 
 
+def _dataset_classes(root: Path, cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
+    """The classes the model will have and how they were decided, said at WARNING where data and config
+    disagree (a dropped Roboflow supercategory, an empty category, a single-class VIA label)."""
+    from d2ops.datasets import dataset_classes
+
+    classes, notes = dataset_classes(root, cfg.data)
+    for note in notes:
+        log.warning("%s", note)
+    return classes, notes
+
+
 def run_download(ctx: StepContext) -> StepOutput:
     """Fetch the dataset (and remote initial weights), validate it, and record its identity."""
     from d2ops.training import check_model_config
@@ -196,6 +207,7 @@ def run_download(ctx: StepContext) -> StepOutput:
         manifest["clearml_dataset_id"] = ctx.cfg.data.dataset_id
     _check_cache_key(ctx, stats.identity)
     _, summaries = _validated_dataset(ctx, root)
+    manifest["classes"], manifest["class_notes"] = _dataset_classes(root, ctx.cfg)
     if ctx.cfg.data.register_dataset and not ctx.cfg.data.dataset_id:
         manifest["clearml_dataset_id"] = _register_dataset(ctx, manifest)
     if ctx.cfg.model.weights and storage.is_s3_uri(ctx.cfg.model.weights):
@@ -434,6 +446,7 @@ def run_register(ctx: StepContext) -> StepOutput:
         "dataset_source": ctx.cfg.data.source,
         "dataset_identity": manifest.get("identity"),
         "dataset_clearml_id": manifest.get("clearml_dataset_id") or manifest.get("dataset_id"),
+        "class_notes": manifest.get("class_notes", []),
         **ctx.runtime.lineage(),
         "resumed_from": _resumed_from(ctx),
         "config_hash": config_hash(ctx.cfg),

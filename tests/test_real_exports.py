@@ -1,0 +1,192 @@
+"""Datasets shaped like the real exports users bring, made in the test.
+
+- A Roboflow COCO export: ``<split>/_annotations.coco.json``, category 0 the project (supercategory
+  ``none``, no annotations, the parent of every real class), image files renamed ``<stem>_jpg.rf.<hash>.jpg``.
+- A VIA export in the balloon layout: ``via_region_data.json`` with empty ``region_attributes``.
+
+What a model would inherit is followed through the real steps (download, train, evaluate, infer,
+register; offline ClearML sessions, detectron2 on the CPU): the phantom class must reach none of
+NUM_CLASSES, labels.json, the bundle, the confusion matrix, the ClearML label enumeration or the
+nuclio function's CVAT label spec.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from PIL import Image, ImageDraw
+
+from d2ops.config import load_config
+from d2ops.datasets import SHAPE_CLASSES, coco_categories, dataset_classes, generate_shapes_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+PROJECT = "shapes-rf4x2"
+
+
+def roboflow_export(root: Path, counts: dict[str, int] | None = None, *, empty_class: bool = False) -> Path:
+    """The synthetic shapes as Roboflow exports them (category 0 = the project, ``.rf.`` file names)."""
+    generate_shapes_dataset(root, counts=counts or {"train": 24, "valid": 4, "test": 6}, seed=3)
+    for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        ann = split_dir / "_annotations.coco.json"
+        data = json.loads(ann.read_text())
+        for image in data["images"]:
+            stem = Path(image["file_name"]).stem
+            renamed = f"{stem}_jpg.rf.{abs(hash(stem)) % 16**8:08x}.jpg"
+            (split_dir / image["file_name"]).rename(split_dir / renamed)
+            image["file_name"] = renamed
+        categories = [{"id": 0, "name": PROJECT, "supercategory": "none"}]
+        categories += [{**c, "supercategory": PROJECT} for c in data["categories"]]
+        if empty_class:
+            categories.append({"id": 4, "name": "hexagon", "supercategory": PROJECT})
+        data["categories"] = categories
+        ann.write_text(json.dumps(data))
+    return root
+
+
+def via_export(root: Path) -> Path:
+    """Two VIA splits in the balloon layout: polygons, ``region_attributes`` empty."""
+    for split, count in (("train", 4), ("val", 2)):
+        split_dir = root / split
+        split_dir.mkdir(parents=True)
+        entries = {}
+        for i in range(count):
+            name = f"drop{i}.jpg"
+            img = Image.new("RGB", (96, 64), (30, 30, 30))
+            xs, ys = [20, 50, 50, 20], [10, 10, 40, 40]
+            ImageDraw.Draw(img).polygon(list(zip(xs, ys, strict=True)), fill=(200, 200, 255))
+            img.save(split_dir / name)
+            size = (split_dir / name).stat().st_size
+            regions = {"0": {"shape_attributes": {"name": "polygon", "all_points_x": xs, "all_points_y": ys},
+                             "region_attributes": {}}}  # fmt: skip
+            entries[f"{name}{size}"] = {"filename": name, "size": size, "regions": regions, "file_attributes": {}}
+        (split_dir / "via_region_data.json").write_text(json.dumps(entries))
+    return root
+
+
+def test_roboflow_supercategory_is_dropped_and_named(tmp_path: Path) -> None:
+    root = roboflow_export(tmp_path / "rf", {"train": 6, "valid": 2, "test": 2}, empty_class=True)
+    files = {role: root / role / "_annotations.coco.json" for role in ("train", "valid", "test")}
+    categories = coco_categories(files)
+    assert categories.class_names == [*SHAPE_CLASSES, "hexagon"]
+    assert [c["id"] for c in categories.dropped] == [0]
+    dropped, empty = categories.notes
+    assert f"category 0 {PROJECT!r} is dropped" in dropped
+    assert "supercategory of 'circle', 'hexagon', 'square', 'triangle'" in dropped
+    assert "'hexagon' has no annotations in any split: it stays class 4" in empty and "never learn" in empty
+
+
+def test_detectron2_sees_only_the_real_classes(tmp_path: Path) -> None:
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from d2ops.datasets import register_splits
+
+    root = roboflow_export(tmp_path / "rf", {"train": 6, "valid": 2, "test": 2})
+    cfg = load_config(SMOKE, [f"data.source={root}", f"data.cache_dir={tmp_path / 'cache'}"])
+    dataset = register_splits(root, cfg.data)
+    assert dataset.class_names == list(SHAPE_CLASSES)
+    train = dataset.name("train")
+    records = DatasetCatalog.get(train)  # detectron2's own load_coco_json on the registered file
+    meta = MetadataCatalog.get(train)
+    assert meta.thing_classes == list(SHAPE_CLASSES)
+    assert meta.thing_dataset_id_to_contiguous_id == {1: 0, 2: 1, 3: 2}
+    original = json.loads((root / "train" / "_annotations.coco.json").read_text())
+    names = {c["id"]: c["name"] for c in original["categories"]}
+    by_file = {Path(r["file_name"]).name: r for r in records}
+    for ann in original["annotations"]:
+        image = next(i for i in original["images"] if i["id"] == ann["image_id"])
+        labels = [meta.thing_classes[a["category_id"]] for a in by_file[image["file_name"]]["annotations"]]
+        assert names[ann["category_id"]] in labels
+    cleaned = json.loads(Path(meta.json_file).read_text())
+    assert [c["id"] for c in cleaned["categories"]] == [1, 2, 3] and cleaned["images"] == original["images"]
+    assert Path(meta.json_file).is_relative_to(tmp_path / "cache"), "the export itself is left as it came"
+
+
+def test_via_single_class_label_is_said_and_recorded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from d2ops.steps import StepContext, run_download
+
+    root = via_export(tmp_path / "droplets")
+    overrides = [
+        f"data.source={root}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.format=via",
+        "data.annotation_file=via_region_data.json",
+        "data.splits={train: train, val: val}",
+        "data.class_names=[balloon]",
+        "eval.split=val",
+    ]
+    cfg = load_config(SMOKE, overrides)
+    with caplog.at_level(logging.WARNING, logger="d2ops"):
+        out = run_download(StepContext(cfg=cfg, workdir=tmp_path / "download"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("every VIA region is labelled 'balloon'" in w and "data.label_attribute is null" in w for w in warnings)
+    manifest = json.loads(out.files["dataset_manifest"].read_text())
+    assert manifest["classes"] == ["balloon"]
+    assert "data.class_names=[<your class>]" in manifest["class_notes"][0]
+    assert dataset_classes(root, cfg.data) == (["balloon"], manifest["class_notes"])
+
+
+@pytest.fixture(scope="module")
+def roboflow_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The whole offline pipeline on a Roboflow export (a few iterations: the classes, not the quality)."""
+    from d2ops.clearml.session import enable_offline
+    from d2ops.clearml.step import run_offline
+
+    root = tmp_path_factory.mktemp("roboflow")
+    previous = os.environ.get("CLEARML_CACHE_DIR")
+    enable_offline(root / "clearml")
+    data = roboflow_export(root / "export")
+    overrides = [
+        f"data.source={data}",
+        f"data.cache_dir={root / 'cache'}",
+        f"runtime.output_dir={root / 'run'}",
+        f"registry.local_dir={root / 'registry'}",
+        "runtime.device=cpu",
+        "solver.max_iter=6",
+        "solver.warmup_iters=2",
+        "solver.steps=[]",
+        "solver.eval_period=0",
+        "solver.checkpoint_period=1000",
+        "inference.debug_images=0",
+        "registry.quality_gate.min_value=0",
+    ]
+    run = run_offline(SMOKE, overrides)
+    yield {"root": root, "run": run}
+    if previous is None:
+        os.environ.pop("CLEARML_CACHE_DIR", None)
+    else:
+        os.environ["CLEARML_CACHE_DIR"] = previous
+
+
+@pytest.mark.slow
+def test_no_phantom_class_reaches_the_model(roboflow_run: dict[str, Any], tmp_path: Path) -> None:
+    from d2ops.model.bundle import ModelBundle
+    from d2ops.serving.nuclio import export_nuclio
+
+    run, classes = roboflow_run["run"], list(SHAPE_CLASSES)
+    train = run.steps["train"]
+    assert json.loads(Path(train.artifacts["labels"]).read_text()) == classes
+    d2_config = yaml.safe_load(Path(train.artifacts["d2_config"]).read_text())
+    assert d2_config["MODEL"]["ROI_HEADS"]["NUM_CLASSES"] == 3
+    metrics = json.loads(Path(run.steps["evaluate"].artifacts["metrics"]).read_text())
+    assert metrics["confusion_labels"] == [*classes, "background"]
+    assert set(metrics["per_class_ap"]) == set(classes)
+    manifest = json.loads(Path(run.steps["download"].artifacts["dataset_manifest"]).read_text())
+    assert manifest["classes"] == classes and PROJECT in manifest["class_notes"][0]
+    bundle = ModelBundle(Path(run.steps["register"].values["bundle"]))
+    assert bundle.labels() == classes
+    assert PROJECT in bundle.metadata()["class_notes"][0]
+    task = json.loads((Path(run.steps["register"].session_folder) / "task.json").read_text())
+    (model,) = task["offline_output_models"]
+    assert model["init"]["label_enumeration"] == {"square": 1, "circle": 2, "triangle": 3}
+    export = export_nuclio(bundle.path, tmp_path / "nuclio")
+    spec = yaml.safe_load((export.function_dir("cpu") / "function.yaml").read_text())
+    labels = json.loads(spec["metadata"]["annotations"]["spec"])
+    assert [label["name"] for label in labels] == classes
