@@ -178,6 +178,10 @@ class DataConfig(_Strict):
         default=None, description="VIA only: the region attribute holding the class name; null = single class"
     )
     cache_dir: str = Field(default="outputs/cache/datasets", description="local download cache")
+    duplicate_images: Literal["error", "warn"] = Field(
+        default="error",
+        description="an image byte-identical in two splits: error (default) or warn and train anyway",
+    )
     dataset_id: str | None = Field(
         default=None,
         description="a ClearML Dataset version to train on (set by the on-data trigger); null = data.source",

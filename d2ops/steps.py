@@ -179,6 +179,7 @@ def _validated_dataset(ctx: StepContext, root: Path | None = None) -> tuple[Path
         data.annotation_file,
         label_attribute=data.label_attribute,
         class_names=data.class_names,
+        duplicate_images=data.duplicate_images,
     )
     return root, {role: s.to_dict() for role, s in summaries.items()}
 

@@ -25,6 +25,8 @@ from PIL import Image
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from pydantic_core import PydanticCustomError
 
+from d2ops.overlap import shared_images
+
 logger = logging.getLogger(__name__)
 
 BOX_TOLERANCE_PX = 1.0
@@ -160,6 +162,7 @@ def validate_dataset(
     class_names: list[str] | None = None,
     check_images: bool = True,
     max_problems: int = 20,
+    duplicate_images: Literal["error", "warn"] = "error",
 ) -> dict[str, SplitSummary]:
     """Check every split of a dataset and return one summary per split role.
 
@@ -195,10 +198,29 @@ def validate_dataset(
             summary.split = role
             summaries[role] = summary
     _check_categories_covered_by_train(summaries, splits, annotation_file, problems)
+    _check_shared_images(root, splits, annotation_file, fmt, duplicate_images, problems)
     problems.raise_if_any(root)
     for summary in summaries.values():
         _log_summary(summary)
     return summaries
+
+
+def _check_shared_images(
+    root: Path, splits: Mapping[str, str], annotation_file: str, fmt: str, mode: str, problems: _Problems
+) -> None:
+    """Byte-identical images in two splits: an error (``data.duplicate_images: error``) or a warning."""
+    shared = shared_images(root, splits, annotation_file, fmt)
+    for image in shared:
+        what = f"the same image is in {len({role for role, _ in image.places})} splits"
+        if mode == "warn":
+            logger.warning("%s: %s (data.duplicate_images=warn)", what, image.describe())
+            continue
+        problems.add(
+            what,
+            image.describe(),
+            "keep it in one split only (scores on a split that holds training images are too high), "
+            "or accept it with --set data.duplicate_images=warn",
+        )
 
 
 # --------------------------------------------------------------------------- shared helpers

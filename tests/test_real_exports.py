@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -190,3 +191,37 @@ def test_no_phantom_class_reaches_the_model(roboflow_run: dict[str, Any], tmp_pa
     spec = yaml.safe_load((export.function_dir("cpu") / "function.yaml").read_text())
     labels = json.loads(spec["metadata"]["annotations"]["spec"])
     assert [label["name"] for label in labels] == classes
+
+
+def _leak_train_image_into_valid(root: Path) -> tuple[str, str]:
+    """Copy one training image, with its annotations, into valid under another name (as merged exports do)."""
+    train = json.loads((root / "train" / "_annotations.coco.json").read_text())
+    valid_file = root / "valid" / "_annotations.coco.json"
+    valid = json.loads(valid_file.read_text())
+    image = train["images"][0]
+    copy = {**image, "id": 999, "file_name": "leak_jpg.rf.0000.jpg"}
+    shutil.copyfile(root / "train" / image["file_name"], root / "valid" / copy["file_name"])
+    next_id = max(a["id"] for a in valid["annotations"]) + 1
+    anns = [a for a in train["annotations"] if a["image_id"] == image["id"]]
+    valid["images"].append(copy)
+    valid["annotations"] += [{**a, "id": next_id + i, "image_id": 999} for i, a in enumerate(anns)]
+    valid_file.write_text(json.dumps(valid))
+    return f"train/{image['file_name']}", f"valid/{copy['file_name']}"
+
+
+def test_an_image_in_two_splits_is_an_error_by_default(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from d2ops.steps import StepContext, run_download
+    from d2ops.validation import DataValidationError, validate_dataset
+
+    root = roboflow_export(tmp_path / "rf", {"train": 4, "valid": 2, "test": 2})
+    in_train, in_valid = _leak_train_image_into_valid(root)
+    splits = {"train": "train", "val": "valid", "test": "test"}
+    with pytest.raises(DataValidationError) as caught:
+        validate_dataset(root, "coco", splits, "_annotations.coco.json")
+    report = str(caught.value)
+    assert "the same image is in 2 splits" in report and f"train {in_train} = val {in_valid}" in report
+    assert "--set data.duplicate_images=warn" in report
+    overrides = [f"data.source={root}", f"data.cache_dir={tmp_path / 'cache'}", "data.duplicate_images=warn"]
+    with caplog.at_level(logging.WARNING, logger="d2ops"):
+        run_download(StepContext(cfg=load_config(SMOKE, overrides), workdir=tmp_path / "download"))
+    assert any("the same image is in 2 splits" in r.getMessage() and in_valid in r.getMessage() for r in caplog.records)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import pickle
 from collections.abc import Callable
@@ -31,9 +32,14 @@ Mutation = Callable[[Path, Any], Any]  # (split folder, parsed JSON) -> replacem
 # --------------------------------------------------------------------------- builders
 
 
+_SHADES = itertools.count()
+
+
 def _draw(path: Path, size: tuple[int, int] = (WIDTH, HEIGHT), **save_args: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.new("RGB", size, (30, 120, 200))
+    # A background of its own per file: the same picture in two splits is a leak the validator reports.
+    shade = next(_SHADES)
+    image = Image.new("RGB", size, (30, shade % 256, shade // 256 % 256))
     ImageDraw.Draw(image).ellipse((8, 8, 40, 36), fill=(250, 80, 60))
     image.save(path, **save_args)
 

@@ -1,0 +1,73 @@
+"""Images that sit in more than one split, found by content hash before any training.
+
+A validation or test image that is also a training image makes every score on that split too high,
+and nothing downstream can tell. Exports re-uploaded under new names, or merged by hand, carry such
+images silently; they are found here by the sha256 of the file's bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SharedImage", "shared_images"]
+
+_HASH_THREADS = 8
+
+
+@dataclass(frozen=True)
+class SharedImage:
+    """One image content found in several splits: ``(role, path relative to the dataset root)`` each."""
+
+    digest: str
+    places: tuple[tuple[str, str], ...]
+
+    def describe(self) -> str:
+        return " = ".join(f"{role} {path}" for role, path in self.places)
+
+
+def _listed_images(split_dir: Path, annotation_file: str, fmt: str) -> list[str]:
+    """The image files the split's annotation file names (empty when it cannot be read: validation says why)."""
+    try:
+        data: Any = json.loads((split_dir / annotation_file).read_text())
+        if fmt == "coco":
+            return [str(image["file_name"]) for image in data["images"]]
+        return [str(entry["filename"]) for entry in data.values()]
+    except (OSError, ValueError, RecursionError, TypeError, KeyError, AttributeError):
+        return []
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        with path.open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return None  # missing or unreadable: the validator reports it
+
+
+def shared_images(root: Path, splits: Mapping[str, str], annotation_file: str, fmt: str) -> list[SharedImage]:
+    """Every image content that appears in more than one split (byte-identical files), in split order."""
+    listed: list[tuple[str, Path]] = []
+    for role, folder in splits.items():
+        split_dir = root / folder
+        if split_dir.is_dir():
+            inside = split_dir.resolve()
+            for name in _listed_images(split_dir, annotation_file, fmt):
+                path = split_dir / name
+                if path.resolve().is_relative_to(inside):  # never open what a hostile file_name points at
+                    listed.append((role, path))
+    with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:
+        digests = list(pool.map(_digest, [path for _, path in listed]))
+    places: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for (role, path), digest in zip(listed, digests, strict=True):
+        if digest is not None:
+            places[digest].append((role, path.relative_to(root).as_posix()))
+    return [
+        SharedImage(digest, tuple(where)) for digest, where in places.items() if len({role for role, _ in where}) > 1
+    ]
