@@ -17,7 +17,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeGuard, TypeVar
 
@@ -745,6 +745,7 @@ def _check_via_split(
     if entries is None:
         return None
     files = _via_image_files(split_dir, entries.values()) if check_images else None
+    rules = _label_attribute_somewhere(entries, rules, loc, problems)
     split = _ViaSplit(split_dir, label, loc, rules, files, problems)
     regions = sum(_check_via_entry(str(key), entry, split) for key, entry in entries.items())
     names = rules.category_names(split.instances)
@@ -757,6 +758,33 @@ def _check_via_split(
         categories=names,
         instances_per_category={name: split.instances.get(name, 0) for name in names},
     )
+
+
+def _label_attribute_somewhere(entries: dict[str, Any], rules: _ViaRules, loc: str, problems: _Problems) -> _ViaRules:
+    """A label attribute that no region has is one problem, naming the attributes the regions do have,
+    not one problem per region; the split's regions are then checked as single-class."""
+    if rules.label_attribute is None:
+        return rules
+    present: Counter[str] = Counter()
+    regions = 0
+    for entry in entries.values():
+        for _, region in (_via_regions(entry) if isinstance(entry, dict) else None) or []:
+            regions += 1
+            attributes = region.get("region_attributes") if isinstance(region, dict) else None
+            if isinstance(attributes, dict):
+                present.update(str(name) for name in attributes)
+    if not regions or rules.label_attribute in present:
+        return rules
+    found = ", ".join(f"{name!r} (on {count} regions)" for name, count in present.most_common())
+    problems.add(
+        f"label attribute {rules.label_attribute!r} is on no region (of {regions}); attributes present: "
+        + (found or "none, region_attributes are all empty"),
+        f"{loc}: regions[*].region_attributes",
+        "set data.label_attribute to the attribute holding each region's class"
+        + (" (one of those above)" if found else "")
+        + ", or to null for a single-class dataset (every region is then data.class_names[0])",
+    )
+    return replace(rules, label_attribute=None)
 
 
 def _via_entries(data: Any, loc: str, problems: _Problems) -> dict[str, Any] | None:

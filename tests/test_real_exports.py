@@ -54,13 +54,13 @@ def roboflow_export(root: Path, counts: dict[str, int] | None = None, *, empty_c
 
 def via_export(root: Path) -> Path:
     """Two VIA splits in the balloon layout: polygons, ``region_attributes`` empty."""
-    for split, count in (("train", 4), ("val", 2)):
+    for shade, (split, count) in enumerate((("train", 4), ("val", 2))):
         split_dir = root / split
         split_dir.mkdir(parents=True)
         entries = {}
         for i in range(count):
             name = f"drop{i}.jpg"
-            img = Image.new("RGB", (96, 64), (30, 30, 30))
+            img = Image.new("RGB", (96, 64), (30, 10 * shade, 10 * i))  # no image in two splits
             xs, ys = [20, 50, 50, 20], [10, 10, 40, 40]
             ImageDraw.Draw(img).polygon(list(zip(xs, ys, strict=True)), fill=(200, 200, 255))
             img.save(split_dir / name)
@@ -225,3 +225,31 @@ def test_an_image_in_two_splits_is_an_error_by_default(tmp_path: Path, caplog: p
     with caplog.at_level(logging.WARNING, logger="d2ops"):
         run_download(StepContext(cfg=load_config(SMOKE, overrides), workdir=tmp_path / "download"))
     assert any("the same image is in 2 splits" in r.getMessage() and in_valid in r.getMessage() for r in caplog.records)
+
+
+def test_a_wrong_label_attribute_is_one_problem_per_split_naming_what_is_there(tmp_path: Path) -> None:
+    from d2ops.validation import DataValidationError, validate_dataset
+
+    root = via_export(tmp_path / "droplets")
+    for split_file in root.glob("*/via_region_data.json"):
+        entries = json.loads(split_file.read_text())
+        for entry in entries.values():
+            for region in entry["regions"].values():
+                region["region_attributes"] = {"kind": "droplet", "note": ""}
+        split_file.write_text(json.dumps(entries))
+    with pytest.raises(DataValidationError) as caught:
+        validate_dataset(
+            root, "via", {"train": "train", "val": "val"}, "via_region_data.json", label_attribute="type",
+            class_names=["droplet"],
+        )  # fmt: skip
+    problems = caught.value.problems
+    assert [p.where for p in problems] == [
+        f"{s}/via_region_data.json: regions[*].region_attributes" for s in ("train", "val")
+    ]
+    assert problems[0].what == (
+        "label attribute 'type' is on no region (of 4); "
+        "attributes present: 'kind' (on 4 regions), 'note' (on 4 regions)"
+    )
+    assert (
+        "set data.label_attribute to the attribute holding each region's class (one of those above)" in problems[0].fix
+    )
