@@ -26,11 +26,13 @@ matching entry of ``sdk.aws.s3.credentials`` in clearml.conf, read by ClearML's 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -474,14 +476,38 @@ def _read_index(dest: Path) -> dict[str, dict[str, Any]]:
 
 
 def _write_index(dest: Path, index: dict[str, dict[str, Any]]) -> None:
-    """Replace the cache index atomically, so a crash leaves the old or the new one, never half."""
+    """Replace the cache index atomically, so a crash leaves the old or the new one, never half.
+
+    A failed write (a full disk, above all) raises :class:`StorageError` and leaves the old
+    index as it was and no temporary file behind.
+    """
     path = dest / CACHE_INDEX_NAME
     tmp = _temp_path(path)
     try:
         tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
         os.replace(tmp, path)
+    except OSError as exc:
+        raise _index_write_error(path, exc) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def _index_write_error(path: Path, exc: OSError) -> StorageError:
+    cache = "or set data.cache_dir to a folder on a disk with room"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{shutil.disk_usage(path.parent).free:,} bytes free"
+        except OSError:
+            free = "free space unknown"
+        return StorageError(
+            f"disk is full at {path} ({free}; {exc.strerror or exc}): the download cache index cannot be "
+            f"written. Free space on that disk, {cache}"
+        )
+    return StorageError(
+        f"cannot write the download cache index {path} ({type(exc).__name__}: {exc}): "
+        f"check that the folder is writable, {cache}"
+    )
 
 
 # --------------------------------------------------------------------------- download
@@ -714,13 +740,22 @@ def _download_into(
     hashes: dict[str, str] = {}
     bar = _Progress(sum(remote.info.size for remote, _ in todo), f"download {loc.bucket}", progress)
     jobs = [(r.key, partial(_fetch_once, client, loc.bucket, r, target, bar, hashes)) for r, target in todo]
+    failure: tuple[str, BaseException] | None = None
+    interrupted = True
     try:
         failure = _run_parallel(jobs, workers, fetched)
+        interrupted = False
     finally:  # also on Ctrl-C: record what did arrive, and only that
         bar.close()
         for info in fetched:
             index[info.key] = {"etag": info.etag, "size": info.size, "sha256": hashes.get(info.key)}
-        _write_index(dest, index)
+        try:
+            _write_index(dest, index)
+        except StorageError as exc:
+            if not interrupted and failure is None:
+                raise
+            # The error already in flight (Ctrl-C, a failed transfer) is the one to report.
+            logger.warning("%s (the download failed as well; that error follows)", exc)
     if failure is not None:
         key, error = failure
         raise _as_storage_error(error, _key_uri(loc, key), loc) from error
