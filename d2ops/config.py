@@ -178,6 +178,14 @@ class DataConfig(_Strict):
         default=None, description="VIA only: the region attribute holding the class name; null = single class"
     )
     cache_dir: str = Field(default="outputs/cache/datasets", description="local download cache")
+    val_fraction: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="carve the val split from train (this fraction of its images, seeded) for datasets without one; "
+        "data.splits.val is then not read",
+    )
+    val_seed: int = Field(default=0, description="the seed of the val_fraction split: same seed, same split")
     duplicate_images: Literal["error", "warn"] = Field(
         default="error",
         description="an image byte-identical in two splits: error (default) or warn and train anyway",
@@ -191,10 +199,19 @@ class DataConfig(_Strict):
         description="register the downloaded S3 data as a ClearML Dataset that links (not copies) the objects",
     )
 
+    @property
+    def folders(self) -> dict[str, str]:
+        """Split role -> folder, for the splits that are folders (not val when it is carved from train)."""
+        return {role: folder for role, folder in self.splits.items() if role != "val" or self.val_fraction is None}
+
     @model_validator(mode="after")
     def _check_splits(self) -> DataConfig:
-        if "train" not in self.splits or "val" not in self.splits:
-            raise ValueError("data.splits must name at least 'train' and 'val' folders")
+        if "train" not in self.splits:
+            raise ValueError("data.splits must name the 'train' folder")
+        if "val" not in self.splits and self.val_fraction is None:
+            raise ValueError(
+                "data.splits must name the 'val' folder, or set data.val_fraction (e.g. 0.1) to carve one from train"
+            )
         if self.format == "via" and not self.class_names:
             raise ValueError("data.class_names is required for format 'via' (e.g. [balloon])")
         return self

@@ -25,6 +25,7 @@ __all__ = [
     "SHAPE_CLASSES",
     "CocoCategories",
     "RegisteredDataset",
+    "carved_val_images",
     "coco_categories",
     "dataset_classes",
     "generate_shapes_dataset",
@@ -256,57 +257,100 @@ def _classes(json_files: dict[str, Path], data: DataConfig) -> tuple[list[str], 
 
 def dataset_classes(root: Path, data: DataConfig) -> tuple[list[str], list[str]]:
     """The class list a dataset trains, and the notes on how it was decided (no detectron2 import)."""
-    json_files = {role: root / folder / data.annotation_file for role, folder in data.splits.items()}
+    json_files = {role: root / folder / data.annotation_file for role, folder in data.folders.items()}
     class_names, notes, _ = _classes({r: p for r, p in json_files.items() if p.is_file()}, data)
     return class_names, notes
 
 
-def _cleaned_coco(json_file: Path, drop: set[int], cache: Path) -> Path:
-    """A copy of ``json_file`` without the ``drop`` categories, content-addressed under ``cache``."""
+def carved_val_images(root: Path, data: DataConfig) -> list[str]:
+    """The train images that form the val split when ``data.val_fraction`` is set (else empty).
+
+    Seeded and independent of file order: images are ranked by the hash of ``val_seed`` and their name,
+    and the first ``round(n * val_fraction)`` go to val (at least one, and at least one left to train).
+    """
+    if data.val_fraction is None:
+        return []
+    from d2ops.overlap import listed_images
+
+    names = sorted(set(listed_images(root / data.splits["train"], data.annotation_file, data.format)))
+    if len(names) < 2:
+        return []
+    count = min(max(1, round(len(names) * data.val_fraction)), len(names) - 1)
+    ranked = sorted(names, key=lambda name: hashlib.sha256(f"{data.val_seed}/{name}".encode()).hexdigest())
+    return sorted(ranked[:count])
+
+
+def _derived_coco(json_file: Path, cache: Path, drop: set[int], images: set[str] | None, exclude: bool) -> Path:
+    """A copy of ``json_file`` without the ``drop`` categories, and with only (``exclude``: without) the
+    ``images`` named, content-addressed under ``cache``: the export itself is never changed."""
     raw = json_file.read_bytes()
-    digest = hashlib.sha256(raw + repr(sorted(drop)).encode()).hexdigest()[:16]
-    target = cache / digest / json_file.name
+    recipe = repr((sorted(drop), sorted(images) if images is not None else None, exclude)).encode()
+    target = cache / hashlib.sha256(raw + recipe).hexdigest()[:16] / json_file.name
     if not target.is_file():
         from d2ops.utils.jsonio import write_json
 
         data = json.loads(raw)
         data["categories"] = [c for c in data.get("categories", []) if c["id"] not in drop]
+        if images is not None:
+            data["images"] = [i for i in data["images"] if (i["file_name"] in images) != exclude]
+            kept = {i["id"] for i in data["images"]}
+            data["annotations"] = [a for a in data.get("annotations", []) if a["image_id"] in kept]
         target.parent.mkdir(parents=True, exist_ok=True)
         write_json(target, data, indent=None)
     return target
+
+
+def _via_subset(
+    split_dir: Path,
+    annotation_file: str,
+    class_names: list[str],
+    label_attribute: str | None,
+    images: frozenset[str] | None,
+    exclude: bool,
+) -> list[dict]:
+    records = load_via_dicts(split_dir, annotation_file, class_names, label_attribute)
+    if images is None:
+        return records
+    return [r for r in records if (Path(r["file_name"]).relative_to(split_dir).as_posix() in images) != exclude]
 
 
 def register_splits(root: Path, data: DataConfig, prefix: str = "d2ops") -> RegisteredDataset:
     """Register every configured split in detectron2's DatasetCatalog (idempotently).
 
     COCO splits go through detectron2's own ``register_coco_instances`` so its COCOEvaluator
-    can use the JSON (a cleaned copy when :func:`coco_categories` drops a category); VIA splits are
-    converted by :func:`load_via_dicts`.
+    can use the JSON (a derived copy when :func:`coco_categories` drops a category, or when val is
+    carved from train by ``data.val_fraction``); VIA splits are converted by :func:`load_via_dicts`.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances
 
-    split_dirs = {role: root / folder for role, folder in data.splits.items() if (root / folder).is_dir()}
+    split_dirs = {role: root / folder for role, folder in data.folders.items() if (root / folder).is_dir()}
     json_files = {role: split_dir / data.annotation_file for role, split_dir in split_dirs.items()}
     class_names, notes, drop = _classes(json_files, data)
-    if drop:
-        cleaned = Path(data.cache_dir) / "annotations"
-        json_files = {role: _cleaned_coco(path, drop, cleaned) for role, path in json_files.items()}
+    subsets: dict[str, tuple[frozenset[str] | None, bool]] = {role: (None, False) for role in split_dirs}
+    carved = frozenset(carved_val_images(root, data))
+    if carved and "train" in split_dirs:
+        split_dirs["val"], json_files["val"] = split_dirs["train"], json_files["train"]
+        subsets.update(train=(carved, True), val=(carved, False))
+        log.info("val split: %d train images carved out (data.val_fraction %s, seed %d)", len(carved),
+                 data.val_fraction, data.val_seed)  # fmt: skip
+    if data.format == "coco" and (drop or carved):
+        cache = Path(data.cache_dir) / "annotations"
+        json_files = {role: _derived_coco(path, cache, drop, *subsets[role]) for role, path in json_files.items()}
     for note in notes:
         log.warning("%s", note)
     names: dict[str, str] = {}
     for role, split_dir in split_dirs.items():
-        digest = hashlib.sha1(f"{split_dir.resolve()}|{json_files[role]}".encode()).hexdigest()[:10]
-        name = names[role] = f"{prefix}_{role}_{digest}"
+        key = f"{split_dir.resolve()}|{json_files[role]}|{sorted(subsets[role][0] or [])}|{subsets[role][1]}"
+        name = names[role] = f"{prefix}_{role}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
         if name in DatasetCatalog.list():
             continue
         if data.format == "coco":
             register_coco_instances(name, {}, str(json_files[role]), str(split_dir))
         else:
             assert data.class_names is not None  # guaranteed by DataConfig validation
-            DatasetCatalog.register(
-                name, partial(load_via_dicts, split_dir, data.annotation_file, data.class_names, data.label_attribute)
-            )
+            loader = partial(_via_subset, split_dir, data.annotation_file, data.class_names, data.label_attribute)
+            DatasetCatalog.register(name, partial(loader, *subsets[role]))
             MetadataCatalog.get(name).set(thing_classes=list(data.class_names), evaluator_type="coco")
     for name in names.values():
         meta = MetadataCatalog.get(name)

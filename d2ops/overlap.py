@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SharedImage", "shared_images"]
+__all__ = ["SharedImage", "listed_images", "shared_images"]
 
 _HASH_THREADS = 8
 
@@ -32,7 +32,7 @@ class SharedImage:
         return " = ".join(f"{role} {path}" for role, path in self.places)
 
 
-def _listed_images(split_dir: Path, annotation_file: str, fmt: str) -> list[str]:
+def listed_images(split_dir: Path, annotation_file: str, fmt: str) -> list[str]:
     """The image files the split's annotation file names (empty when it cannot be read: validation says why)."""
     try:
         data: Any = json.loads((split_dir / annotation_file).read_text())
@@ -58,7 +58,7 @@ def shared_images(root: Path, splits: Mapping[str, str], annotation_file: str, f
         split_dir = root / folder
         if split_dir.is_dir():
             inside = split_dir.resolve()
-            for name in _listed_images(split_dir, annotation_file, fmt):
+            for name in listed_images(split_dir, annotation_file, fmt):
                 path = split_dir / name
                 if path.resolve().is_relative_to(inside):  # never open what a hostile file_name points at
                     listed.append((role, path))

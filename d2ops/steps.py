@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,11 +176,12 @@ def _validated_dataset(ctx: StepContext, root: Path | None = None) -> tuple[Path
     summaries = validate_dataset(
         root,
         data.format,
-        {str(role): folder for role, folder in data.splits.items()},
+        data.folders,
         data.annotation_file,
         label_attribute=data.label_attribute,
         class_names=data.class_names,
         duplicate_images=data.duplicate_images,
+        source=data.source,
     )
     return root, {role: s.to_dict() for role, s in summaries.items()}
 
@@ -209,6 +211,10 @@ def run_download(ctx: StepContext) -> StepOutput:
     _check_cache_key(ctx, stats.identity)
     _, summaries = _validated_dataset(ctx, root)
     manifest["classes"], manifest["class_notes"] = _dataset_classes(root, ctx.cfg)
+    if ctx.cfg.data.val_fraction is not None:
+        from d2ops.datasets import carved_val_images
+
+        manifest["val_carved_from_train"] = carved_val_images(root, ctx.cfg.data)
     if ctx.cfg.data.register_dataset and not ctx.cfg.data.dataset_id:
         manifest["clearml_dataset_id"] = _register_dataset(ctx, manifest)
     if ctx.cfg.model.weights and storage.is_s3_uri(ctx.cfg.model.weights):
@@ -364,13 +370,29 @@ def run_evaluate(ctx: StepContext) -> StepOutput:
     return StepOutput(files={"metrics": ctx.workdir / "evaluate" / "metrics.json"}, values=result.to_dict())
 
 
+def _eval_images(ctx: StepContext, root: Path) -> Path:
+    """The folder of the eval split's images; a val split carved from train is linked into the workdir."""
+    from d2ops.datasets import carved_val_images
+
+    data = ctx.cfg.data
+    if ctx.cfg.eval.split != "val" or data.val_fraction is None:
+        return root / data.splits[ctx.cfg.eval.split]
+    train, folder = root / data.splits["train"], ctx.workdir / "val_images"
+    shutil.rmtree(folder, ignore_errors=True)
+    for name in carved_val_images(root, data):
+        link = folder / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to((train / name).resolve())
+    return folder
+
+
 def run_infer(ctx: StepContext) -> StepOutput:
     """Batch inference over inference.source (a folder or S3 prefix), default the eval split."""
     from d2ops.inference import infer_folder
 
     detector, _, root = _detector(ctx)
     source = ctx.cfg.inference.source
-    folder = fetch(source, ctx.workdir / "infer_source") if source else root / ctx.cfg.data.splits[ctx.cfg.eval.split]
+    folder = fetch(source, ctx.workdir / "infer_source") if source else _eval_images(ctx, root)
     result = infer_folder(
         detector,
         folder,

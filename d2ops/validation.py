@@ -163,6 +163,7 @@ def validate_dataset(
     check_images: bool = True,
     max_problems: int = 20,
     duplicate_images: Literal["error", "warn"] = "error",
+    source: str | None = None,
 ) -> dict[str, SplitSummary]:
     """Check every split of a dataset and return one summary per split role.
 
@@ -188,7 +189,7 @@ def validate_dataset(
         split_dir = root / subfolder
         if not split_dir.is_dir():
             what = f"{role} split folder '{subfolder}' not found"
-            problems.add(what, str(root), _missing_split_fix(root, role))
+            problems.add(what, source or str(root), _missing_split_fix(root, role, splits, source))
             continue
         if rules is None:
             summary = _check_coco_split(split_dir, annotation_file, subfolder, check_images, problems)
@@ -257,10 +258,18 @@ def _log_summary(summary: SplitSummary) -> None:
     )
 
 
-def _missing_split_fix(root: Path, role: str) -> str:
+def _missing_split_fix(root: Path, role: str, splits: Mapping[str, str], source: str | None) -> str:
     present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    choices = ", ".join(f"'{name}'" for name in present) or "none"
-    return f"create the folder, or map '{role}' to one of the folders present in {root}: {choices}"
+    subfolder, where = splits[role], source or str(root)
+    if not present:
+        return f"create the folder {subfolder!r} in {where}, or point data.source at the folder holding the splits"
+    fix = f"add the folder {subfolder!r} to {where} (it has {', '.join(map(repr, present))})"
+    free = [name for name in present if name not in splits.values()]  # a folder no other split reads
+    if free:
+        fix += ", or map the split to one of them: " + " or ".join(f"--set data.splits.{role}={n}" for n in free[:3])
+    if role == "val":
+        fix += ", or carve a seeded validation split from train: --set data.val_fraction=0.1"
+    return fix
 
 
 def _load_json(path: Path, loc: str, problems: _Problems, kind: str) -> Any:

@@ -253,3 +253,45 @@ def test_a_wrong_label_attribute_is_one_problem_per_split_naming_what_is_there(t
     assert (
         "set data.label_attribute to the attribute holding each region's class (one of those above)" in problems[0].fix
     )
+
+
+def test_a_missing_val_split_names_the_uri_and_the_set_lines(tmp_path: Path) -> None:
+    from d2ops import storage
+    from d2ops.s3server import local_s3_endpoint
+    from d2ops.steps import StepContext, run_download
+    from d2ops.validation import DataValidationError
+
+    export = roboflow_export(tmp_path / "rf", {"train": 6, "test": 2})  # exported without valid/
+    with local_s3_endpoint() as s3:
+        uri = s3.uri("datasets", "cells/")
+        storage.upload(export, uri, create_bucket=True, progress=False)
+        cfg = load_config(SMOKE, [f"data.source={uri}", f"data.cache_dir={tmp_path / 'cache'}"])
+        with pytest.raises(DataValidationError) as caught:
+            run_download(StepContext(cfg=cfg, workdir=tmp_path / "download"))
+    (problem,) = caught.value.problems
+    assert problem.what == "val split folder 'valid' not found" and problem.where == uri
+    assert problem.fix == (
+        f"add the folder 'valid' to {uri} (it has 'test', 'train'), "
+        "or carve a seeded validation split from train: --set data.val_fraction=0.1"
+    )
+
+
+@pytest.mark.slow
+def test_val_fraction_carves_a_seeded_val_split_from_train(tmp_path: Path) -> None:
+    from detectron2.data import DatasetCatalog
+
+    from d2ops.datasets import carved_val_images, register_splits
+    from d2ops.steps import StepContext, run_download
+
+    export = roboflow_export(tmp_path / "rf", {"train": 20, "test": 2})
+    overrides = [f"data.source={export}", f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.25"]
+    cfg = load_config(SMOKE, overrides)
+    out = run_download(StepContext(cfg=cfg, workdir=tmp_path / "download"))
+    carved = json.loads(out.files["dataset_manifest"].read_text())["val_carved_from_train"]
+    assert len(carved) == 5 and carved == carved_val_images(export, cfg.data), "same seed, same split"
+    assert carved != carved_val_images(export, load_config(SMOKE, [*overrides, "data.val_seed=1"]).data)
+    dataset = register_splits(export, cfg.data)
+    train = {Path(r["file_name"]).name for r in DatasetCatalog.get(dataset.name("train"))}
+    val = {Path(r["file_name"]).name for r in DatasetCatalog.get(dataset.name("val"))}
+    assert val == set(carved) and len(train) == 15 and not train & val
+    assert all(r["annotations"] for r in DatasetCatalog.get(dataset.name("val"))), "annotations follow their image"
