@@ -97,6 +97,7 @@ def test_an_unreadable_bundle_says_how_to_fix_it(bundle: ModelBundle) -> None:
 
 def test_zip_and_extract_round_trip_to_the_same_version(bundle: ModelBundle, tmp_path: Path) -> None:
     archive = bundle.zip(tmp_path / "out" / "model.zip")
+    assert archive.stat().st_mode & 0o777 == 0o644, "readable by a server running as another user"
     with zipfile.ZipFile(archive) as zf:
         assert sorted(zf.namelist()) == sorted(ModelBundle.FILES)
     cache = tmp_path / "cache"

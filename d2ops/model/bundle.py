@@ -209,6 +209,7 @@ class ModelBundle:
         archive = archive or self.path.with_suffix(".zip")
         archive.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{archive.name}.", dir=archive.parent)
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600: a server or agent running as another user must read it
         os.close(fd)
         try:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
