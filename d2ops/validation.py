@@ -14,15 +14,26 @@ import json
 import logging
 import math
 import os
+import re
+import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated, Any, Literal, TypeGuard, TypeVar
 
 from PIL import Image
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 from pydantic_core import PydanticCustomError
 
 from d2ops.overlap import shared_images
@@ -199,6 +210,7 @@ def validate_dataset(
             summary.split = role
             summaries[role] = summary
     _check_categories_covered_by_train(summaries, splits, annotation_file, problems)
+    _check_train_has_annotations(summaries, splits, annotation_file, problems)
     _check_shared_images(root, splits, annotation_file, fmt, duplicate_images, problems)
     problems.raise_if_any(root)
     for summary in summaries.values():
@@ -281,7 +293,16 @@ def _load_json(path: Path, loc: str, problems: _Problems, kind: str) -> Any:
         problems.add(f"{kind} not found", loc, fix)
         return _UNREADABLE
     try:
-        return json.loads(path.read_bytes())
+        raw = path.read_bytes()
+    except OSError as exc:
+        problems.add(
+            f"{kind} cannot be read ({exc.strerror or exc})",
+            loc,
+            "check the file's permissions, or export the annotations again",
+        )
+        return _UNREADABLE
+    try:
+        return json.loads(raw)
     except json.JSONDecodeError as exc:
         problems.add(
             f"{kind} is not valid JSON ({exc.msg})",
@@ -295,12 +316,56 @@ def _load_json(path: Path, loc: str, problems: _Problems, kind: str) -> Any:
             f"{loc}: byte {exc.start}",
             "save the file as UTF-8 JSON or export the annotations again",
         )
+    except RecursionError:  # json.loads recurses once per level of nesting
+        problems.add(
+            f"{kind} is nested too deeply to read (over {sys.getrecursionlimit()} levels of arrays or objects)",
+            loc,
+            "an annotation export is only a few levels deep, so this file is corrupt or not an export: "
+            "export the annotations again",
+        )
+    except ValueError as exc:  # an integer longer than sys.get_int_max_str_digits(), above all
+        what, where = _json_value_error(raw, kind, loc, exc)
+        problems.add(
+            what,
+            where,
+            "no annotation value needs that many digits, so the file is corrupt: correct or delete the number "
+            "there, or export the annotations again",
+        )
     return _UNREADABLE
+
+
+def _json_value_error(raw: bytes, kind: str, loc: str, exc: ValueError) -> tuple[str, str]:
+    """What and where for a value ``json.loads`` refuses; finds the position of an over-long integer."""
+    limit = sys.get_int_max_str_digits()
+    if not limit or "integer string conversion" not in str(exc):
+        return f"{kind} cannot be read as JSON ({_short(str(exc), 160)})", loc
+    refused = f"which Python refuses to read (it reads at most {limit})"
+    match = re.search(rb"[\[:,]\s*-?([0-9]{%d,})" % (limit + 1), raw)
+    if match is None:
+        return f"{kind} holds an integer of more than {limit} digits, {refused}", loc
+    start = match.start(1)
+    line = raw.count(b"\n", 0, start) + 1
+    column = start - raw.rfind(b"\n", 0, start)
+    what = f"{kind} holds an integer of {len(match.group(1))} digits, {refused}"
+    return what, f"{loc}: line {line}, column {column}"
 
 
 def _is_number(value: object) -> TypeGuard[int | float]:
     """A finite JSON number; ``True``/``False`` are not numbers here."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _leaves_split(name: str) -> bool:
+    """Whether a file name from an annotation file points outside its split folder (or is no path at all).
+
+    Only the name is looked at, so nothing outside the dataset is ever opened to decide.
+    """
+    return (
+        "\x00" in name
+        or PurePosixPath(name).is_absolute()
+        or ".." in PurePosixPath(name).parts
+        or ".." in PureWindowsPath(name).parts
+    )
 
 
 def _short(value: object, limit: int = 60) -> str:
@@ -394,13 +459,24 @@ def _finite_number(value: object) -> float:
 _Number = Annotated[float, BeforeValidator(_finite_number)]
 _PositiveInt = Annotated[StrictInt, Field(gt=0)]
 _Name = Annotated[StrictStr, Field(min_length=1)]
+_Area = Annotated[float, BeforeValidator(_finite_number), Field(ge=0)]
+
+
+def _inside_split(name: str) -> str:
+    if _leaves_split(name):
+        message = "Input should be a path inside the split folder, not absolute and without '..'"
+        raise PydanticCustomError("path_outside_split", message)
+    return name
+
+
+_FileName = Annotated[_Name, AfterValidator(_inside_split)]
 
 
 class _CocoImage(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     id: StrictInt
-    file_name: _Name
+    file_name: _FileName
     width: _PositiveInt
     height: _PositiveInt
 
@@ -413,6 +489,7 @@ class _CocoAnnotation(BaseModel):
     category_id: StrictInt
     bbox: Annotated[list[_Number], Field(min_length=4, max_length=4)]
     segmentation: Any = None
+    area: _Area | None = None
 
 
 class _CocoCategory(BaseModel):
@@ -428,13 +505,15 @@ _COCO_SECTIONS = ("images", "annotations", "categories")
 _SINGULAR = {"images": "image", "annotations": "annotation", "categories": "category"}
 _FIELD_FIXES = {
     ("images", "id"): "give the image a unique integer id",
-    ("images", "file_name"): "set file_name to the image's path relative to the split folder",
+    ("images", "file_name"): "set file_name to the image's path relative to the split folder, inside it "
+    "(no absolute path, no '..')",
     ("images", "width"): "set width to the image's width in pixels (a positive integer)",
     ("images", "height"): "set height to the image's height in pixels (a positive integer)",
     ("annotations", "id"): "give the annotation a unique integer id",
     ("annotations", "image_id"): "set image_id to the integer id of an entry in 'images'",
     ("annotations", "category_id"): "set category_id to the integer id of an entry in 'categories'",
     ("annotations", "bbox"): "write bbox as four numbers [x, y, width, height] in pixels",
+    ("annotations", "area"): "set area to the object's area in pixels (0 or more), or export the annotations again",
     ("categories", "id"): "give the category a unique integer id",
     ("categories", "name"): "give the category a non-empty class name",
 }
@@ -637,7 +716,7 @@ def _check_annotations(annotations: list[_CocoAnnotation], context: _CocoContext
         if category is not None:
             instances[category.name] += 1
         _check_box(annotation.bbox, image, where, problems)
-        _check_segmentation(annotation.segmentation, where, problems)
+        _check_segmentation(annotation.segmentation, image, where, problems)
     return instances
 
 
@@ -658,9 +737,12 @@ def _check_box(bbox: list[float], image: _CocoImage | None, where: str, problems
         )
 
 
-def _check_segmentation(segmentation: Any, where: str, problems: _Problems) -> None:
-    """Polygons need pairs of finite coordinates and at least 3 points; RLE objects pass as they are."""
-    if segmentation is None or isinstance(segmentation, dict):
+def _check_segmentation(segmentation: Any, image: _CocoImage | None, where: str, problems: _Problems) -> None:
+    """Polygons need pairs of finite coordinates and at least 3 points; an RLE must cover its image."""
+    if segmentation is None:
+        return
+    if isinstance(segmentation, dict):
+        _check_rle(segmentation, image, where, problems)
         return
     fix = "write each polygon as a flat list [x1, y1, x2, y2, ...] of at least 3 points, or drop it"
     if not isinstance(segmentation, list):
@@ -675,6 +757,66 @@ def _check_segmentation(segmentation: Any, where: str, problems: _Problems) -> N
             problems.add(f"{name} has an odd number of coordinates ({len(polygon)})", where, fix)
         elif len(polygon) < 6:
             problems.add(f"{name} has {len(polygon) // 2} point(s); at least 3 are needed", where, fix)
+
+
+def _check_rle(rle: dict[str, Any], image: _CocoImage | None, where: str, problems: _Problems) -> None:
+    """An RLE mask: ``size`` is the image's [height, width] and the runs of ``counts`` add up to its pixels.
+
+    Checked here in Python rather than decoded by pycocotools, whose decoder trusts the runs and
+    writes past its buffer when they add up to more than height x width.
+    """
+    fix = (
+        "export the masks again, or replace the RLE with polygons; an RLE is "
+        "{'size': [height, width], 'counts': ...} as pycocotools encodes it"
+    )
+    size, counts = rle.get("size"), rle.get("counts")
+    if not isinstance(size, list) or len(size) != 2 or not all(_is_count(value) and value > 0 for value in size):
+        problems.add(f"RLE segmentation 'size' is {_short(size)}, not [height, width]", where, fix)
+        return
+    height, width = size
+    if image is not None and (height, width) != (image.height, image.width):
+        what = f"RLE segmentation size [{height}, {width}] differs from the image's [{image.height}, {image.width}]"
+        problems.add(what, where, fix)
+        return
+    runs = _rle_runs(counts)
+    if runs is None:
+        kind = "string" if isinstance(counts, str) else "list of pixel counts"
+        problems.add(f"RLE segmentation 'counts' is not a valid {kind} (got {_short(counts)})", where, fix)
+    elif sum(runs) != height * width:
+        what = f"RLE segmentation 'counts' cover {sum(runs)} pixels, not {height}x{width} = {height * width}"
+        problems.add(what, where, fix)
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _rle_runs(counts: object) -> list[int] | None:
+    """The runs of an uncompressed (list) or compressed (string) RLE, or None if they are not valid."""
+    if isinstance(counts, list):
+        return counts if all(_is_count(value) for value in counts) else None
+    if not isinstance(counts, str):
+        return None
+    # pycocotools' rleFrString: 5 bits per character from '0', 0x20 = more follows, 0x10 = negative.
+    runs: list[int] = []
+    value = shift = 0
+    for char in counts:
+        code = ord(char) - 48
+        if not 0 <= code < 64:
+            return None
+        value |= (code & 0x1F) << shift
+        shift += 5
+        if code & 0x20:
+            continue
+        if code & 0x10:
+            value -= 1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            return None
+        runs.append(value)
+        value = shift = 0
+    return runs if shift == 0 else None
 
 
 def _check_coco_images(
@@ -823,7 +965,7 @@ def _via_filename(entry: Any) -> str | None:
 
 
 def _via_image_files(split_dir: Path, entries: Iterable[Any]) -> dict[Path, _ImageFile]:
-    names = [name for name in map(_via_filename, entries) if name is not None]
+    names = [name for name in map(_via_filename, entries) if name is not None and not _leaves_split(name)]
     return _inspect_images(split_dir / name for name in names)
 
 
@@ -847,12 +989,19 @@ def _check_via_entry(key: str, entry: Any, split: _ViaSplit) -> int:
         split.problems.add(what, f"{split.loc}: entry {key!r}", fix)
         return 0
     where = f"{split.loc}: {filename!r}"
+    outside = _leaves_split(filename)
+    if outside:
+        split.problems.add(
+            "'filename' points outside the split folder",
+            f"{split.loc}: entry {key!r} (filename {filename!r})",
+            "set 'filename' to the image's path relative to the split folder, inside it (no absolute path, no '..')",
+        )
     regions = _via_regions(entry)
     if regions is None:
         split.problems.add("entry has no 'regions' dict or list", where, fix)
         return 0
     size = None
-    if split.files is not None:
+    if split.files is not None and not outside:
         result = split.files[split.split_dir / filename]
         size = _image_size_or_report(result, f"{split.label}/{filename}", where, split.problems)
     for region_id, region in regions:
@@ -960,6 +1109,22 @@ def _via_class_name(region: dict[str, Any], where: str, rules: _ViaRules, proble
 
 
 # --------------------------------------------------------------------------- across splits
+
+
+def _check_train_has_annotations(
+    summaries: dict[str, SplitSummary], splits: Mapping[str, str], annotation_file: str, problems: _Problems
+) -> None:
+    """A train split with images but not one annotation teaches nothing (an empty split is reported already)."""
+    train = summaries.get("train")
+    if train is None or not train.images or train.annotations:
+        return
+    entries = "regions" if train.format == "via" else "annotations"
+    problems.add(
+        f"train split has no annotations ({train.images} images, 0 {entries})",
+        f"{splits['train']}/{annotation_file}",
+        "check the export: it must hold the boxes or polygons of the training images "
+        "(an export of the images alone, or the wrong annotation file, looks like this)",
+    )
 
 
 def _check_categories_covered_by_train(

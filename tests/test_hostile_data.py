@@ -10,15 +10,19 @@ import errno
 import itertools
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from d2ops import storage
 from d2ops.s3server import LocalS3, local_s3_endpoint
 from d2ops.storage import CACHE_INDEX_NAME, StorageError
+from d2ops.validation import DataValidationError, _rle_runs, validate_coco, validate_dataset, validate_via
 
 # --------------------------------------------------------------------------- full disk: the cache index
 
@@ -135,3 +139,319 @@ def test_full_disk_index_write_does_not_mask_an_interrupt(
     with pytest.raises(KeyboardInterrupt):
         storage.download(remote, tmp_path / "out", workers=1, progress=False)
     assert _leftovers(tmp_path / "out") == []
+
+
+# --------------------------------------------------------------------------- hostile annotation files
+
+COCO_FILE = "_annotations.coco.json"
+VIA_FILE = "via_region_data.json"
+WIDTH, HEIGHT = 64, 48
+_shades = itertools.count(1)
+
+
+def _draw(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shade = next(_shades)  # every image its own bytes: the same image in two splits is a problem of its own
+    Image.new("RGB", (WIDTH, HEIGHT), (shade % 256, 90, shade // 256 % 256)).save(path)
+
+
+def _coco(file_name: str = "img_1.jpg", **annotation: Any) -> dict[str, Any]:
+    return {
+        "images": [{"id": 1, "file_name": file_name, "width": WIDTH, "height": HEIGHT}],
+        "annotations": [
+            {
+                "id": 7,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [8, 8, 20, 10],
+                "area": 200,
+                "iscrowd": 0,
+                "segmentation": [[8, 8, 28, 8, 28, 18, 8, 18]],
+                **annotation,
+            }
+        ],
+        "categories": [{"id": 1, "name": "ball"}],
+    }
+
+
+def _coco_split(split: Path, data: dict[str, Any] | None = None, text: str | None = None) -> Path:
+    _draw(split / "img_1.jpg")
+    (split / COCO_FILE).write_text(json.dumps(data or _coco()) if text is None else text)
+    return split
+
+
+def _via(filename: str = "a.jpg", regions: list[Any] | None = None) -> dict[str, Any]:
+    square = {"name": "polygon", "all_points_x": [5, 30, 30, 5], "all_points_y": [5, 5, 30, 30]}
+    regions = [{"shape_attributes": square, "region_attributes": {}}] if regions is None else regions
+    return {f"{filename}123": {"filename": filename, "size": 123, "regions": regions, "file_attributes": {}}}
+
+
+def _via_split(split: Path, data: dict[str, Any] | None = None, text: str | None = None) -> Path:
+    _draw(split / "a.jpg")
+    (split / VIA_FILE).write_text(json.dumps(data or _via()) if text is None else text)
+    return split
+
+
+def _one_problem(error: DataValidationError, what: str, where: str, fix: str) -> None:
+    """The report holds exactly one problem, and its lines name what, where (file and entry) and the fix."""
+    report = str(error)
+    assert error.total == 1, report
+    assert "Traceback" not in report
+    problem = error.problems[0]
+    assert what in problem.what, report
+    assert where in problem.where, report
+    assert fix in problem.fix, report
+    assert f"1. {problem.what} at {problem.where}\n     fix: {problem.fix}" in report
+
+
+# --- 1. deep nesting
+
+
+@pytest.mark.parametrize("where", ["top", "field"])
+def test_coco_nested_100000_levels_is_one_problem(tmp_path: Path, where: str) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    text = deep if where == "top" else json.dumps(_coco()).replace('"segmentation": [', f'"segmentation": [{deep}, ', 1)
+    split = _coco_split(tmp_path / "train", text=text)
+    with pytest.raises(DataValidationError) as info:
+        validate_coco(split)
+    _one_problem(info.value, "nested too deeply to read", f"train/{COCO_FILE}", "export the annotations again")
+
+
+def test_via_nested_100000_levels_is_one_problem(tmp_path: Path) -> None:
+    split = _via_split(tmp_path / "train", text='{"a": ' + '{"b": ' * 100_000 + "1" + "}" * 100_001)
+    with pytest.raises(DataValidationError) as info:
+        validate_via(split)
+    _one_problem(info.value, "nested too deeply to read", f"train/{VIA_FILE}", "export the annotations again")
+
+
+# --- 2. an integer of 5,000 digits
+
+
+def test_coco_5000_digit_integer_names_file_line_and_column(tmp_path: Path) -> None:
+    text = json.dumps(_coco(), indent=1).replace(f'"width": {WIDTH}', '"width": ' + "9" * 5000, 1)
+    offset = text.index("9" * 5000)
+    line = text.count("\n", 0, offset) + 1
+    column = offset - text.rfind("\n", 0, offset)
+    split = _coco_split(tmp_path / "train", text=text)
+    with pytest.raises(DataValidationError) as info:
+        validate_dataset(tmp_path, "coco", {"train": "train"}, COCO_FILE)
+    _one_problem(
+        info.value,
+        "holds an integer of 5000 digits, which Python refuses to read",
+        f"train/{COCO_FILE}: line {line}, column {column}",
+        "correct or delete the number there, or export the annotations again",
+    )
+    assert split.is_dir()
+
+
+def test_via_negative_5000_digit_integer(tmp_path: Path) -> None:
+    text = json.dumps(_via()).replace('"size": 123', '"size": -' + "1" * 5000)
+    split = _via_split(tmp_path / "val", text=text)
+    with pytest.raises(DataValidationError) as info:
+        validate_via(split)
+    _one_problem(info.value, "integer of 5000 digits", f"val/{VIA_FILE}: line 1, column ", "export the annotations")
+
+
+# --- 3. file names that lead outside the dataset
+
+_opened: list[str] | None = None
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if _opened is not None and event == "open" and isinstance(args[0], str | bytes | os.PathLike):
+        _opened.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.fixture
+def opened() -> Iterator[list[str]]:
+    """Every file opened while the test runs (the interpreter's 'open' audit event)."""
+    global _opened
+    _opened = []
+    try:
+        yield _opened
+    finally:
+        _opened = None
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> Path:
+    """A valid image outside the dataset: a leak would decode it without complaint."""
+    path = tmp_path / "outside" / "secret.jpg"
+    _draw(path)
+    return path
+
+
+def _outside_names(secret: Path, depth: int) -> list[str]:
+    return ["../" * depth + "outside/secret.jpg", str(secret), "sub/../" + "../" * depth + "outside/secret.jpg"]
+
+
+@pytest.mark.parametrize("check_images", [True, False])
+def test_coco_file_name_outside_the_split_is_refused_unopened(
+    tmp_path: Path, secret: Path, opened: list[str], check_images: bool
+) -> None:
+    for index, name in enumerate([*_outside_names(secret, 2), "../../../../etc/passwd"]):
+        root = tmp_path / f"ds{index}"
+        _coco_split(root / "train", _coco(file_name=name))
+        with pytest.raises(DataValidationError) as info:
+            validate_dataset(root, "coco", {"train": "train"}, COCO_FILE, check_images=check_images)
+        _one_problem(
+            info.value,
+            "image field 'file_name' is invalid: Input should be a path inside the split folder",
+            f"train/{COCO_FILE}: images[0] (id 1, {name!r})",
+            "relative to the split folder, inside it (no absolute path, no '..')",
+        )
+    assert any(path.endswith(COCO_FILE) for path in opened)  # the audit hook sees what is opened
+    assert not [path for path in opened if "secret" in path or path.endswith("passwd")]
+
+
+@pytest.mark.parametrize("check_images", [True, False])
+def test_via_filename_outside_the_split_is_refused_unopened(
+    tmp_path: Path, secret: Path, opened: list[str], check_images: bool
+) -> None:
+    for index, name in enumerate([*_outside_names(secret, 2), "/etc/passwd"]):
+        root = tmp_path / f"ds{index}"
+        _via_split(root / "train", _via(filename=name))
+        with pytest.raises(DataValidationError) as info:
+            validate_dataset(root, "via", {"train": "train"}, VIA_FILE, check_images=check_images)
+        _one_problem(
+            info.value,
+            "'filename' points outside the split folder",
+            f"train/{VIA_FILE}: entry {name + '123'!r} (filename {name!r})",
+            "set 'filename' to the image's path relative to the split folder, inside it",
+        )
+    assert not [path for path in opened if "secret" in path or path.endswith("passwd")]
+
+
+def test_file_names_inside_the_split_still_pass(tmp_path: Path) -> None:
+    split = _coco_split(tmp_path / "train")
+    _draw(split / "deep" / "x..y.jpg")  # dots in a name are not '..'
+    _draw(split / "..hidden.jpg")
+    data = _coco()
+    for image_id, name in [(2, "deep/x..y.jpg"), (3, "..hidden.jpg"), (4, "./deep/x..y.jpg")]:
+        data["images"].append({"id": image_id, "file_name": name, "width": WIDTH, "height": HEIGHT})
+    (split / COCO_FILE).write_text(json.dumps(data))
+    assert validate_coco(split).images == 4
+    via = _via_split(tmp_path / "via", _via(filename="..a.jpg"))
+    _draw(via / "..a.jpg")
+    assert validate_via(via).images == 1
+
+
+# --- 4. RLE segmentation
+
+
+def _rle_problem(tmp_path: Path, segmentation: Any) -> DataValidationError:
+    split = _coco_split(tmp_path / "train", _coco(segmentation=segmentation, iscrowd=1))
+    with pytest.raises(DataValidationError) as info:
+        validate_coco(split)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("segmentation", "what"),
+    [
+        ({"counts": "!!!garbage", "size": [HEIGHT, WIDTH]}, "RLE segmentation 'counts' is not a valid string"),
+        ({"counts": "0" * 10, "size": [HEIGHT, WIDTH]}, f"'counts' cover 0 pixels, not {HEIGHT}x{WIDTH} = 3072"),
+        ({"counts": "Rg", "size": [HEIGHT, WIDTH]}, "'counts' is not a valid string"),  # ends mid-number
+        ({"counts": "2@", "size": [HEIGHT, WIDTH]}, "'counts' is not a valid string"),  # a negative run
+        ({"counts": [100, 200], "size": [HEIGHT, WIDTH]}, f"'counts' cover 300 pixels, not {HEIGHT}x{WIDTH}"),
+        ({"counts": [3000, -5, 77], "size": [HEIGHT, WIDTH]}, "'counts' is not a valid list of pixel counts"),
+        ({"counts": {"a": 1}, "size": [HEIGHT, WIDTH]}, "'counts' is not a valid list of pixel counts"),
+        ({"counts": [HEIGHT * WIDTH], "size": [WIDTH, HEIGHT]}, f"size [{WIDTH}, {HEIGHT}] differs from the image's"),
+        ({"counts": [HEIGHT * WIDTH], "size": [HEIGHT]}, "RLE segmentation 'size' is [48], not [height, width]"),
+        ({"counts": [HEIGHT * WIDTH]}, "RLE segmentation 'size' is None, not [height, width]"),
+    ],
+)
+def test_bad_rle_is_one_problem(tmp_path: Path, segmentation: Any, what: str) -> None:
+    _one_problem(
+        _rle_problem(tmp_path, segmentation),
+        what,
+        f"train/{COCO_FILE}: annotation id 7 (image id 1, 'img_1.jpg')",
+        "export the masks again, or replace the RLE with polygons",
+    )
+
+
+def test_rle_written_by_pycocotools_passes(tmp_path: Path) -> None:
+    mask_util = pytest.importorskip("pycocotools.mask")
+    mask = np.zeros((HEIGHT, WIDTH), dtype=np.uint8, order="F")
+    mask[5:30, 8:40] = 1
+    compressed = mask_util.encode(mask)
+    compressed["counts"] = compressed["counts"].decode()
+    split = _coco_split(tmp_path / "train", _coco(segmentation=compressed, iscrowd=1))
+    assert validate_coco(split).annotations == 1
+    # The same mask uncompressed: runs of 0s and 1s down the columns (column-major), 0s first.
+    runs = [HEIGHT * 8 + 5, *[25, HEIGHT - 25] * 31, 25, HEIGHT - 30 + HEIGHT * (WIDTH - 40)]
+    assert _rle_runs(compressed["counts"]) == runs
+    (split / COCO_FILE).write_text(json.dumps(_coco(segmentation={"counts": runs, "size": [HEIGHT, WIDTH]})))
+    assert validate_coco(split).annotations == 1
+
+
+def test_compressed_rle_runs_match_pycocotools() -> None:
+    """The structural decoder reads pycocotools' strings back to the runs of the mask they encode."""
+    mask_util = pytest.importorskip("pycocotools.mask")
+    rng = np.random.default_rng(0)
+    for height, width in [(1, 1), (7, 5), (48, 64), (300, 200)]:
+        for density in (0.0, 0.02, 0.5, 1.0):
+            mask = np.asfortranarray((rng.random((height, width)) < density).astype(np.uint8))
+            counts = mask_util.encode(mask)["counts"].decode()
+            runs = _rle_runs(counts)
+            assert runs is not None and sum(runs) == height * width
+            flat = np.repeat(np.arange(len(runs)) % 2, runs).astype(np.uint8)
+            assert np.array_equal(flat.reshape((width, height)).T, mask)
+
+
+# --- 5. negative area
+
+
+def test_negative_area_is_one_problem(tmp_path: Path) -> None:
+    split = _coco_split(tmp_path / "train", _coco(area=-200))
+    with pytest.raises(DataValidationError) as info:
+        validate_coco(split)
+    _one_problem(
+        info.value,
+        "annotation field 'area' is invalid: Input should be greater than or equal to 0 (got -200)",
+        f"train/{COCO_FILE}: annotations[0] (id 7)",
+        "set area to the object's area in pixels (0 or more)",
+    )
+
+
+def test_missing_or_zero_area_passes(tmp_path: Path) -> None:
+    data = _coco(area=0)
+    data["annotations"].append({**_coco()["annotations"][0], "id": 8})
+    del data["annotations"][1]["area"]
+    assert validate_coco(_coco_split(tmp_path / "train", data)).annotations == 2
+
+
+# --- 6. a train split without annotations
+
+
+def test_coco_train_split_without_annotations_is_one_problem(tmp_path: Path) -> None:
+    data = _coco()
+    data["annotations"] = []
+    _coco_split(tmp_path / "train", data)
+    with pytest.raises(DataValidationError) as info:
+        validate_dataset(tmp_path, "coco", {"train": "train"}, COCO_FILE)
+    _one_problem(
+        info.value,
+        "train split has no annotations (1 images, 0 annotations)",
+        f"train/{COCO_FILE}",
+        "check the export",
+    )
+
+
+def test_via_train_split_without_regions_is_one_problem(tmp_path: Path) -> None:
+    _via_split(tmp_path / "training", _via(regions=[]))
+    with pytest.raises(DataValidationError) as info:
+        validate_dataset(tmp_path, "via", {"train": "training"}, VIA_FILE)
+    _one_problem(info.value, "train split has no annotations (1 images, 0 regions)", f"training/{VIA_FILE}", "export")
+
+
+def test_val_split_without_annotations_is_allowed(tmp_path: Path) -> None:
+    _coco_split(tmp_path / "train")
+    data = _coco()
+    data["annotations"] = []
+    _coco_split(tmp_path / "valid", data)
+    summaries = validate_dataset(tmp_path, "coco", {"train": "train", "val": "valid"}, COCO_FILE)
+    assert summaries["val"].annotations == 0
