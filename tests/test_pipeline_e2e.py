@@ -7,6 +7,7 @@ the ClearML offline sessions.
 from __future__ import annotations
 
 import json
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +62,65 @@ def test_every_output_is_strict_json(pipeline_run: dict[str, Any]) -> None:
     metrics = _strict_json(out / "run" / "evaluate" / "metrics.json")
     assert metrics["bbox"]["APl"] is None
     written = [
-        path
-        for path in sorted((out / "run").rglob("*.json"))
-        if "train" not in path.relative_to(out / "run").parts[:1]
+        path for path in sorted((out / "run").rglob("*.json")) if "train" not in path.relative_to(out / "run").parts[:1]
     ]
     written += sorted((out / "registry").rglob("*.json"))
     assert any(p.name == "metadata.json" for p in written) and any(p.name == "record.json" for p in written)
     for path in written:
         _strict_json(path)
+
+
+class _ReportParser(HTMLParser):
+    """What report.html shows: the tables' rows, the PR polylines, the embedded images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self.polylines: list[str] = []
+        self.images: list[str] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "polyline":
+            self.polylines.append(str(values["data-series"]))
+        elif tag == "img":
+            self.images.append(str(values["alt"]))
+            assert str(values["src"]).startswith("data:image/jpeg;base64,"), "the report is one file"
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell))
+            self._cell = None
+
+
+def test_report_html_shows_the_figures_clearml_received(pipeline_run: dict[str, Any]) -> None:
+    """report.html is built from the evaluate and infer sessions' own events: the same per-class AP,
+    PR curves, confusion matrix and debug images a ClearML server would have shown."""
+    parser = _ReportParser()
+    parser.feed((pipeline_run["out"] / "report.html").read_text())
+    summary = pipeline_run["summary_file"]
+    metrics = _strict_json(pipeline_run["out"] / "run" / "evaluate" / "metrics.json")
+    classes = list(summary["bbox"]["per_class"])
+    headline, per_class, confusion = parser.tables
+    assert headline[0] == ["bbox AP / AP50 / AP75", f"{summary['bbox']['AP']:.1f} / {summary['bbox']['AP50']:.1f} / "
+                           f"{summary['bbox']['AP75']:.1f}"]  # fmt: skip
+    assert per_class[1:] == [[name, f"{ap:.1f}"] for name, ap in summary["bbox"]["per_class"].items()]
+    assert sorted(parser.polylines) == sorted(classes)
+    assert confusion[0][1:] == metrics["confusion_labels"]
+    assert [[int(v) for v in row[1:]] for row in confusion[1:]] == metrics["confusion_matrix"]
+    shown = {alt.rpartition(" ")[0] for alt in parser.images}
+    assert len(shown) == 4 and len(parser.images) == 8, "smoke.yaml's debug_images: raw beside predictions"
 
 
 def test_every_step_left_an_offline_session(pipeline_run: dict[str, Any]) -> None:
