@@ -47,8 +47,12 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -546,21 +550,59 @@ def restore_checkpoints(uri: str, local_dir: Path, expected: RunRecord) -> bool:
 
 
 class CheckpointOnStop(HookBase):
-    """Saves a checkpoint when training is stopped from outside, so the rerun continues from there.
+    """Stops training at an iteration boundary when told to from outside, saving a checkpoint there.
 
-    Training that ends on an exception marked ``checkpoint_on_stop = True`` (SIGTERM turned into
-    :class:`d2ops.pipeline.StepStopped` by the step runner: an agent's abort, a pre-empted worker)
-    saves the weights, optimizer and scheduler as of the last completed iteration before the
-    exception leaves detectron2's loop (``after_train`` runs in its ``finally``). It is listed in
-    the run record like any checkpoint, and :class:`CheckpointSync`, after it, mirrors it. Errors
-    (a diverged loss, a bug) save nothing: their state is not worth resuming.
+    SIGTERM (an agent's abort, a pre-empted worker) becomes :class:`d2ops.pipeline.StepStopped` in the
+    step runner's handler. While detectron2's loop runs, this hook defers it to the start of the next
+    iteration: raised in the middle of one (inside the optimizer's parameter loop, or after the LR
+    scheduler hook stepped but before the iteration counter moved), the saved weights, optimizer and
+    scheduler would disagree about how far training got, and the rerun would step the scheduler past
+    its end. A second SIGTERM stops at once. A stop that arrives during the last iteration is raised
+    by :meth:`raise_pending` once ``train()`` has returned (its final checkpoint is already saved).
+
+    Training that ends on an exception marked ``checkpoint_on_stop = True`` saves the state as of the
+    last completed iteration before the exception leaves detectron2's loop (``after_train`` runs in its
+    ``finally``). It is listed in the run record like any checkpoint, and :class:`CheckpointSync`,
+    after it, mirrors it. Errors (a diverged loss, a bug) save nothing: their state is not worth resuming.
     """
 
+    def __init__(self) -> None:
+        self._pending: Callable[[], Any] | None = None
+        self._previous: Any = None
+
+    def before_train(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only
+        previous = signal.getsignal(signal.SIGTERM)
+        if not callable(previous):
+            return  # no handler that stops the step (the default one ends the process by itself)
+
+        def defer(signum: int, frame: Any) -> None:
+            if self._pending is not None:
+                previous(signum, frame)  # told twice: stop now
+            self._pending = partial(previous, signum, frame)
+            log.warning("SIGTERM: training stops after iteration %d (send it again to stop at once)", self.trainer.iter)
+
+        self._previous = previous
+        signal.signal(signal.SIGTERM, defer)
+
+    def before_step(self) -> None:
+        self.raise_pending()
+
+    def raise_pending(self) -> None:
+        """Raise the deferred stop (the step runner's handler raises it), if one came."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending()
+
     def after_train(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
         stopped = sys.exc_info()[1]
         if stopped is None or not getattr(stopped, "checkpoint_on_stop", False) or not comm.is_main_process():
             return
-        # detectron2 stopped inside iteration `iter`; the last completed one is iter - 1.
+        # Raised in before_step of iteration `iter`: the last completed one is iter - 1.
         iteration = self.trainer.iter - 1
         if iteration < self.trainer.start_iter:
             return

@@ -261,6 +261,9 @@ def _fit(job: TrainJob, reporter: Reporter) -> dict[str, Any]:
     log.info("training on %s from iteration %d to %d", job.d2.MODEL.DEVICE, trainer.start_iter, trainer.max_iter)
     try:
         trainer.train()
+        for hook in trainer._hooks:  # detectron2 keeps the registered hooks there (no public accessor)
+            if isinstance(hook, CheckpointOnStop):
+                hook.raise_pending()  # a stop that came during the last iteration
     except FloatingPointError as err:
         raise TrainingDiverged(_diverged_message(str(err).rsplit("=", 1)[-1].rstrip("!"))) from err
     metrics = _flatten(getattr(trainer, "_last_eval_results", None) or {})
