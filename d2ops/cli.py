@@ -10,7 +10,9 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from d2ops.config import ConfigError, load_config
@@ -128,8 +130,15 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
     try:
         launched = None if agent else load_config(args.config, overrides)
         if args.offline:
+            from d2ops.report import format_summary, write_outputs
+
+            assert launched is not None  # --offline never runs on an agent
+            tic = time.perf_counter()
             run = run_offline(args.config, overrides)
-            print(json.dumps(run.sessions, indent=2))
+            out = Path(launched.runtime.output_dir)
+            summary, report = write_outputs(run, out, time.perf_counter() - tic,
+                                            debug_images=launched.inference.debug_images)  # fmt: skip
+            print(format_summary(summary, out / "summary.json", report))
             return 0
         cfg = controller_experiment(launched)
         if not agent:

@@ -63,7 +63,7 @@ def summarize(run: Any, seconds: float) -> dict[str, Any]:
         "champion_gate": register.get("champion_gate"),
         "model_bundle": register["bundle"],
         "model_registration": register["registration"],
-        "predictions": run.steps["infer"].artifacts.get("predictions"),
+        "predictions": run.steps["infer"].values.get("predictions_json"),
         "clearml_sessions": run.sessions,
         "train_seconds": run.steps["train"].values.get("seconds"),
         "device": run.steps["train"].values.get("device"),

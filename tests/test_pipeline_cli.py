@@ -155,7 +155,15 @@ def test_offline_pipeline_from_s3_with_a_failing_gate_leaks_no_credentials(tmp_p
     assert not (tmp_path / "refused-clearml").exists()
     assert all(key.startswith(("datasets/", "runs/")) for key in uploaded), uploaded
 
-    sessions = json.loads(proc.stdout[proc.stdout.index("{") :])
+    # It ends as the demo does: headline numbers, the gate verdict, the bundle, and summary.json and
+    # report.html beside the run's outputs.
+    assert "d2ops: offline pipeline finished" in proc.stdout and "FAILED" in proc.stdout
+    assert f"summary written to {tmp_path / 'run' / 'summary.json'}" in proc.stdout
+    assert f"report written to  {tmp_path / 'run' / 'report.html'}" in proc.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["quality_gate"]["passed"] is False and Path(summary["model_bundle"]).is_dir()
+    assert (tmp_path / "run" / "report.html").stat().st_size > 0
+    sessions = summary["clearml_sessions"]
     assert list(sessions) == ["download", "train", "evaluate", "infer", "register"]
     register = Path(sessions["register"])
     record = json.loads(next(register.glob("data/**/artifacts/model_registration/*.json")).read_text())
