@@ -13,13 +13,24 @@ import copy
 import hashlib
 import json
 import re
+import types
+import typing
 import warnings
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 __all__ = [
@@ -133,6 +144,25 @@ def _scrubbed(message: str, *sources: Any) -> str:
     return message
 
 
+# The strings a user writes for "nothing" where YAML's own null (null, ~, empty) was meant: ``--set
+# model.weights=None`` reaches the schema as the string "None".
+_NULL_WORDS = frozenset({"None", "none", "NONE", "null", "Null", "NULL", "~"})
+
+
+def _admits_none(annotation: Any) -> bool:
+    """Whether a field's type is ``X | None`` (or ``Optional[X]``, or ``Any``)."""
+    if annotation is Any or annotation is None or annotation is type(None):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_admits_none(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+@cache
+def _nullable_fields(model: type[BaseModel]) -> frozenset[str]:
+    return frozenset(name for name, field in model.model_fields.items() if _admits_none(field.annotation))
+
+
 class _Strict(BaseModel):
     # hide_input_in_errors: a ValidationError printed as it is never shows a rejected value (it may
     # hold a credential); parse_config's own messages show them masked.
@@ -149,6 +179,27 @@ class _Strict(BaseModel):
             message = _URI_ADVICE if kind == "uri" else f"credentials are not allowed in a config; {_KEY_ADVICE}"
             raise PydanticCustomError("credentials_in_config", message, {"where": _dotted(path)})
         return value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _null_words(cls, value: Any, info: ValidationInfo) -> Any:
+        """``None``, ``null`` and ``~`` mean null for every nullable key, in YAML files and in ``--set``
+        (where YAML reads ``None`` as a string); a key that cannot be null says so, with its default."""
+        word = isinstance(value, str) and value.strip() in _NULL_WORDS
+        if value is not None and not word:
+            return value
+        name = info.field_name or ""
+        if name in _nullable_fields(cls):
+            return None
+        field = cls.model_fields.get(name)
+        default = None if field is None or field.is_required() else field.get_default(call_default_factory=True)
+        default = default.model_dump(mode="json") if isinstance(default, BaseModel) else default
+        if field is None or field.is_required():
+            raise PydanticCustomError("not_nullable", "cannot be null: this key is required, give it a value")
+        raise PydanticCustomError(
+            "not_nullable",
+            f"cannot be null: give it a value, or leave the key out for its default ({_masked(default)!r})",
+        )
 
 
 SplitRole = Literal["train", "val", "test"]
@@ -502,6 +553,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  - {key}: got {got}, allowed: {allowed}")
         elif kind == "missing":
             lines.append(f"  - {key}: required key is missing")
+        elif kind == "not_nullable":
+            lines.append(f"  - {key}: {item['msg']}")
         else:
             msg = item["msg"].removeprefix("Value error, ")
             # Never echo a rejected value that may hold a secret (it would land in logs).

@@ -493,3 +493,39 @@ def test_yaml_dump_of_config_has_no_secrets() -> None:
     for path in CONFIGS:
         dumped = yaml.safe_load(load_config(path).to_yaml())
         assert not _secret_values(dumped), path.name
+
+
+# --- null: None, null and ~ ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("word", ["None", "none", "null", "~", "NULL"])
+def test_none_means_null_for_every_nullable_key(word: str) -> None:
+    """``--set model.weights=None`` reaches the schema as the string "None": it is null, not a path."""
+    keys = [
+        "model.weights",
+        "inference.source",
+        "clearml.output_uri",
+        "runtime.resume_from",
+        "data.dataset_id",
+        "data.val_fraction",
+        "clearml.steps.train.time_limit_min",
+    ]
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"{key}={word}" for key in keys])
+    assert cfg.model.weights is None and cfg.inference.source is None and cfg.clearml.output_uri is None
+    assert cfg.runtime.resume_from is None and cfg.data.dataset_id is None and cfg.data.val_fraction is None
+    assert cfg.clearml.steps["train"].time_limit_min is None
+
+
+def test_none_string_in_a_yaml_file_is_null(tmp_path: Path) -> None:
+    path = _write(tmp_path, yaml.safe_dump(_minimal()) + "inference: {source: None}\n")
+    assert load_config(path, ["model.weights=None"]).inference.source is None
+
+
+def test_a_key_that_cannot_be_null_says_so_with_every_such_key_at_once() -> None:
+    overrides = ["solver.max_iter=None", "name=null", "data.source=~", "registry.quality_gate=None"]
+    with pytest.raises(ConfigError) as info:
+        load_config(ROOT / "configs" / "smoke.yaml", overrides)
+    message = str(info.value)
+    assert "solver.max_iter: cannot be null: give it a value, or leave the key out for its default (1000)" in message
+    assert "name: cannot be null" in message and "registry.quality_gate: cannot be null" in message
+    assert "data.source: cannot be null: this key is required" in message
