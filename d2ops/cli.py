@@ -95,7 +95,8 @@ def step_main(step: str, argv: Sequence[str] | None = None) -> int:
     user_errors = user_errors_types()
     try:
         if not agent:
-            load_config(args.config, _overrides(args))  # fail before any ClearML task is created
+            # Every config mistake in one message, before any ClearML task is created or data moves.
+            load_config(args.config, _overrides(args), launch=True)
         result = run_step(
             step,
             step_parameters(step, args.config or "", _overrides(args), inputs),
@@ -128,7 +129,8 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
     overrides = _overrides(args)
     user_errors = user_errors_types()
     try:
-        launched = None if agent else load_config(args.config, overrides)
+        # Every config mistake (schema, detectron2 keys) in one message, before any task or transfer.
+        launched = None if agent else load_config(args.config, overrides, launch=True)
         if args.offline:
             from d2ops.report import format_summary, write_outputs
 
@@ -187,7 +189,8 @@ def schedule_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging()
     try:
-        docker_image = load_config(args.config, args.overrides).clearml.docker_image if args.config else None
+        launched = load_config(args.config, args.overrides, launch=True) if args.config else None
+        docker_image = launched.clearml.docker_image if launched else None
         common: dict[str, Any] = {
             "queue": args.pipeline_queue or args.queue,
             "name": args.name,

@@ -10,6 +10,7 @@ Credentials never live here: S3 keys come from the environment or clearml.conf.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import re
@@ -17,6 +18,7 @@ import types
 import typing
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +41,7 @@ __all__ = [
     "apply_overrides",
     "check_overrides",
     "config_hash",
+    "detectron2_problems",
     "load_config",
     "uri_userinfo",
 ]
@@ -313,7 +316,11 @@ class SolverConfig(_Strict):
     def _steps_inside(self) -> SolverConfig:
         bad = [s for s in self.steps if not 0 < s < self.max_iter]
         if bad:
-            raise ValueError(f"solver.steps {bad} must lie strictly between 0 and solver.max_iter ({self.max_iter})")
+            raise PydanticCustomError(
+                "steps_outside",
+                "{bad} must lie strictly between 0 and solver.max_iter ({max_iter})",
+                {"bad": bad, "steps": list(self.steps), "max_iter": self.max_iter},
+            )
         return self
 
 
@@ -534,10 +541,34 @@ class ExperimentConfig(_Strict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+@dataclass(frozen=True)
+class _Launch:
+    """What the error messages may say about how a config was given: the keys set with ``--set`` and
+    the file's own solver.max_iter (to suggest steps at the same fractions of a shrunk max_iter)."""
+
+    set_keys: frozenset[str] = frozenset()
+    file_max_iter: int | None = None
+
+
+def _steps_fix(ctx: dict[str, Any], launch: _Launch) -> str:
+    """The exact ``--set`` line that fixes solver.steps outside (0, max_iter)."""
+    max_iter, steps = int(ctx["max_iter"]), [int(s) for s in ctx["steps"]]
+    shrunk = "solver.max_iter" in launch.set_keys and "solver.steps" not in launch.set_keys
+    old = launch.file_max_iter if shrunk else None
+    scaled = sorted({round(s * max_iter / old) for s in steps} if old else set())  # the same fractions
+    scaled = [s for s in scaled if 0 < s < max_iter] or sorted({max_iter * 2 // 3, max_iter * 9 // 10} - {0})
+    below = f"--set solver.steps=[{','.join(str(s) for s in scaled)}]" if scaled else ""
+    fix = "--set solver.steps=[] (no lr drops)" + (f" or steps below it, e.g. {below}" if below else "")
+    if shrunk:
+        return f"; --set solver.max_iter={max_iter} leaves the config's solver.steps {steps} past the end: add {fix}"
+    return f"; fix: {fix}"
+
+
+def _validation_lines(err: ValidationError, launch: _Launch | None = None) -> list[str]:
     """One line per error, naming the key. A rejected value is shown only with its credential-looking
     keys' values and its URIs with credentials masked, at any depth (the message lands in logs)."""
-    lines = [f"invalid config {source}:"]
+    launch = launch or _Launch()
+    lines: list[str] = []
     for item in err.errors():
         key = ".".join(str(_show_key(p)) for p in item["loc"]) or "<root>"
         kind = item["type"]
@@ -555,12 +586,19 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  - {key}: required key is missing")
         elif kind == "not_nullable":
             lines.append(f"  - {key}: {item['msg']}")
+        elif kind == "steps_outside":
+            lines.append(f"  - {key}.steps: {item['msg']}{_steps_fix(item.get('ctx', {}), launch)}")
         else:
             msg = item["msg"].removeprefix("Value error, ")
             # Never echo a rejected value that may hold a secret (it would land in logs).
             shown = "" if key.endswith("docker_args") else f" (got {got})"
             lines.append(f"  - {key}: {msg}{shown}")
-    return "\n".join(lines)
+    return lines
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    """The schema's errors as :class:`ConfigError`'s message: a header naming the source, one line each."""
+    return "\n".join([f"invalid config {source}:", *_validation_lines(err)])
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -611,6 +649,88 @@ def check_overrides(overrides: list[str] | tuple[str, ...]) -> None:
         raise ConfigError(f"--set {_dotted(path)}: {advice}")
 
 
+def _d2_keys(node: Any, prefix: str = "") -> Iterator[str]:
+    """Every dotted key of a detectron2 CfgNode (sections and leaves)."""
+    for name, child in node.items():
+        key = f"{prefix}{name}"
+        yield key
+        if isinstance(child, dict):
+            yield from _d2_keys(child, f"{key}.")
+
+
+def _zoo_configs() -> list[str]:
+    """The model-zoo config names (COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml, ...)."""
+    import detectron2.model_zoo
+
+    root = Path(detectron2.model_zoo.__file__).parent / "configs"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.yaml")) if root.is_dir() else []
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=2, cutoff=0.8)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def detectron2_problems(raw: Any) -> list[str]:
+    """``model.zoo_config`` and every ``model.overrides`` key checked against detectron2's own config
+    (get_cfg() plus what the zoo config or a local model.config_file adds), the closest real key
+    suggested for a typo, and each override's value merged to check its type. One line per problem.
+
+    Imports detectron2 (and torch: about 2 s), so it runs at launch (``load_config(..., launch=True)``),
+    not in the schema. A raw dict whose model section is broken is checked as far as it goes.
+    """
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if not isinstance(model, dict):
+        return []
+    from detectron2 import model_zoo
+    from detectron2.config import get_cfg
+
+    problems: list[str] = []
+    d2 = get_cfg()
+    d2.set_new_allowed(True)
+    zoo, config_file = model.get("zoo_config"), model.get("config_file")
+    if isinstance(zoo, str) and zoo.strip() not in _NULL_WORDS | {""}:
+        try:
+            d2.merge_from_file(model_zoo.get_config_file(zoo))
+        except RuntimeError:
+            problems.append(
+                f"model.zoo_config: {zoo!r} is not in detectron2's model zoo"
+                f"{_did_you_mean(zoo, _zoo_configs()) or ' (e.g. COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml)'}"
+            )
+    elif isinstance(config_file, str) and "://" not in config_file and Path(config_file).is_file():
+        try:
+            d2.merge_from_file(config_file)
+        except Exception as err:  # yacs and yaml raise many kinds; all mean "not a detectron2 config"
+            problems.append(f"model.config_file: {config_file} is not a detectron2 config ({type(err).__name__})")
+    d2.set_new_allowed(False)
+    overrides = model.get("overrides")
+    if not isinstance(overrides, dict):
+        return problems
+    keys = sorted(_d2_keys(d2))
+    known = set(keys)
+    for key, value in overrides.items():
+        head = str(key).split(".")[0]
+        if not isinstance(key, str) or not head or head != head.upper():
+            continue  # the schema names it (not upper case)
+        if key not in known:
+            problems.append(f"model.overrides.{key}: not a key of detectron2's config{_did_you_mean(key, keys)}")
+            continue
+        node: Any = d2
+        for part in key.split("."):
+            node = node[part]
+        if isinstance(node, dict):
+            problems.append(
+                f"model.overrides.{key}: is a section of detectron2's config, not a key; name keys under it, "
+                f"e.g. {key}.{next(iter(node), 'NAME')}"
+            )
+            continue
+        try:
+            d2.merge_from_list([key, value])
+        except (KeyError, AttributeError, AssertionError, ValueError, TypeError) as err:
+            problems.append(f"model.overrides.{key}: {err} (the value must have the type of detectron2's default)")
+    return problems
+
+
 def _reject_secrets(tree: Any, path: tuple[str | int, ...] = ()) -> None:
     """A credential-looking key anywhere in the raw config (lists of mappings included) is an error."""
     for where, kind in _credentials_in(tree, path):
@@ -621,19 +741,30 @@ def _reject_secrets(tree: Any, path: tuple[str | int, ...] = ()) -> None:
             )
 
 
-def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+def parse_config(
+    raw: dict[str, Any], source: str = "<dict>", *, launch: bool = False, _given: _Launch | None = None
+) -> ExperimentConfig:
     """Validate a raw config dict into an :class:`ExperimentConfig`.
 
-    No error message contains a value of a credential-looking key or a URI with credentials.
+    Every problem is reported in one :class:`ConfigError`: the schema's errors and, with ``launch``,
+    the checks that import detectron2 (:func:`detectron2_problems`). No error message contains a value
+    of a credential-looking key or a URI with credentials.
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid config {source}: the top level must be a mapping of sections")
     try:
         _reject_secrets(raw)
+        problems: list[str] = []
+        cfg: ExperimentConfig | None = None
         try:
-            return ExperimentConfig.model_validate(raw)
+            cfg = ExperimentConfig.model_validate(raw)
         except ValidationError as err:
-            raise ConfigError(_format_validation_error(err, source)) from None
+            problems += _validation_lines(err, _given)
+        if launch:
+            problems += [f"  - {line}" for line in detectron2_problems(raw)]
+        if problems or cfg is None:
+            raise ConfigError("\n".join([f"invalid config {source}:", *problems]))
+        return cfg
     except ConfigError as err:
         raise ConfigError(_scrubbed(str(err), raw)) from None
 
@@ -654,9 +785,22 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load, override and validate an experiment config."""
-    return parse_config(apply_overrides(read_config_file(path), overrides), str(path))
+def _set_keys(overrides: list[str] | None) -> frozenset[str]:
+    return frozenset(item.partition("=")[0].strip() for item in overrides or [] if "=" in item)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, *, launch: bool = False) -> ExperimentConfig:
+    """Load, override and validate an experiment config.
+
+    ``launch=True`` (``d2ops pipeline``, ``d2ops step``: before any task or transfer) adds the checks that
+    import detectron2: model.zoo_config and every model.overrides key against detectron2's config,
+    with the closest real key for a typo. Every problem comes in one :class:`ConfigError`.
+    """
+    raw = read_config_file(path)
+    solver = raw.get("solver") if isinstance(raw, dict) else None
+    file_max_iter = solver.get("max_iter") if isinstance(solver, dict) else None
+    given = _Launch(_set_keys(overrides), file_max_iter if isinstance(file_max_iter, int) else None)
+    return parse_config(apply_overrides(raw, overrides), str(path), launch=launch, _given=given)
 
 
 def config_hash(cfg: ExperimentConfig) -> str:

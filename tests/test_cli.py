@@ -61,3 +61,31 @@ def test_remote_flags_and_inputs_reach_the_step(monkeypatch: pytest.MonkeyPatch)
 def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["frobnicate"]) == 2
     assert "usage: d2ops" in capsys.readouterr().err
+
+
+def test_a_detectron2_key_typo_fails_the_step_launch_with_the_closest_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen = _capture_run_step(monkeypatch)
+    argv = ["--config", "configs/smoke.yaml", "--set", "model.overrides.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAG=256"]
+    assert step_main("download", argv) == 2
+    assert "did you mean MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE" in capsys.readouterr().err
+    assert not seen, "no ClearML task may be created for a bad config"
+
+
+def test_the_pipeline_reports_every_config_mistake_before_anything_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import d2ops.clearml.step as step_module
+    from d2ops.cli import pipeline_main
+
+    started: list[Any] = []
+    monkeypatch.setattr(step_module, "run_offline", lambda *a, **k: started.append(a))
+    argv = [
+        "--config", "configs/smoke.yaml", "--offline", "--set", "model.overrides.SOLVER.BASE_LRR=0.1",
+        "--set", "solver.max_iter=2", "--set", "solver.steps=[5]", "--set", "model.weights=None",
+    ]  # fmt: skip
+    assert pipeline_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "did you mean SOLVER.BASE_LR" in err and "--set solver.steps=[]" in err
+    assert not started

@@ -138,7 +138,7 @@ def test_override_key_must_look_like_detectron2() -> None:
 def test_solver_steps_outside_range() -> None:
     raw = {**_minimal(), "solver": {"max_iter": 100, "steps": [50, 100]}}
     message = _error(raw)
-    assert "solver.steps [100]" in message
+    assert "solver.steps: [100] must lie" in message
     assert "strictly between 0 and solver.max_iter (100)" in message
 
 
@@ -529,3 +529,84 @@ def test_a_key_that_cannot_be_null_says_so_with_every_such_key_at_once() -> None
     assert "solver.max_iter: cannot be null: give it a value, or leave the key out for its default (1000)" in message
     assert "name: cannot be null" in message and "registry.quality_gate: cannot be null" in message
     assert "data.source: cannot be null: this key is required" in message
+
+
+# --- at launch: detectron2's keys, steps, every problem in one message ----------------------------
+
+SMOKE = ROOT / "configs" / "smoke.yaml"
+ROBOFLOW = ROOT / "configs" / "roboflow.yaml"
+
+
+def _launch_error(path: Path, overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides, launch=True)
+    return str(info.value)
+
+
+def test_an_override_typo_is_found_at_launch_with_the_closest_key() -> None:
+    message = _launch_error(SMOKE, ["model.overrides.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAG=256"])
+    assert "model.overrides.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAG: not a key of detectron2's config" in message
+    assert "did you mean MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE" in message
+
+
+def test_an_override_of_the_wrong_type_or_a_section_is_found_at_launch() -> None:
+    message = _launch_error(SMOKE, ["model.overrides.TEST.DETECTIONS_PER_IMAGE=many", "model.overrides.MODEL.RPN=1"])
+    assert "model.overrides.TEST.DETECTIONS_PER_IMAGE: Type mismatch" in message
+    assert "model.overrides.MODEL.RPN: is a section of detectron2's config, not a key" in message
+
+
+def test_a_zoo_config_typo_is_found_at_launch_with_the_closest_name() -> None:
+    message = _launch_error(SMOKE, ["model.zoo_config=COCO-Detection/faster_rcnn_R50_FPN_3x.yaml"])
+    assert "model.zoo_config: 'COCO-Detection/faster_rcnn_R50_FPN_3x.yaml' is not in detectron2's model zoo" in message
+    assert "did you mean COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml" in message
+
+
+def test_without_launch_the_detectron2_keys_are_not_checked() -> None:
+    """Steps on agents load the config without importing detectron2 for it (the download step checks)."""
+    cfg = load_config(SMOKE, ["model.overrides.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAG=256"])
+    assert cfg.model.overrides["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAG"] == 256
+
+
+def test_shipped_configs_pass_the_launch_checks() -> None:
+    for path in CONFIGS:
+        load_config(path, launch=True)
+
+
+def test_steps_past_a_max_iter_shrunk_with_set_name_the_set_line_that_fixes_them() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(ROBOFLOW, ["solver.max_iter=100"])
+    message = str(info.value)
+    assert "solver.steps: [2000, 2700] must lie strictly between 0 and solver.max_iter (100)" in message
+    assert "--set solver.max_iter=100 leaves the config's solver.steps [2000, 2700] past the end" in message
+    assert "add --set solver.steps=[] (no lr drops) or steps below it, e.g. --set solver.steps=[67,90]" in message
+    fixed = load_config(ROBOFLOW, ["solver.max_iter=100", "solver.steps=[67,90]"])
+    assert fixed.solver.steps == [67, 90]
+
+
+def test_steps_outside_max_iter_in_a_file_name_the_fix() -> None:
+    raw = {**_minimal(), "solver": {"max_iter": 100, "steps": [50, 100]}}
+    assert "fix: --set solver.steps=[] (no lr drops) or steps below it" in _error(raw)
+
+
+def test_every_config_problem_comes_in_one_message() -> None:
+    """The schema's errors, the null check, the steps and detectron2's keys: all at once, one line each."""
+    overrides = [
+        "solver.max_iter=100",
+        "model.overrides.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAG=256",
+        "model.overrides.SOLVER.BASE_LRR=0.1",
+        "data.format=yolo",
+        "eval.f_beta=None",
+        "clearml.nope=1",
+    ]
+    message = _launch_error(ROBOFLOW, overrides)
+    assert message.startswith(f"invalid config {ROBOFLOW}:")
+    for expected in (
+        "data.format: got 'yolo'",
+        "eval.f_beta: cannot be null",
+        "clearml.nope: unknown key",
+        "--set solver.steps=[]",
+        "BATCH_SIZE_PER_IMAG: not a key of detectron2's config; did you mean MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+        "SOLVER.BASE_LRR: not a key of detectron2's config; did you mean SOLVER.BASE_LR",
+    ):
+        assert expected in message
+    assert message.count("\n  - ") == 6
