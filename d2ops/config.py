@@ -388,6 +388,24 @@ class ChampionGate(_Strict):
         return self
 
 
+#: In ``name``, ``registry.model_name`` and ``registry.tags``: the dataset's name, the last part of data.source.
+DATASET_PLACEHOLDER = "{dataset}"
+
+
+def _no_placeholder(value: Any) -> Any:
+    """``{dataset}`` left in a name: data.source has no last part to fill it with."""
+    if any(
+        isinstance(text, str) and DATASET_PLACEHOLDER in text
+        for text in (value if isinstance(value, list) else [value])
+    ):
+        raise PydanticCustomError(
+            "dataset_placeholder",
+            "{dataset} is the last part of data.source, which has none here: give the key a value, e.g. "
+            "--set name=my-run --set registry.model_name=my-model --set registry.tags=[my-data]",
+        )
+    return value
+
+
 class RegistryConfig(_Strict):
     model_name: str = "d2ops-detector"
     tags: list[str] = Field(default_factory=list)
@@ -397,6 +415,8 @@ class RegistryConfig(_Strict):
         default="outputs/registry",
         description="offline model registry: <local_dir>/<model_name>/ holds promoted bundles and the champion",
     )
+
+    _placeholder = field_validator("model_name", "tags")(_no_placeholder)
 
     @model_validator(mode="after")
     def _gate_tags_not_static(self) -> RegistryConfig:
@@ -521,6 +541,16 @@ class RuntimeConfig(_Strict):
     )
 
 
+def dataset_slug(source: str) -> str:
+    """The dataset's name as ``{dataset}`` spells it: the last part of ``data.source``
+    (``s3://minio:9000/datasets/aquarium/`` -> ``aquarium``), letters, digits and ``_.-`` only."""
+    scheme, _, rest = source.rpartition("://")
+    parts = [part for part in re.split(r"[/\\]", rest) if part and part != "."]
+    if scheme and parts and ":" in parts[0]:
+        parts = parts[1:]  # s3://host:port/bucket/prefix: the host is not the dataset
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", parts[-1] if parts else "").strip("-.")
+
+
 class ExperimentConfig(_Strict):
     """A whole experiment: the single source of truth for every step."""
 
@@ -533,6 +563,42 @@ class ExperimentConfig(_Strict):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     clearml: ClearMLConfig = Field(default_factory=ClearMLConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    _placeholder = field_validator("name")(_no_placeholder)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_names(cls, value: Any) -> Any:
+        """``{dataset}`` in name, registry.model_name and registry.tags becomes the dataset's name
+        (:func:`dataset_slug` of data.source), so a config shared across datasets (configs/roboflow.yaml)
+        never registers one dataset's model under another's name."""
+        if not isinstance(value, dict):
+            return value
+        given = value.get("registry")
+        registry: dict[str, Any] = given if isinstance(given, dict) else {}
+        tags: list[Any] = registry["tags"] if isinstance(registry.get("tags"), list) else []
+        named = [value.get("name"), registry.get("model_name"), *tags]
+        if not any(isinstance(text, str) and DATASET_PLACEHOLDER in text for text in named):
+            return value
+        data = value.get("data")
+        source = data.get("source") if isinstance(data, dict) else None
+        slug = dataset_slug(source) if isinstance(source, str) else ""
+        if not slug:
+            return value  # _no_placeholder names each key still holding {dataset}, with the other errors
+
+        def fill(text: Any) -> Any:
+            return text.replace(DATASET_PLACEHOLDER, slug) if isinstance(text, str) else text
+
+        value = {**value}
+        if "name" in value:
+            value["name"] = fill(value["name"])
+        if registry:
+            value["registry"] = {**registry, "model_name": fill(registry.get("model_name"))}
+            if "model_name" not in registry:
+                del value["registry"]["model_name"]
+            if tags:
+                value["registry"]["tags"] = [fill(tag) for tag in tags]
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -584,7 +650,7 @@ def _validation_lines(err: ValidationError, launch: _Launch | None = None) -> li
             lines.append(f"  - {key}: got {got}, allowed: {allowed}")
         elif kind == "missing":
             lines.append(f"  - {key}: required key is missing")
-        elif kind == "not_nullable":
+        elif kind in ("not_nullable", "dataset_placeholder"):
             lines.append(f"  - {key}: {item['msg']}")
         elif kind == "steps_outside":
             lines.append(f"  - {key}.steps: {item['msg']}{_steps_fix(item.get('ctx', {}), launch)}")

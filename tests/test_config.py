@@ -610,3 +610,28 @@ def test_every_config_problem_comes_in_one_message() -> None:
     ):
         assert expected in message
     assert message.count("\n  - ") == 6
+
+
+# --- roboflow.yaml: the model is named after the data ------------------------------------------
+
+
+def test_roboflow_names_the_run_and_model_after_the_dataset() -> None:
+    """Another Roboflow export is never registered as the aquarium model."""
+    example = load_config(ROBOFLOW)
+    assert (example.name, example.registry.model_name) == ("aquarium-faster-rcnn", "aquarium-faster-rcnn")
+    assert example.registry.tags == ["roboflow", "aquarium", "faster-rcnn"]
+    other = load_config(ROBOFLOW, ["data.source=s3://minio.local:9000/datasets/Hard Hats (v2)/"])
+    assert (other.name, other.registry.model_name) == ("Hard-Hats-v2-faster-rcnn", "Hard-Hats-v2-faster-rcnn")
+    assert other.registry.tags == ["roboflow", "Hard-Hats-v2", "faster-rcnn"]
+    named = load_config(ROBOFLOW, ["name=fish-v3", "registry.model_name=fish", "registry.tags=[fish]"])
+    assert (named.name, named.registry.model_name, named.registry.tags) == ("fish-v3", "fish", ["fish"])
+
+
+def test_a_dataset_name_that_cannot_be_derived_is_asked_for_with_the_other_errors() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(ROBOFLOW, ["data.source=s3://minio.local:9000/", "solver.max_iter=5"])
+    message = str(info.value)
+    for key in ("name", "registry.model_name", "registry.tags"):
+        assert f"\n  - {key}: {{dataset}} is the last part of data.source, which has none here" in message
+    assert "--set name=my-run --set registry.model_name=my-model" in message
+    assert "solver.steps: [2000, 2700] must lie" in message
