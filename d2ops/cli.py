@@ -96,7 +96,8 @@ def step_main(step: str, argv: Sequence[str] | None = None) -> int:
     try:
         if not agent:
             # Every config mistake in one message, before any ClearML task is created or data moves.
-            load_config(args.config, _overrides(args), launch=True)
+            # Inputs: S3 from here; local paths only when the step runs here (on an agent they are its disk's).
+            load_config(args.config, _overrides(args), launch=True, inputs="s3" if args.remote else "all")
         result = run_step(
             step,
             step_parameters(step, args.config or "", _overrides(args), inputs),
@@ -129,8 +130,10 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
     overrides = _overrides(args)
     user_errors = user_errors_types()
     try:
-        # Every config mistake (schema, detectron2 keys) in one message, before any task or transfer.
-        launched = None if agent else load_config(args.config, overrides, launch=True)
+        # Every config mistake (schema, detectron2 keys, inputs) in one message, before any task or transfer.
+        # Local paths are checked when the steps run here (--offline, --local), not for agents' disks.
+        paths = args.offline or args.local
+        launched = None if agent else load_config(args.config, overrides, launch=True, inputs="all" if paths else "s3")
         if args.offline:
             from d2ops.report import format_summary, write_outputs
 
@@ -189,7 +192,8 @@ def schedule_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging()
     try:
-        launched = load_config(args.config, args.overrides, launch=True) if args.config else None
+        # Inputs are not checked: the runs start later (the data of an on-data trigger may not exist yet).
+        launched = load_config(args.config, args.overrides, launch=True, inputs="none") if args.config else None
         docker_image = launched.clearml.docker_image if launched else None
         common: dict[str, Any] = {
             "queue": args.pipeline_queue or args.queue,

@@ -42,6 +42,7 @@ __all__ = [
     "check_overrides",
     "config_hash",
     "detectron2_problems",
+    "input_problems",
     "load_config",
     "uri_userinfo",
 ]
@@ -797,6 +798,92 @@ def detectron2_problems(raw: Any) -> list[str]:
     return problems
 
 
+def _raw_value(raw: Any, dotted: str) -> Any:
+    node = raw
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+#: The inputs checked at launch: key -> what must be there (a prefix with objects, an object, a bucket).
+_INPUTS: dict[str, Literal["prefix", "object", "bucket"]] = {
+    "data.source": "prefix",
+    "model.weights": "object",
+    "model.config_file": "object",
+    "inference.source": "prefix",
+    "clearml.output_uri": "bucket",
+}
+
+
+def _s3_problem(uri: str, want: str) -> str | None:
+    """Why ``uri`` is not there (one S3 request, boto's own retries only), or None."""
+    from d2ops import storage
+
+    try:
+        loc = storage.parse_s3_uri(uri)
+        client = storage.make_s3_client(loc, max_pool_connections=2)
+        if want == "bucket":
+            try:
+                client.head_bucket(Bucket=loc.bucket)
+            except Exception as exc:
+                status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status != 404:
+                    raise
+                return f"bucket '{loc.bucket}' does not exist at {loc.endpoint_url or 'AWS'}: create it or fix {uri}"
+        elif want == "object":
+            client.head_object(Bucket=loc.bucket, Key=loc.prefix)
+        else:
+            prefix = loc.prefix if not loc.prefix or loc.prefix.endswith("/") else f"{loc.prefix}/"
+            listed = client.list_objects_v2(Bucket=loc.bucket, Prefix=prefix, MaxKeys=1)
+            if not listed.get("KeyCount") and not listed.get("Contents"):
+                if loc.prefix and not loc.prefix.endswith("/"):
+                    client.head_object(Bucket=loc.bucket, Key=loc.prefix)  # a single object is a prefix too
+                else:
+                    return f"no objects under {uri}: check the bucket and prefix"
+    except Exception as exc:  # boto, network and parse errors: said as the storage layer says them
+        if isinstance(exc, storage.StorageError):
+            return str(exc)
+        try:
+            loc = storage.parse_s3_uri(uri)
+        except Exception:  # parse failed above already
+            return f"{type(exc).__name__}: {exc}"
+        return str(storage._as_storage_error(exc, uri, loc))
+    return None
+
+
+def input_problems(raw: Any, *, local_paths: bool = True) -> list[str]:
+    """Every input that is not there, checked at launch before any transfer, one line each naming its key:
+    data.source and inference.source (an S3 prefix with objects, or a folder), model.weights and
+    model.config_file (an S3 object or a file), clearml.output_uri (its S3 bucket reachable).
+
+    ``local_paths=False`` (steps that run on agents) checks S3 only: a path names the worker's disk.
+    Works on the raw dict, so it runs beside the schema's errors; data.source is not checked when
+    data.dataset_id names a ClearML Dataset to train on instead.
+    """
+    problems: list[str] = []
+    for key, want in _INPUTS.items():
+        value = _raw_value(raw, key)
+        if not isinstance(value, str) or not value.strip() or value.strip() in _NULL_WORDS:
+            continue
+        if key == "data.source" and isinstance(_raw_value(raw, "data.dataset_id"), str):
+            continue
+        if _has_uri_credentials(value):
+            continue  # the schema refuses it
+        if value.lower().startswith("s3://"):
+            problem = _s3_problem(value, want)
+            if problem:
+                problems.append(f"{key}: {problem}")
+        elif local_paths and ("://" not in value or value.startswith("file://")):
+            path = Path(value.removeprefix("file://")).expanduser()
+            if want == "bucket":
+                continue  # a local output folder is created
+            if want == "prefix" and not path.is_dir():
+                problems.append(f"{key}: folder {value} does not exist{'' if not path.exists() else ' (a file)'}")
+            elif want == "object" and not path.is_file():
+                problems.append(f"{key}: file {value} does not exist")
+    return problems
+
+
 def _reject_secrets(tree: Any, path: tuple[str | int, ...] = ()) -> None:
     """A credential-looking key anywhere in the raw config (lists of mappings included) is an error."""
     for where, kind in _credentials_in(tree, path):
@@ -808,13 +895,18 @@ def _reject_secrets(tree: Any, path: tuple[str | int, ...] = ()) -> None:
 
 
 def parse_config(
-    raw: dict[str, Any], source: str = "<dict>", *, launch: bool = False, _given: _Launch | None = None
+    raw: dict[str, Any],
+    source: str = "<dict>",
+    *,
+    launch: bool = False,
+    inputs: Literal["all", "s3", "none"] = "all",
+    _given: _Launch | None = None,
 ) -> ExperimentConfig:
     """Validate a raw config dict into an :class:`ExperimentConfig`.
 
     Every problem is reported in one :class:`ConfigError`: the schema's errors and, with ``launch``,
-    the checks that import detectron2 (:func:`detectron2_problems`). No error message contains a value
-    of a credential-looking key or a URI with credentials.
+    the checks that import detectron2 (:func:`detectron2_problems`) and the inputs (:func:`input_problems`).
+    No error message contains a value of a credential-looking key or a URI with credentials.
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid config {source}: the top level must be a mapping of sections")
@@ -828,6 +920,8 @@ def parse_config(
             problems += _validation_lines(err, _given)
         if launch:
             problems += [f"  - {line}" for line in detectron2_problems(raw)]
+            if inputs != "none":
+                problems += [f"  - {line}" for line in input_problems(raw, local_paths=inputs == "all")]
         if problems or cfg is None:
             raise ConfigError("\n".join([f"invalid config {source}:", *problems]))
         return cfg
@@ -855,18 +949,26 @@ def _set_keys(overrides: list[str] | None) -> frozenset[str]:
     return frozenset(item.partition("=")[0].strip() for item in overrides or [] if "=" in item)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, *, launch: bool = False) -> ExperimentConfig:
+def load_config(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    launch: bool = False,
+    inputs: Literal["all", "s3", "none"] = "all",
+) -> ExperimentConfig:
     """Load, override and validate an experiment config.
 
     ``launch=True`` (``d2ops pipeline``, ``d2ops step``: before any task or transfer) adds the checks that
     import detectron2: model.zoo_config and every model.overrides key against detectron2's config,
-    with the closest real key for a typo. Every problem comes in one :class:`ConfigError`.
+    with the closest real key for a typo, and the inputs (:func:`input_problems`: S3 objects, prefixes,
+    the output bucket and, with ``inputs="all"``, local paths; ``"s3"`` when the steps run on agents,
+    whose disks the paths name; ``"none"``). Every problem comes in one :class:`ConfigError`.
     """
     raw = read_config_file(path)
     solver = raw.get("solver") if isinstance(raw, dict) else None
     file_max_iter = solver.get("max_iter") if isinstance(solver, dict) else None
     given = _Launch(_set_keys(overrides), file_max_iter if isinstance(file_max_iter, int) else None)
-    return parse_config(apply_overrides(raw, overrides), str(path), launch=launch, _given=given)
+    return parse_config(apply_overrides(raw, overrides), str(path), launch=launch, inputs=inputs, _given=given)
 
 
 def config_hash(cfg: ExperimentConfig) -> str:

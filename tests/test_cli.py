@@ -46,6 +46,9 @@ def test_locally_the_config_is_required_and_checked_first(
 
 
 def test_remote_flags_and_inputs_reach_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    import d2ops.config as config
+
+    monkeypatch.setattr(config, "input_problems", lambda raw, local_paths: [])  # minio:9000 is not here
     seen = _capture_run_step(monkeypatch)
     argv = [
         "--config", "configs/smoke.yaml", "--remote", "--queue", "gpu-a100",

@@ -539,7 +539,7 @@ ROBOFLOW = ROOT / "configs" / "roboflow.yaml"
 
 def _launch_error(path: Path, overrides: list[str]) -> str:
     with pytest.raises(ConfigError) as info:
-        load_config(path, overrides, launch=True)
+        load_config(path, overrides, launch=True, inputs="none")
     return str(info.value)
 
 
@@ -569,7 +569,7 @@ def test_without_launch_the_detectron2_keys_are_not_checked() -> None:
 
 def test_shipped_configs_pass_the_launch_checks() -> None:
     for path in CONFIGS:
-        load_config(path, launch=True)
+        load_config(path, launch=True, inputs="none")
 
 
 def test_steps_past_a_max_iter_shrunk_with_set_name_the_set_line_that_fixes_them() -> None:

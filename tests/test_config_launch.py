@@ -1,0 +1,125 @@
+"""At launch every input is checked before any transfer, against a real S3 endpoint (moto's server on
+127.0.0.1; boto3 is not mocked), and every problem comes in the one message with the config's other errors."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import d2ops.clearml.step as step_module  # before no_clearml_conf: importing d2ops.clearml installs its reader
+from d2ops import storage
+from d2ops.config import ConfigError, input_problems, load_config
+from d2ops.s3server import LocalS3, local_s3_endpoint
+
+ZOO = "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[LocalS3]:
+    with local_s3_endpoint() as endpoint:
+        client = storage.make_s3_client(storage.parse_s3_uri(endpoint.uri("data", "")))
+        for bucket in ("data", "models", "clearml"):
+            client.create_bucket(Bucket=bucket)
+        client.put_object(Bucket="data", Key="shapes/train/_annotations.coco.json", Body=b"{}")
+        client.put_object(Bucket="models", Key="init/model_final.pkl", Body=b"weights")
+        client.put_object(Bucket="models", Key="configs/custom.yaml", Body=b"MODEL: {}\n")
+        yield endpoint
+
+
+@pytest.fixture(autouse=True)
+def no_clearml_conf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the endpoint's environment credentials, never a clearml.conf of the machine."""
+    monkeypatch.setattr(storage, "_clearml_credentials", lambda: ())
+    monkeypatch.delenv("D2OPS_S3_SECURE", raising=False)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _config(tmp_path: Path, raw: dict[str, Any]) -> Path:
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _good(s3: LocalS3) -> dict[str, Any]:
+    return {
+        "data": {"source": s3.uri("data", "shapes/")},
+        "model": {"zoo_config": ZOO, "weights": s3.uri("models", "init/model_final.pkl")},
+        "clearml": {"output_uri": s3.uri("clearml", "")},
+    }
+
+
+def test_inputs_that_are_there_pass(s3: LocalS3, tmp_path: Path) -> None:
+    cfg = load_config(_config(tmp_path, _good(s3)), launch=True)
+    assert cfg.model.weights == s3.uri("models", "init/model_final.pkl")
+    custom = {**_good(s3), "model": {"config_file": s3.uri("models", "configs/custom.yaml")}}
+    assert input_problems(custom) == []
+    (tmp_path / "data").mkdir()
+    local = {**_good(s3), "data": {"source": str(tmp_path / "data")}, "inference": {"source": str(tmp_path / "data")}}
+    assert input_problems(local) == []
+
+
+def test_every_missing_input_is_named_in_one_message_with_the_other_errors(s3: LocalS3, tmp_path: Path) -> None:
+    raw = {
+        "data": {"source": s3.uri("data", "no-such-dataset/")},
+        "model": {"config_file": str(tmp_path / "missing.yaml"), "weights": s3.uri("models", "init/model_fnal.pkl")},
+        "inference": {"source": str(tmp_path / "no-images")},
+        "clearml": {"output_uri": s3.uri("no-such-bucket", "clearml")},
+        "solver": {"max_iter": 0},
+    }
+    overrides = ["model.overrides.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAG=256"]
+    with pytest.raises(ConfigError) as info:
+        load_config(_config(tmp_path, raw), overrides, launch=True)
+    message = str(info.value)
+    assert f"data.source: no objects under {s3.uri('data', 'no-such-dataset/')}" in message
+    assert f"model.weights: no object at {s3.uri('models', 'init/model_fnal.pkl')}" in message
+    assert f"model.config_file: file {tmp_path / 'missing.yaml'} does not exist" in message
+    assert f"inference.source: folder {tmp_path / 'no-images'} does not exist" in message
+    assert "clearml.output_uri: bucket 'no-such-bucket' does not exist" in message
+    assert "solver.max_iter: " in message and "did you mean MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE" in message
+    assert message.count("\n  - ") == 7
+
+
+def test_an_unreachable_output_uri_is_named_as_clearml_output_uri(s3: LocalS3, tmp_path: Path) -> None:
+    raw = {**_good(s3), "clearml": {"output_uri": f"s3://127.0.0.1:{_closed_port()}/clearml/"}}
+    tic = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        load_config(_config(tmp_path, raw), launch=True)
+    lines = [line for line in str(info.value).splitlines() if line.startswith("  - ")]
+    assert len(lines) == 1 and lines[0].startswith("  - clearml.output_uri: cannot reach http://127.0.0.1:")
+    assert time.perf_counter() - tic < 30, "a refused connection must not hold the launch"
+
+
+def test_remote_launch_checks_s3_but_not_the_workers_paths(s3: LocalS3, tmp_path: Path) -> None:
+    raw = {**_good(s3), "model": {"zoo_config": ZOO, "weights": "/models/on/the/worker.pkl"}}
+    assert load_config(_config(tmp_path, raw), launch=True, inputs="s3").model.weights == "/models/on/the/worker.pkl"
+    with pytest.raises(ConfigError, match=r"model\.weights: file /models/on/the/worker\.pkl does not exist"):
+        load_config(_config(tmp_path, raw), launch=True, inputs="all")
+
+
+def test_a_clearml_dataset_replaces_data_source(s3: LocalS3) -> None:
+    raw = {**_good(s3), "data": {"source": s3.uri("data", "gone/"), "dataset_id": "abc123"}}
+    assert input_problems(raw) == []
+
+
+def test_the_pipeline_cli_fails_before_any_step_on_a_missing_input(
+    s3: LocalS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from d2ops.cli import pipeline_main
+
+    started: list[Any] = []
+    monkeypatch.setattr(step_module, "run_offline", lambda *a, **k: started.append(a))
+    raw = {**_good(s3), "model": {"zoo_config": ZOO, "weights": s3.uri("models", "nope.pkl")}}
+    assert pipeline_main(["--config", str(_config(tmp_path, raw)), "--offline"]) == 2
+    assert f"model.weights: no object at {s3.uri('models', 'nope.pkl')}" in capsys.readouterr().err
+    assert not started
