@@ -149,8 +149,8 @@ def _scrubbed(message: str, *sources: Any) -> str:
 
 
 # The strings a user writes for "nothing" where YAML's own null (null, ~, empty) was meant: ``--set
-# model.weights=None`` reaches the schema as the string "None".
-_NULL_WORDS = frozenset({"None", "none", "NONE", "null", "Null", "NULL", "~"})
+# model.weights=None`` reaches the schema as the string "None". A quoted "~" stays a string (a home folder).
+_NULL_WORDS = frozenset({"None", "none", "NONE", "null", "Null", "NULL"})
 
 
 def _admits_none(annotation: Any) -> bool:

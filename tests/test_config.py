@@ -498,7 +498,7 @@ def test_yaml_dump_of_config_has_no_secrets() -> None:
 # --- null: None, null and ~ ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("word", ["None", "none", "null", "~", "NULL"])
+@pytest.mark.parametrize("word", ["None", "none", "null", "~", "NULL", "'null'"])
 def test_none_means_null_for_every_nullable_key(word: str) -> None:
     """``--set model.weights=None`` reaches the schema as the string "None": it is null, not a path."""
     keys = [
@@ -635,3 +635,7 @@ def test_a_dataset_name_that_cannot_be_derived_is_asked_for_with_the_other_error
         assert f"\n  - {key}: {{dataset}} is the last part of data.source, which has none here" in message
     assert "--set name=my-run --set registry.model_name=my-model" in message
     assert "solver.steps: [2000, 2700] must lie" in message
+
+
+def test_a_quoted_tilde_stays_a_path() -> None:
+    assert load_config(SMOKE, ["data.cache_dir='~'"]).data.cache_dir == "~"
