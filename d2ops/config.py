@@ -187,8 +187,9 @@ class _Strict(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _null_words(cls, value: Any, info: ValidationInfo) -> Any:
-        """``None``, ``null`` and ``~`` mean null for every nullable key, in YAML files and in ``--set``
-        (where YAML reads ``None`` as a string); a key that cannot be null says so, with its default."""
+        """``None`` and ``null`` mean null for every nullable key, as YAML's own null and ``~`` do, in YAML
+        files and in ``--set`` (where YAML reads ``None`` as a string); a key that cannot be null says so,
+        with its default."""
         word = isinstance(value, str) and value.strip() in _NULL_WORDS
         if value is not None and not word:
             return value
@@ -756,7 +757,9 @@ def detectron2_problems(raw: Any) -> list[str]:
     d2 = get_cfg()
     d2.set_new_allowed(True)
     zoo, config_file = model.get("zoo_config"), model.get("config_file")
-    if isinstance(zoo, str) and zoo.strip() not in _NULL_WORDS | {""}:
+    use_zoo = isinstance(zoo, str) and zoo.strip() not in _NULL_WORDS | {""}
+    readable = isinstance(config_file, str) and "://" not in config_file and Path(config_file).is_file()
+    if isinstance(zoo, str) and use_zoo:
         try:
             d2.merge_from_file(model_zoo.get_config_file(zoo))
         except RuntimeError:
@@ -764,11 +767,15 @@ def detectron2_problems(raw: Any) -> list[str]:
                 f"model.zoo_config: {zoo!r} is not in detectron2's model zoo"
                 f"{_did_you_mean(zoo, _zoo_configs()) or ' (e.g. COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml)'}"
             )
-    elif isinstance(config_file, str) and "://" not in config_file and Path(config_file).is_file():
+    elif isinstance(config_file, str) and readable:
         try:
             d2.merge_from_file(config_file)
         except Exception as err:  # yacs and yaml raise many kinds; all mean "not a detectron2 config"
             problems.append(f"model.config_file: {config_file} is not a detectron2 config ({type(err).__name__})")
+    # A config file read here (or none) gives every key; one on S3 may add keys of its own, so an override
+    # missing from get_cfg() is then not called a typo (its type is still checked when the key exists).
+    given_file = isinstance(config_file, str) and config_file.strip() not in _NULL_WORDS | {""}
+    all_keys = use_zoo or readable or not given_file
     d2.set_new_allowed(False)
     overrides = model.get("overrides")
     if not isinstance(overrides, dict):
@@ -780,7 +787,8 @@ def detectron2_problems(raw: Any) -> list[str]:
         if not isinstance(key, str) or not head or head != head.upper():
             continue  # the schema names it (not upper case)
         if key not in known:
-            problems.append(f"model.overrides.{key}: not a key of detectron2's config{_did_you_mean(key, keys)}")
+            if all_keys:
+                problems.append(f"model.overrides.{key}: not a key of detectron2's config{_did_you_mean(key, keys)}")
             continue
         node: Any = d2
         for part in key.split("."):

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from d2ops.config import ConfigError, apply_overrides, check_overrides, load_config, parse_config
+from d2ops.config import ConfigError, apply_overrides, check_overrides, detectron2_problems, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -639,3 +639,14 @@ def test_a_dataset_name_that_cannot_be_derived_is_asked_for_with_the_other_error
 
 def test_a_quoted_tilde_stays_a_path() -> None:
     assert load_config(SMOKE, ["data.cache_dir='~'"]).data.cache_dir == "~"
+
+
+def test_overrides_of_a_config_file_on_s3_are_not_called_typos(tmp_path: Path) -> None:
+    """A detectron2 config file may add keys of its own: only one read here says which keys exist."""
+    remote = {"config_file": "s3://minio:9000/configs/custom.yaml", "overrides": {"MODEL.CUSTOM_HEAD.DEPTH": 3}}
+    assert detectron2_problems({"model": remote}) == []
+    local = tmp_path / "custom.yaml"
+    local.write_text("MODEL:\n  CUSTOM_HEAD:\n    DEPTH: 2\n")
+    assert detectron2_problems({"model": {**remote, "config_file": str(local)}}) == []
+    typo = {**remote, "config_file": str(local), "overrides": {"MODEL.CUSTOM_HEAD.DEPT": 3}}
+    assert "did you mean MODEL.CUSTOM_HEAD.DEPTH" in detectron2_problems({"model": typo})[0]

@@ -72,7 +72,7 @@ def test_inputs_that_are_there_pass(s3: LocalS3, tmp_path: Path) -> None:
 def test_every_missing_input_is_named_in_one_message_with_the_other_errors(s3: LocalS3, tmp_path: Path) -> None:
     raw = {
         "data": {"source": s3.uri("data", "no-such-dataset/")},
-        "model": {"config_file": str(tmp_path / "missing.yaml"), "weights": s3.uri("models", "init/model_fnal.pkl")},
+        "model": {"zoo_config": ZOO, "weights": s3.uri("models", "init/model_fnal.pkl")},
         "inference": {"source": str(tmp_path / "no-images")},
         "clearml": {"output_uri": s3.uri("no-such-bucket", "clearml")},
         "solver": {"max_iter": 0},
@@ -83,11 +83,12 @@ def test_every_missing_input_is_named_in_one_message_with_the_other_errors(s3: L
     message = str(info.value)
     assert f"data.source: no objects under {s3.uri('data', 'no-such-dataset/')}" in message
     assert f"model.weights: no object at {s3.uri('models', 'init/model_fnal.pkl')}" in message
-    assert f"model.config_file: file {tmp_path / 'missing.yaml'} does not exist" in message
     assert f"inference.source: folder {tmp_path / 'no-images'} does not exist" in message
     assert "clearml.output_uri: bucket 'no-such-bucket' does not exist" in message
     assert "solver.max_iter: " in message and "did you mean MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE" in message
-    assert message.count("\n  - ") == 7
+    assert message.count("\n  - ") == 6
+    missing_file = {"model": {"config_file": str(tmp_path / "missing.yaml")}}
+    assert input_problems(missing_file) == [f"model.config_file: file {tmp_path / 'missing.yaml'} does not exist"]
 
 
 def test_an_unreachable_output_uri_is_named_as_clearml_output_uri(s3: LocalS3, tmp_path: Path) -> None:
