@@ -616,6 +616,7 @@ class _Launch:
 
     set_keys: frozenset[str] = frozenset()
     file_max_iter: int | None = None
+    set_errors: tuple[str, ...] = ()  # malformed --set items, reported with the config's other problems
 
 
 def _steps_fix(ctx: dict[str, Any], launch: _Launch) -> str:
@@ -684,14 +685,12 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides (values parsed as YAML) to a raw config dict.
-
-    Errors never show an override's value if it may hold credentials (a URI with userinfo).
-    """
+def _apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> tuple[dict[str, Any], list[str]]:
+    """``raw`` with every well-formed ``--set`` applied, and one message per malformed one."""
     result = copy.deepcopy(raw)
-    try:
-        for item in overrides or []:
+    errors: list[str] = []
+    for item in overrides or []:
+        try:
             key, sep, text = item.partition("=")
             if not sep or not key.strip():
                 shown = _HIDDEN if _has_uri_credentials(item) else repr(item)
@@ -702,8 +701,22 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
                 problem = getattr(err, "problem", None) or type(err).__name__
                 raise ConfigError(f"--set {key.strip()}: the value is not valid YAML ({problem})") from None
             _set_dotted(result, key.strip(), value)
-    except ConfigError as err:
-        raise ConfigError(_scrubbed(str(err), list(overrides or []))) from None
+        except ConfigError as err:
+            errors.append(_scrubbed(str(err), list(overrides or [])))
+    return result, errors
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to a raw config dict.
+
+    Every malformed ``--set`` is named in one :class:`ConfigError`. Errors never show an override's
+    value if it may hold credentials (a URI with userinfo).
+    """
+    result, errors = _apply_overrides(raw, overrides)
+    if errors:
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else "\n".join(["invalid --set:", *(f"  - {e}" for e in errors)])
+        )
     return result
 
 
@@ -927,7 +940,7 @@ def parse_config(
         raise ConfigError(f"invalid config {source}: the top level must be a mapping of sections")
     try:
         _reject_secrets(raw)
-        problems: list[str] = []
+        problems: list[str] = [f"  - {error}" for error in (_given.set_errors if _given else ())]
         cfg: ExperimentConfig | None = None
         try:
             cfg = ExperimentConfig.model_validate(raw)
@@ -982,8 +995,9 @@ def load_config(
     raw = read_config_file(path)
     solver = raw.get("solver") if isinstance(raw, dict) else None
     file_max_iter = solver.get("max_iter") if isinstance(solver, dict) else None
-    given = _Launch(_set_keys(overrides), file_max_iter if isinstance(file_max_iter, int) else None)
-    return parse_config(apply_overrides(raw, overrides), str(path), launch=launch, inputs=inputs, _given=given)
+    applied, set_errors = _apply_overrides(raw, overrides) if isinstance(raw, dict) else (raw, [])
+    given = _Launch(_set_keys(overrides), file_max_iter if isinstance(file_max_iter, int) else None, tuple(set_errors))
+    return parse_config(applied, str(path), launch=launch, inputs=inputs, _given=given)
 
 
 def config_hash(cfg: ExperimentConfig) -> str:

@@ -650,3 +650,22 @@ def test_overrides_of_a_config_file_on_s3_are_not_called_typos(tmp_path: Path) -
     assert detectron2_problems({"model": {**remote, "config_file": str(local)}}) == []
     typo = {**remote, "config_file": str(local), "overrides": {"MODEL.CUSTOM_HEAD.DEPT": 3}}
     assert "did you mean MODEL.CUSTOM_HEAD.DEPTH" in detectron2_problems({"model": typo})[0]
+
+
+def test_malformed_set_items_come_with_the_config_errors_in_one_message() -> None:
+    overrides = ["foo", "solver.max_iter=[", "data.source.x=1", "solver.warmup_iters=-1"]
+    with pytest.raises(ConfigError) as info:
+        load_config(SMOKE, overrides)
+    message = str(info.value)
+    assert "\n  - --set 'foo': expected KEY=VALUE" in message
+    assert "\n  - --set solver.max_iter: the value is not valid YAML" in message
+    assert "\n  - --set data.source.x: 'source' is a value, not a section" in message
+    assert "\n  - solver.warmup_iters: " in message
+    with pytest.raises(ConfigError) as applied:
+        apply_overrides({}, ["foo", "bar"])
+    assert str(applied.value).count("expected KEY=VALUE") == 2
+
+
+def test_a_config_file_that_is_not_a_mapping_says_so_with_overrides(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="the top level must be a mapping of sections"):
+        load_config(_write(tmp_path, "- a\n"), ["solver.max_iter=5"])
