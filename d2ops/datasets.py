@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import random
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -280,7 +281,7 @@ def carved_val_images(root: Path, data: DataConfig) -> list[str]:
     return sorted(ranked[:count])
 
 
-def _derived_coco(json_file: Path, cache: Path, drop: set[int], images: set[str] | None, exclude: bool) -> Path:
+def _derived_coco(json_file: Path, cache: Path, drop: set[int], images: Collection[str] | None, exclude: bool) -> Path:
     """A copy of ``json_file`` without the ``drop`` categories, and with only (``exclude``: without) the
     ``images`` named, content-addressed under ``cache``: the export itself is never changed."""
     raw = json_file.read_bytes()

@@ -60,7 +60,8 @@ def shared_images(root: Path, splits: Mapping[str, str], annotation_file: str, f
             inside = split_dir.resolve()
             for name in listed_images(split_dir, annotation_file, fmt):
                 path = split_dir / name
-                if path.resolve().is_relative_to(inside):  # never open what a hostile file_name points at
+                # never open what a hostile file_name points at (a NUL byte cannot even be resolved)
+                if "\x00" not in name and path.resolve().is_relative_to(inside):
                     listed.append((role, path))
     with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:
         digests = list(pool.map(_digest, [path for _, path in listed]))

@@ -265,7 +265,9 @@ def _fit(job: TrainJob, reporter: Reporter) -> dict[str, Any]:
             if isinstance(hook, CheckpointOnStop):
                 hook.raise_pending()  # a stop that came during the last iteration
     except FloatingPointError as err:
-        raise TrainingDiverged(_diverged_message(str(err).rsplit("=", 1)[-1].rstrip("!"))) from err
+        # detectron2 raises it from the loss check ("... at iteration=N!") and from the proposal
+        # generator ("Predicted boxes or scores contain Inf/NaN"); trainer.iter is right for both
+        raise TrainingDiverged(_diverged_message(trainer.iter)) from err
     metrics = _flatten(getattr(trainer, "_last_eval_results", None) or {})
     return {"start_iter": trainer.start_iter, "eval_metrics": metrics}
 

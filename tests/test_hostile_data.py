@@ -455,3 +455,14 @@ def test_val_split_without_annotations_is_allowed(tmp_path: Path) -> None:
     _coco_split(tmp_path / "valid", data)
     summaries = validate_dataset(tmp_path, "coco", {"train": "train", "val": "valid"}, COCO_FILE)
     assert summaries["val"].annotations == 0
+
+
+def test_nul_in_a_file_name_is_reported_with_the_duplicate_check_on(tmp_path: Path) -> None:
+    # the cross-split duplicate check hashes every listed image; a NUL byte cannot even be resolved
+    # by the OS, so that check must skip it and leave the report to the per-entry validation
+    for role in ("train", "val"):
+        _coco_split(tmp_path / role, _coco(file_name="a\x00.jpg"))
+    with pytest.raises(DataValidationError) as info:
+        validate_dataset(tmp_path, "coco", {"train": "train", "val": "val"}, COCO_FILE, duplicate_images="error")
+    assert "'file_name' is invalid" in str(info.value)
+    assert "a\\x00.jpg" in str(info.value)
