@@ -77,7 +77,8 @@ class StepResult:
     task_id: str
     artifacts: dict[str, str]
     values: dict[str, Any]
-    session_folder: str | None = None
+    #: the step's offline ClearML session: its zip (the folder only when ClearML wrote no complete zip)
+    session: str | None = None
 
 
 class StepTimeLimitExceeded(TimeoutError):
@@ -151,7 +152,7 @@ class PipelineRun:
 
     @property
     def sessions(self) -> dict[str, str | None]:
-        return {name: result.session_folder for name, result in self.steps.items()}
+        return {name: result.session for name, result in self.steps.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return {name: asdict(result) for name, result in self.steps.items()}
@@ -170,8 +171,9 @@ def run_in_order(
 ) -> PipelineRun:
     """Run every step in order, here: the offline pipeline (``runner`` opens each step's session).
 
-    Step outputs are handed on exactly as the PipelineController hands them on: the next step's
-    input parameter is the previous step's artifact URL (a path inside its offline session).
+    Step outputs are handed on as the PipelineController hands them on, through the next step's input
+    parameters: a ClearML artifact URL with a server; offline, the path of the one copy of the file the
+    previous step wrote (its session holds the artifact inside its zip, for import, not for reading).
     ``functions`` replaces step bodies by name (the hand-off benchmark runs near-empty steps).
     """
     result = PipelineRun()

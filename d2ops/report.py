@@ -3,7 +3,7 @@
 Offline users have no ClearML web UI, so ``report.html`` shows what the UI would: the headline numbers
 and the gate verdict, per-class AP, the PR curves, the confusion matrix and predicted images beside
 their raw images. It is built from the offline ClearML sessions themselves (each step's
-``metrics.jsonl`` and the debug images ClearML stored beside it), so it shows exactly the figures a
+``metrics.jsonl`` and the debug images ClearML stored in it), so it shows exactly the figures a
 server would have received. It is one self-contained file: images are embedded, nothing is fetched.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from d2ops.utils.jsonio import write_json
+from d2ops.utils.offline_session import session_file
 
 __all__ = ["SessionFigures", "format_summary", "read_session", "summarize", "write_outputs", "write_report"]
 
@@ -30,22 +31,30 @@ class SessionFigures:
     """The plots and debug images one offline ClearML session holds (ClearML's own event records)."""
 
     plots: list[dict[str, Any]] = field(default_factory=list)  # {"title", "series", "figure": plotly dict}
-    images: list[dict[str, Any]] = field(default_factory=list)  # {"title", "series", "path"}
+    images: list[dict[str, Any]] = field(default_factory=list)  # {"title", "series", "data": bytes}
 
 
-def read_session(folder: str | Path | None) -> SessionFigures:
-    """Plots and debug images from a session's ``metrics.jsonl`` (what ClearML replays into a server)."""
+def read_session(session: str | Path | None) -> SessionFigures:
+    """Plots and debug images from a session's ``metrics.jsonl`` (what ClearML replays into a server).
+
+    ``session`` is the session's zip (what d2ops keeps) or its folder. A debug image's bytes sit at
+    ``data/<event key>`` in it, where ``Task.import_offline_session`` looks for them too.
+    """
     figures = SessionFigures()
-    events = Path(folder) / "metrics.jsonl" if folder else None
-    if events is None or not events.is_file():
+    if not session or not Path(session).exists():
         return figures
-    for line in events.read_text().splitlines():
+    events = session_file(session, "metrics.jsonl")
+    if events is None:
+        return figures
+    for line in events.decode().splitlines():
         for event in json.loads(line):
             kind, title, series = event.get("type"), event.get("metric", ""), event.get("variant", "")
             if kind == "plot":
                 figures.plots.append({"title": title, "series": series, "figure": json.loads(event["plot_str"])})
-            elif kind == "training_debug_image" and event.get("url"):
-                figures.images.append({"title": title, "series": series, "path": Path(event["url"])})
+            elif kind == "training_debug_image" and event.get("key"):
+                data = session_file(session, f"data/{event['key']}")
+                if data is not None:
+                    figures.images.append({"title": title, "series": series, "data": data})
     return figures
 
 
@@ -94,8 +103,8 @@ def format_summary(summary: dict[str, Any], path: Path, report: Path | None = No
         *_champion_line(summary.get("champion_gate")),
         f"  model bundle      {summary['model_bundle']}",
         f"  predictions       {summary['predictions']}",
-        "  ClearML offline sessions (import with Task.import_offline_session(<folder>.zip)):",
-        *(f"    {step:<9} {folder}" for step, folder in summary["clearml_sessions"].items()),
+        "  ClearML offline sessions (import each with Task.import_offline_session(<zip>)):",
+        *(f"    {step:<9} {session}" for step, session in summary["clearml_sessions"].items()),
         f"  trained on {summary['device']} in {_num(summary['train_seconds'], 0)} s;"
         f" total {_num(summary['total_seconds'], 0)} s",
         f"  summary written to {path}",
@@ -244,17 +253,17 @@ def _count(value: Any) -> str:
 
 def _debug_images(images: Iterable[dict[str, Any]], limit: int) -> str:
     """Each image's raw and predicted versions side by side, embedded (the report is one file)."""
-    pairs: dict[str, dict[str, Path]] = {}
+    pairs: dict[str, dict[str, bytes]] = {}
     for image in images:
         name, _, kind = image["series"].rpartition(" ")
-        pairs.setdefault(name or image["series"], {})[kind] = image["path"]
+        pairs.setdefault(name or image["series"], {})[kind] = image["data"]
     figures = []
     for name, pair in list(pairs.items())[:limit]:
         cells = "".join(
             f'<figure><img alt="{_e(name)} {kind}" src="data:image/jpeg;base64,'
-            f'{base64.b64encode(pair[kind].read_bytes()).decode()}"><figcaption>{_e(kind)}</figcaption></figure>'
+            f'{base64.b64encode(pair[kind]).decode()}"><figcaption>{_e(kind)}</figcaption></figure>'
             for kind in ("raw", "predictions")
-            if kind in pair and pair[kind].is_file()
+            if kind in pair
         )
         figures.append(f"<div class=pair><h3>{_e(name)}</h3>{cells}</div>")
     body = "".join(figures) or "<p>No debug images (inference.debug_images is 0).</p>"

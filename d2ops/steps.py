@@ -504,7 +504,8 @@ def run_register(ctx: StepContext) -> StepOutput:
     report_gate(ctx.reporter, decision, gate_record)
     log.info("%s", headline)
     return StepOutput(
-        files={"model_bundle": archive},
+        # The registered model is the bundle's one copy on ClearML; an artifact would be a second one.
+        files={} if registration else {"model_bundle": archive},
         values={
             "bundle": str(bundle),
             "gate": floor.to_dict(),

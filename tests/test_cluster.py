@@ -15,6 +15,7 @@ from d2ops import storage
 from d2ops.clearml.cluster import queue_warnings, step_docker_args, storage_warnings
 from d2ops.config import load_config
 from d2ops.pipeline import StepTimeLimitExceeded, step_time_limit
+from d2ops.utils.offline_session import session_file
 
 REPO = Path(__file__).resolve().parent.parent
 WANTED = {"controller": "services", "download": "cpu", "train": "gpu", "evaluate": "gpu", "register": "cpu"}
@@ -132,8 +133,8 @@ def test_a_step_past_its_time_limit_fails_with_the_reason(tmp_path: Path) -> Non
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "train ran past its time limit of 0.1 min" in proc.stderr
     assert "Traceback" not in proc.stderr.split("error:")[-1]
-    [session] = [p for p in (tmp_path / "clearml" / "offline").iterdir() if p.is_dir()]
-    task = json.loads((session / "task.json").read_text())
+    [session] = list((tmp_path / "clearml" / "offline").glob("*.zip"))  # the session d2ops keeps: its zip
+    task = json.loads(session_file(session, "task.json") or b"{}")
     assert not (tmp_path / "run" / "train" / "model_final.pth").exists()
     assert task.get("name") == "train"
 

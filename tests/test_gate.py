@@ -31,6 +31,7 @@ from d2ops.registry import (
     labels_mismatch,
     retired_tags,
 )
+from d2ops.utils.offline_session import session_file
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -311,7 +312,7 @@ def _store(registry: Path) -> LocalChampionStore:
 
 
 def _offline_model(result: Any) -> dict[str, Any]:
-    task = json.loads((Path(result.session_folder) / "task.json").read_text())
+    task = json.loads(session_file(result.session, "task.json") or b"{}")
     (model,) = task["offline_output_models"]
     return model["init"]
 
@@ -403,7 +404,7 @@ def test_equal_challenger_does_not_win_with_a_margin(
 def _summary_values(result: Any) -> dict[str, float]:
     """The single values (ClearML's Summary table) the step reported in its offline session."""
     values: dict[str, float] = {}
-    for line in (Path(result.session_folder) / "metrics.jsonl").read_text().splitlines():
+    for line in (session_file(result.session, "metrics.jsonl") or b"").decode().splitlines():
         for event in json.loads(line):
             if event.get("metric") == "Summary":
                 values[event["variant"]] = event["value"]

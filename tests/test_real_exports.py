@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 
 from d2ops.config import load_config
 from d2ops.datasets import SHAPE_CLASSES, coco_categories, dataset_classes, generate_shapes_dataset
+from d2ops.utils.offline_session import session_file
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -184,7 +185,7 @@ def test_no_phantom_class_reaches_the_model(roboflow_run: dict[str, Any], tmp_pa
     bundle = ModelBundle(Path(run.steps["register"].values["bundle"]))
     assert bundle.labels() == classes
     assert PROJECT in bundle.metadata()["class_notes"][0]
-    task = json.loads((Path(run.steps["register"].session_folder) / "task.json").read_text())
+    task = json.loads(session_file(run.steps["register"].session, "task.json") or b"{}")
     (model,) = task["offline_output_models"]
     assert model["init"]["label_enumeration"] == {"square": 1, "circle": 2, "triangle": 3}
     export = export_nuclio(bundle.path, tmp_path / "nuclio")

@@ -29,6 +29,7 @@ _SCRIPT = textwrap.dedent(
     from d2ops.clearml.step import run_step
     from d2ops.pipeline import step_parameters
     from d2ops.steps import StepOutput
+    from d2ops.utils.offline_session import session_file
 
     out = Path(sys.argv[1])
     overrides = [f"runtime.output_dir={out / 'run'}"]
@@ -50,8 +51,8 @@ _SCRIPT = textwrap.dedent(
         pass
     result = run_step("download", params, mode="offline", function=reporting)
     # read at once, as the next step or the caller does
-    metrics = Path(result.session_folder) / "metrics.jsonl"
-    print("METRICS " + json.dumps(metrics.read_text() if metrics.exists() else None), flush=True)
+    metrics = session_file(result.session, "metrics.jsonl")
+    print("METRICS " + json.dumps(metrics.decode() if metrics is not None else None), flush=True)
     """
 )
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from d2ops.utils.offline_session import session_file
+
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 
@@ -86,8 +88,8 @@ def _wait_for(path: Path, proc: subprocess.Popen[str], timeout_s: float = 120.0)
 
 
 def _session_task(tmp_path: Path) -> dict:
-    (task_json,) = (tmp_path / "clearml" / "offline").glob("*/task.json")
-    return json.loads(task_json.read_text())
+    (session,) = (tmp_path / "clearml" / "offline").glob("*.zip")  # the session d2ops keeps: its zip
+    return json.loads(session_file(session, "task.json") or b"{}")
 
 
 @pytest.mark.timeout(240)

@@ -64,9 +64,10 @@ def register_model(
     Offline workaround: ClearML (1.18 to 2.1.12) raises ``AttributeError: 'DummyModel' object has
     no attribute 'locked'`` from ``OutputModel.update_weights`` in offline mode, because its
     published-check reads a field the offline stand-in model lacks. We give the stand-in that
-    field (unlocked) so ClearML's own offline path runs: the weights are copied into the session
-    and the model is listed in its ``offline_output_models``, which ``Task.import_offline_session``
-    registers on a server later. Publishing needs a server, so offline it is recorded, not done.
+    field (unlocked) so ClearML's own offline path runs: the model is listed in the session's
+    ``offline_output_models``, which ``Task.import_offline_session`` registers on a server later,
+    referring to the bundle zip rather than a copy (:func:`_fix_offline_record`). Publishing needs a
+    server, so offline it is recorded, not done.
     """
     model = OutputModel(
         task=run.task,
@@ -85,6 +86,8 @@ def register_model(
         if not hasattr(base, "locked"):
             base.locked = False
     model.update_weights(weights_filename=str(bundle_zip), auto_delete_file=False, is_package=True, async_enable=False)
+    if run.mode == "offline":
+        _fix_offline_record(run.task, Path(bundle_zip))
     if run.mode != "offline":
         for key, value in metadata.items():
             text = jsonio.dumps(value, default=str) if isinstance(value, dict | list) else str(value)
@@ -103,6 +106,28 @@ def register_model(
     }
     run.reporter.artifact("model_registration", record)
     return record
+
+
+def _fix_offline_record(task: Any, bundle_zip: Path) -> None:
+    """Make the offline model record importable, referring to the bundle zip instead of a copy of it.
+
+    ClearML to 2.1.12 (``OutputModel._update_weights_offline`` in clearml/model.py; no public accessor):
+    - it records both ``config_text`` and ``config_dict``, and ``Task.import_offline_session`` passes
+      both to ``OutputModel``, which refuses them together ("Only one of (config_text, config_dict)
+      is allowed"): the model never reached a server. The dict is kept; ClearML renders the text.
+    - it copies the weights into ``<session>/models/`` and records that copy's absolute path, which
+      the import uploads from. A session kept as its zip only has no such path, so the record names
+      the bundle zip itself, the one copy (d2ops keeps it in ``runtime.output_dir``), and ClearML's
+      copy is removed. Import the session where that zip is.
+    """
+    entry = task._offline_output_models[-1]
+    if entry["init"].get("config_dict") is not None:
+        entry["init"]["config_text"] = None
+    record = entry["weights"]
+    copy = Path(record["weights_filename"])
+    record["weights_filename"] = str(bundle_zip.resolve())
+    if copy.resolve() != bundle_zip.resolve():
+        copy.unlink(missing_ok=True)
 
 
 class ClearMLChampionStore:

@@ -72,6 +72,7 @@ from d2ops.registry import ChampionStore
 from d2ops.reporting import Reporter
 from d2ops.steps import STEP_FUNCTIONS, StepContext, StepOutput, StepRuntime
 from d2ops.utils import jsonio
+from d2ops.utils.offline_session import keep_zip_only
 
 __all__ = [
     "STOPPED_TAG",
@@ -172,18 +173,20 @@ class StepRun:
     mode: Mode
     artifacts: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def session_folder(self) -> str | None:
-        """The offline session folder (``None`` when connected to a server)."""
-        if self.mode != "offline":
-            return None
-        return str(self.task.get_offline_mode_folder())
+    #: The offline session once the step has closed: its zip (see :func:`keep_zip_only`); ``None`` with a server.
+    session: str | None = None
 
     def publish(self, files: dict[str, Path]) -> dict[str, str]:
-        """Upload output files as artifacts; returns name -> URL (a local path in offline mode)."""
+        """Upload output files as artifacts; returns name -> what the next step reads.
+
+        With a server that is the artifact's URL. Offline it is the file itself, the one copy:
+        ClearML's copy goes into the session's zip, where ``Task.import_offline_session`` uploads it
+        from, and the session folder it was copied into is removed when the step closes.
+        """
         for name, path in files.items():
             self.reporter.artifact(name, Path(path))
-            self.artifacts[name] = str(self.task.artifacts[name].url)
+            offline = self.mode == "offline"
+            self.artifacts[name] = str(Path(path).resolve()) if offline else str(self.task.artifacts[name].url)
         return self.artifacts
 
 
@@ -249,6 +252,7 @@ def open_step(
         task.set_base_docker(docker_image=cfg.clearml.step(step).docker_image, docker_arguments=docker_args)
         task.execute_remotely(queue_name=queue, exit_process=True)
     ending: tuple[str, str] | None = None
+    run: StepRun | None = None
     try:
         experiment = read_experiment(task)
         experiment_yaml = experiment.to_yaml()
@@ -269,7 +273,11 @@ def open_step(
         # hook saw no exit code, and that hook records any sys.exit in the process, caught or not, for
         # good (clearml task.py Task.__shutdown; utilities/process/exit_hooks.py ExitHooks.exit).
         task.flush(wait_for_uploads=True)
+        folder = task.get_offline_mode_folder() if mode == "offline" else None
         task.close()
+        if folder is not None and run is not None:
+            # ClearML zipped the folder at close; the zip is the session, the folder a second copy of it
+            run.session = str(keep_zip_only(folder))
         # After close: ClearML's own shutdown marks a locally run task completed when its exit hook saw no
         # exception (it has not, yet) and no signal (d2ops handled SIGTERM), which would undo the status.
         if ending is not None:
@@ -450,7 +458,7 @@ def run_step(
             output = (function or STEP_FUNCTIONS[step])(ctx)
         artifacts = run.publish(output.files)
         run.reporter.artifact("step_result", json.loads(json.dumps(output.values, default=str)))
-        return StepResult(step, run.task.id, dict(artifacts), output.values, run.session_folder)
+    return StepResult(step, run.task.id, dict(artifacts), output.values, run.session)
 
 
 def run_offline(

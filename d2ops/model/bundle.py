@@ -206,7 +206,7 @@ class ModelBundle:
 
     def zip(self, archive: Path | None = None) -> Path:
         """A zip of the bundle files (default: beside the folder, ``<folder>.zip``), written atomically."""
-        archive = archive or self.path.with_suffix(".zip")
+        archive = archive or self.path.with_name(self.path.name + ".zip")  # a dotted name keeps its dot
         archive.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{archive.name}.", dir=archive.parent)
         os.fchmod(fd, 0o644)  # mkstemp makes 0600: a server or agent running as another user must read it

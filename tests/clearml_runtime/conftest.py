@@ -82,6 +82,8 @@ def reset_clearml_process_state(monkeypatch: pytest.MonkeyPatch) -> None:
     * ``clearml.config._running_remotely_task_id`` -> None: not running under an agent;
     * ``ConfigWrapper._config`` / ``ConfigSDKWrapper._config_sdk`` -> None: the configuration is
       re-read from ``CLEARML_CONFIG_FILE`` (the fixture's empty file);
+    * ``_HttpDriver._file_server_hosts`` -> None: the files hosts, cached on the first upload; an earlier
+      test's server left there makes uploads to this one's files host go to its root instead;
     * ``PipelineController._pipeline_as_sub_project_cached`` (and on every subclass) ->
       None: the controller caches "server API >= 2.17" once per process; an online answer left
       behind breaks offline controllers later (``query_tasks`` with ``project=[None]``).
@@ -93,6 +95,7 @@ def reset_clearml_process_state(monkeypatch: pytest.MonkeyPatch) -> None:
     from clearml.backend_api.session import Session
     from clearml.backend_interface.base import InterfaceBase
     from clearml.config import ConfigSDKWrapper, ConfigWrapper
+    from clearml.storage.helper import _HttpDriver
 
     monkeypatch.setattr(InterfaceBase, "_default_session", None)
     monkeypatch.setattr(InterfaceBase, "_offline_mode", False)
@@ -112,6 +115,7 @@ def reset_clearml_process_state(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(clearml.config.remote, "running_remotely_task_id", None)
     monkeypatch.setattr(ConfigWrapper, "_config", None)
     monkeypatch.setattr(ConfigSDKWrapper, "_config_sdk", None)
+    monkeypatch.setattr(_HttpDriver, "_file_server_hosts", None)
     # The cache is set on the class it is read from, so every subclass (d2ops's own controller too) keeps one.
     controllers = [PipelineController]
     while controllers:
