@@ -912,14 +912,18 @@ def input_problems(raw: Any, *, local_paths: bool = True) -> list[str]:
     return problems
 
 
-def _reject_secrets(tree: Any, path: tuple[str | int, ...] = ()) -> None:
-    """A credential-looking key anywhere in the raw config (lists of mappings included) is an error."""
-    for where, kind in _credentials_in(tree, path):
-        if kind == "key":
-            raise ConfigError(
-                f"{_dotted(where)}: credentials are not allowed in a config (it becomes ClearML hyperparameters); "
-                f"{_KEY_ADVICE}"
-            )
+def _secret_problems(tree: Any, path: tuple[str | int, ...] = ()) -> list[tuple[str, str]]:
+    """(dotted key, problem) for each credential-looking key anywhere in the raw config (lists of
+    mappings included)."""
+    return [
+        (
+            _dotted(where),
+            f"{_dotted(where)}: credentials are not allowed in a config (it becomes ClearML hyperparameters); "
+            f"{_KEY_ADVICE}",
+        )
+        for where, kind in _credentials_in(tree, path)
+        if kind == "key"
+    ]
 
 
 def parse_config(
@@ -939,13 +943,19 @@ def parse_config(
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid config {source}: the top level must be a mapping of sections")
     try:
-        _reject_secrets(raw)
+        secrets = _secret_problems(raw)
         problems: list[str] = [f"  - {error}" for error in (_given.set_errors if _given else ())]
+        problems += [f"  - {problem}" for _, problem in secrets]
         cfg: ExperimentConfig | None = None
         try:
             cfg = ExperimentConfig.model_validate(raw)
         except ValidationError as err:
-            problems += _validation_lines(err, _given)
+            # a credential key is named once, as a credential (the schema also calls it unknown)
+            problems += [
+                line
+                for line in _validation_lines(err, _given)
+                if not any(line.startswith(f"  - {key}:") for key, _ in secrets)
+            ]
         if launch:
             problems += [f"  - {line}" for line in detectron2_problems(raw)]
             if inputs != "none":

@@ -169,7 +169,8 @@ def test_credential_key_is_rejected(section: str | None, dotted: str) -> None:
     raw = _minimal()
     (raw if section is None else raw.setdefault(section, {}))["aws_secret_access_key"] = "not-a-real-secret"
     message = _error(raw)
-    assert message.startswith(f"{dotted}: credentials are not allowed")
+    assert f"\n  - {dotted}: credentials are not allowed" in message
+    assert message.count(dotted) == 1, "named once, as a credential (not also as an unknown key)"
     assert "environment" in message and "clearml.conf" in message
 
 
@@ -307,7 +308,7 @@ def test_a_credential_key_nested_in_a_list_is_rejected_and_never_echoed(dotted: 
     for section, values in patch.items():
         raw.setdefault(section, {}).update(values)
     message = _error(raw)
-    assert message.startswith(f"{dotted}: credentials are not allowed"), message
+    assert f"\n  - {dotted}: credentials are not allowed" in message, message
     assert _NESTED_SECRET not in message
 
 
@@ -586,6 +587,17 @@ def test_steps_past_a_max_iter_shrunk_with_set_name_the_set_line_that_fixes_them
 def test_steps_outside_max_iter_in_a_file_name_the_fix() -> None:
     raw = {**_minimal(), "solver": {"max_iter": 100, "steps": [50, 100]}}
     assert "fix: --set solver.steps=[] (no lr drops) or steps below it" in _error(raw)
+
+
+def test_a_credential_key_comes_with_the_other_problems_in_one_message() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(SMOKE, ["clearml.secret_key=abc", "solver.max_iters=3", "data.format=yolo"])
+    lines = str(info.value).splitlines()[1:]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("  - clearml.secret_key: credentials are not allowed")
+    assert any(line.startswith("  - solver.max_iters: unknown key") for line in lines)
+    assert any(line.startswith("  - data.format:") for line in lines)
+    assert "abc" not in str(info.value)
 
 
 def test_every_config_problem_comes_in_one_message() -> None:
