@@ -43,7 +43,7 @@ from d2ops.checkpoints import (
     prepare_output_dir,
     restore_checkpoints,
 )
-from d2ops.config import DataConfig, ExperimentConfig
+from d2ops.config import DataConfig, ExperimentConfig, detectron2_problems
 from d2ops.datasets import RegisteredDataset
 from d2ops.distributed import EventRelay, FileReporter, LaunchPlan, launch_plan
 from d2ops.reporting import Reporter
@@ -100,8 +100,18 @@ def _merge_overrides(d2: CfgNode, overrides: dict[str, Any]) -> None:
 
 
 def check_model_config(cfg: ExperimentConfig) -> None:
-    """Fail early (before data or GPU time) on a bad model-zoo name or detectron2 override."""
-    _merge_overrides(_base_config(cfg), cfg.model.overrides)
+    """Fail early (before data or GPU time) on a bad model-zoo name or detectron2 override.
+
+    The launch check (``load_config(..., launch=True)``) finds these first; this one catches an
+    experiment edited in the ClearML UI and run by an agent, with the same lines and suggestions.
+    """
+    try:
+        _merge_overrides(_base_config(cfg), cfg.model.overrides)
+    except ValueError:
+        problems = detectron2_problems(cfg.to_dict())
+        if not problems:
+            raise
+        raise ValueError("; ".join(problems)) from None
 
 
 def build_d2_config(

@@ -566,6 +566,12 @@ def test_without_launch_the_detectron2_keys_are_not_checked() -> None:
     """Steps on agents load the config without importing detectron2 for it (the download step checks)."""
     cfg = load_config(SMOKE, ["model.overrides.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAG=256"])
     assert cfg.model.overrides["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAG"] == 256
+    # ... and the download step's check names the key with the same suggestion as the launch check
+    from d2ops.training import check_model_config
+
+    suggestion = r"BATCH_SIZE_PER_IMAG: not a key .*did you mean MODEL\.ROI_HEADS\.BATCH_SIZE_PER_IMAGE"
+    with pytest.raises(ValueError, match=suggestion):
+        check_model_config(cfg)
 
 
 def test_shipped_configs_pass_the_launch_checks() -> None:
