@@ -87,7 +87,7 @@ def register_model(
             base.locked = False
     model.update_weights(weights_filename=str(bundle_zip), auto_delete_file=False, is_package=True, async_enable=False)
     if run.mode == "offline":
-        _fix_offline_record(run.task, Path(bundle_zip))
+        _fix_offline_record(run.task, Path(bundle_zip), run.cfg.clearml.output_uri)
     if run.mode != "offline":
         for key, value in metadata.items():
             text = jsonio.dumps(value, default=str) if isinstance(value, dict | list) else str(value)
@@ -108,7 +108,7 @@ def register_model(
     return record
 
 
-def _fix_offline_record(task: Any, bundle_zip: Path) -> None:
+def _fix_offline_record(task: Any, bundle_zip: Path, output_uri: str | None) -> None:
     """Make the offline model record importable, referring to the bundle zip instead of a copy of it.
 
     ClearML to 2.1.12 (``OutputModel._update_weights_offline`` in clearml/model.py; no public accessor):
@@ -119,8 +119,13 @@ def _fix_offline_record(task: Any, bundle_zip: Path) -> None:
       the import uploads from. A session kept as its zip only has no such path, so the record names
       the bundle zip itself, the one copy (d2ops keeps it in ``runtime.output_dir``), and ClearML's
       copy is removed. Import the session where that zip is.
+    - an offline task keeps no output destination (``Task.init(output_uri=...)`` records none), so the
+      model would be registered on import as a local file even with ``clearml.output_uri`` set; the
+      record names it, and the import uploads the bundle there (``OutputModel.set_upload_destination``).
     """
     entry = task._offline_output_models[-1]
+    if output_uri and not entry.get("output_uri"):
+        entry["output_uri"] = output_uri
     if entry["init"].get("config_dict") is not None:
         entry["init"]["config_text"] = None
     record = entry["weights"]

@@ -10,9 +10,9 @@ the import runs here, against the server stand-in of ``fake_server.py`` and its 
 
 What the stand-in cannot show: a real fileserver's paths and a real server's model listing; both see
 the same SDK calls (``tasks.add_or_update_artifacts``, ``models.update_for_task``, the upload POSTs).
-Not run here: the model's upload on import when ``clearml.output_uri`` is set (ClearML's HTTP driver
-posts to the host's root, where the stand-in serves no files); the import passes the recorded
-``output_uri`` to ``OutputModel.set_upload_destination`` and uploads the file the record names.
+With ``clearml.output_uri`` set (here the stand-in's fileserver; on a cluster an S3 prefix, which ClearML
+reaches with its boto3 driver instead) the import uploads the bundle there; with none, ClearML registers
+the bundle as a local file, as it does for any model with no upload destination.
 """
 
 from __future__ import annotations
@@ -95,10 +95,11 @@ def _run_offline(tmp_path: Path, output_uri: str) -> dict[str, str]:
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.parametrize("output_uri", ["", "the fileserver"])
 def test_zip_only_sessions_import_with_artifacts_and_the_model(
-    clearml_server: FakeClearmlServer, tmp_path: Path
+    clearml_server: FakeClearmlServer, tmp_path: Path, output_uri: str
 ) -> None:
-    run = _run_offline(tmp_path, "")
+    run = _run_offline(tmp_path, output_uri and clearml_server.files_url)
     train, register = Path(run["train"]), Path(run["register"])
     weights, bundle = Path(run["weights"]).read_bytes(), Path(run["bundle"]).read_bytes()
 
@@ -133,6 +134,9 @@ def test_zip_only_sessions_import_with_artifacts_and_the_model(
     models = [m for m in clearml_server.models.values() if m.get("task") == register_id]
     assert len(models) == 1, list(clearml_server.models.values())
     assert models[0]["name"] == "shapes" and models[0]["labels"] == {"square": 1, "circle": 2}
-    # With no clearml.output_uri ClearML registers the local file, as for any model with no upload
-    # destination: the bundle zip d2ops kept, which exists (before, the path of a session copy).
-    assert models[0]["uri"] == Path(run["bundle"]).resolve().as_uri()
+    model_uri = models[0]["uri"]
+    if output_uri:  # clearml.output_uri set: the import uploads the bundle the record refers to, there
+        assert model_uri.startswith(clearml_server.files_url), model_uri
+        assert clearml_server.files[model_uri[len(clearml_server.files_url) :].lstrip("/")] == bundle
+    else:  # none: ClearML registers the local file, as for any model with no upload destination
+        assert model_uri == Path(run["bundle"]).resolve().as_uri()
