@@ -3,8 +3,9 @@
 :func:`run_step` is the body of every ``tasks/<step>.py`` script and of each step of the
 offline pipeline. It opens the step's task (:func:`open_step`), in one of three modes:
 
-- ``offline``: no server; the session is written to ``<CLEARML_CACHE_DIR>/offline/<task id>/`` (and a zip)
-  that ``Task.import_offline_session`` can later replay into a server;
+- ``offline``: no server; the session is kept as ``<CLEARML_CACHE_DIR>/offline/<task id>.zip`` (ClearML
+  writes a folder and zips it at close; the folder is then removed), which
+  ``Task.import_offline_session`` can later replay into a server;
 - ``local``: a server, the step runs in this process;
 - ``remote``: the step is enqueued with ``execute_remotely`` and continues on a clearml-agent.
 
