@@ -64,6 +64,7 @@ def summarize(run: Any, seconds: float) -> dict[str, Any]:
     register = run.steps["register"].values
     return {
         "bbox": {**metrics["bbox"], "per_class": metrics["per_class_ap"]},
+        "segm": metrics.get("segm") or None,  # a segmenting model's mask AP; null for a box model
         "f2": metrics.get("f2", metrics["f_beta"]),
         "precision": metrics["precision"],
         "recall": metrics["recall"],
@@ -97,6 +98,11 @@ def format_summary(summary: dict[str, Any], path: Path, report: Path | None = No
         f"{title}: offline pipeline finished",
         f"  bbox AP {_num(bbox.get('AP'))}  AP50 {_num(bbox.get('AP50'))}  AP75 {_num(bbox.get('AP75'))}"
         f"   per class: {per_class}",
+        *(
+            [f"  segm AP {_num(segm.get('AP'))}  AP50 {_num(segm.get('AP50'))}  AP75 {_num(segm.get('AP75'))}"]
+            if (segm := summary.get("segm"))
+            else []
+        ),
         f"  precision {_num(summary['precision'], 3)}  recall {_num(summary['recall'], 3)}"
         f"  F2 {_num(summary['f2'], 3)}  (score >= {summary['score_threshold']})",
         f"  quality gate {gate['metric']} >= {gate['min_value']}: {'PASSED' if gate['passed'] else 'FAILED'}",
@@ -166,6 +172,11 @@ def _headline(summary: Mapping[str, Any]) -> str:
     rows = [
         ("bbox AP / AP50 / AP75", f"{_num(bbox.get('AP'))} / {_num(bbox.get('AP50'))} / {_num(bbox.get('AP75'))}"),
         ("APs / APm / APl", f"{_num(bbox.get('APs'))} / {_num(bbox.get('APm'))} / {_num(bbox.get('APl'))}"),
+        *(
+            [("segm AP / AP50 / AP75", f"{_num(segm.get('AP'))} / {_num(segm.get('AP50'))} / {_num(segm.get('AP75'))}")]
+            if (segm := summary.get("segm"))
+            else []
+        ),
         (
             f"precision / recall / F2 (score >= {summary['score_threshold']})",
             f"{_num(summary['precision'], 3)} / {_num(summary['recall'], 3)} / {_num(summary['f2'], 3)}",

@@ -52,6 +52,7 @@ def test_quality_on_held_out_images(pipeline_run: dict[str, Any]) -> None:
     assert summary["champion_gate"]["champion_id"] is None
     for key in ("AP", "AP50", "AP75"):
         assert key in summary["bbox"]
+    assert summary["segm"] is None, "a box model has no mask AP"
 
 
 def _strict_json(path: Path) -> Any:
