@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 import torch
 
+from d2ops.utils.offline_session import session_file, session_names
+
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 MAX_ITER = 12
@@ -65,8 +67,9 @@ def _step_result(proc: subprocess.CompletedProcess[str], tmp: Path) -> dict[str,
     """The train step's ``step_result`` artifact, read from its offline ClearML session."""
     assert proc.returncode == 0, proc.stderr[-3000:]
     task_id = json.loads(proc.stdout[proc.stdout.index("{") :])["task_id"]
-    session = tmp / "clearml" / "offline" / task_id
-    return dict(json.loads(next(session.glob("data/**/artifacts/step_result/*.json")).read_text()))
+    session = tmp / "clearml" / "offline" / f"{task_id}.zip"  # the session d2ops keeps: its zip
+    (name,) = [n for n in session_names(session) if "/artifacts/step_result/" in n and n.endswith(".json")]
+    return dict(json.loads(session_file(session, name) or b"{}"))
 
 
 def _s3_objects(client: Any) -> dict[str, bytes]:
