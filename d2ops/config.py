@@ -17,7 +17,7 @@ import re
 import types
 import typing
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -43,6 +43,8 @@ __all__ = [
     "config_hash",
     "detectron2_problems",
     "input_problems",
+    "missing_split_fix",
+    "split_problems",
     "load_config",
     "uri_userinfo",
 ]
@@ -685,6 +687,27 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _seed_defaults(raw: dict[str, Any], key: str) -> None:
+    """Give an absent mapping on a ``--set`` key's path the schema's default first, so that one key set
+    under it keeps the others: ``--set data.splits.val=validation`` on a config that names no splits
+    still has train and test."""
+    model: Any = ExperimentConfig
+    node: Any = raw
+    for part in key.split(".")[:-1]:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None or not isinstance(node, dict):
+            return
+        if part not in node:
+            default = field.get_default(call_default_factory=True)
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                node[part] = {}  # a section: the schema fills in its other keys
+            elif isinstance(default, dict) and all(isinstance(v, str | int | float) for v in default.values()):
+                node[part] = dict(default)  # a mapping of plain values (splits); not one of sections
+            else:
+                return
+        node, model = node[part], field.annotation
+
+
 def _apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> tuple[dict[str, Any], list[str]]:
     """``raw`` with every well-formed ``--set`` applied, and one message per malformed one."""
     result = copy.deepcopy(raw)
@@ -700,6 +723,7 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> tuple[
             except yaml.YAMLError as err:
                 problem = getattr(err, "problem", None) or type(err).__name__
                 raise ConfigError(f"--set {key.strip()}: the value is not valid YAML ({problem})") from None
+            _seed_defaults(result, key.strip())
             _set_dotted(result, key.strip(), value)
         except ConfigError as err:
             errors.append(_scrubbed(str(err), list(overrides or [])))
@@ -912,6 +936,65 @@ def input_problems(raw: Any, *, local_paths: bool = True) -> list[str]:
     return problems
 
 
+def missing_split_fix(role: str, splits: Mapping[str, str], where: str, present: Sequence[str]) -> str:
+    """How to fix a split folder that ``where`` (data.source) lacks, given the folders it has: the
+    exact ``--set`` lines (a folder no other split reads; for val, a carved split)."""
+    subfolder = splits[role]
+    if not present:
+        return f"create the folder {subfolder!r} in {where}, or point data.source at the folder holding the splits"
+    fix = f"add the folder {subfolder!r} to {where} (it has {', '.join(map(repr, sorted(present)))})"
+    free = [name for name in sorted(present) if name not in splits.values()]  # a folder no other split reads
+    if free:
+        fix += ", or map the split to one of them: " + " or ".join(f"--set data.splits.{role}={n}" for n in free[:3])
+    if role == "val":
+        fix += ", or carve a seeded validation split from train: --set data.val_fraction=0.1"
+    return fix
+
+
+def split_problems(data: DataConfig, *, local_paths: bool = True) -> list[str]:
+    """Each split folder that data.source lacks, found at launch with one S3 listing (its top-level
+    folders) or a look at the folder, and named with the fix; before anything is downloaded.
+
+    Says nothing when data.source itself cannot be read (:func:`input_problems` names that), or
+    when the dataset is a ClearML Dataset (``data.dataset_id``).
+    """
+    if data.dataset_id or not data.source:
+        return []
+    source = data.source
+    if source.lower().startswith("s3://"):
+        from d2ops import storage
+
+        try:
+            loc = storage.parse_s3_uri(source)
+            prefix = loc.prefix if not loc.prefix or loc.prefix.endswith("/") else f"{loc.prefix}/"
+            client = storage.make_s3_client(loc, max_pool_connections=2)
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix, Delimiter="/")
+            present = [p["Prefix"][len(prefix) :].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])]
+        except Exception:  # unreachable: input_problems says so, and the download step would too
+            return []
+    elif local_paths and "://" not in source:
+        root = Path(source).expanduser()
+        if not root.is_dir():
+            return []
+        present = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    else:
+        return []
+    return [
+        f"data.splits.{role}: the {role} split folder {folder!r} is not in {source}; fix: "
+        f"{missing_split_fix(role, data.splits, source, present)}"
+        for role, folder in data.folders.items()
+        if folder.strip("/").split("/")[0] not in present
+    ]
+
+
+def _data_section(raw: dict[str, Any]) -> DataConfig | None:
+    """The data section alone, when it is valid by itself (the schema names its errors otherwise)."""
+    try:
+        return DataConfig.model_validate(raw.get("data") or {})
+    except (ValidationError, TypeError):
+        return None
+
+
 def _secret_problems(tree: Any, path: tuple[str | int, ...] = ()) -> list[tuple[str, str]]:
     """(dotted key, problem) for each credential-looking key anywhere in the raw config (lists of
     mappings included)."""
@@ -959,7 +1042,11 @@ def parse_config(
         if launch:
             problems += [f"  - {line}" for line in detectron2_problems(raw)]
             if inputs != "none":
-                problems += [f"  - {line}" for line in input_problems(raw, local_paths=inputs == "all")]
+                missing = input_problems(raw, local_paths=inputs == "all")
+                problems += [f"  - {line}" for line in missing]
+                data = cfg.data if cfg is not None else _data_section(raw)  # also beside other sections' errors
+                if data is not None and not any(line.startswith("data.source:") for line in missing):
+                    problems += [f"  - {line}" for line in split_problems(data, local_paths=inputs == "all")]
         if problems or cfg is None:
             raise ConfigError("\n".join([f"invalid config {source}:", *problems]))
         return cfg

@@ -36,6 +36,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from d2ops.config import missing_split_fix
 from d2ops.overlap import shared_images
 
 logger = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ def validate_dataset(
     _check_categories_covered_by_train(summaries, splits, annotation_file, problems)
     _check_train_has_annotations(summaries, splits, annotation_file, problems)
     _check_shared_images(root, splits, annotation_file, fmt, duplicate_images, problems)
-    problems.raise_if_any(root)
+    problems.raise_if_any(source or root)  # the URI the user gave, not the local cache
     for summary in summaries.values():
         _log_summary(summary)
     return summaries
@@ -271,17 +272,8 @@ def _log_summary(summary: SplitSummary) -> None:
 
 
 def _missing_split_fix(root: Path, role: str, splits: Mapping[str, str], source: str | None) -> str:
-    present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    subfolder, where = splits[role], source or str(root)
-    if not present:
-        return f"create the folder {subfolder!r} in {where}, or point data.source at the folder holding the splits"
-    fix = f"add the folder {subfolder!r} to {where} (it has {', '.join(map(repr, present))})"
-    free = [name for name in present if name not in splits.values()]  # a folder no other split reads
-    if free:
-        fix += ", or map the split to one of them: " + " or ".join(f"--set data.splits.{role}={n}" for n in free[:3])
-    if role == "val":
-        fix += ", or carve a seeded validation split from train: --set data.val_fraction=0.1"
-    return fix
+    present = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return missing_split_fix(role, splits, source or str(root), present)
 
 
 def _load_json(path: Path, loc: str, problems: _Problems, kind: str) -> Any:

@@ -687,3 +687,17 @@ def test_malformed_set_items_come_with_the_config_errors_in_one_message() -> Non
 def test_a_config_file_that_is_not_a_mapping_says_so_with_overrides(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="the top level must be a mapping of sections"):
         load_config(_write(tmp_path, "- a\n"), ["solver.max_iter=5"])
+
+
+def test_one_split_set_on_a_config_that_names_none_keeps_the_default_others() -> None:
+    """The fix the missing-split message prints, ``--set data.splits.val=validation``, works on a config
+    that leaves data.splits to the schema's default: train and test stay, val changes."""
+    model = {"zoo_config": "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"}
+    raw: dict[str, Any] = {"data": {"source": "s3://minio:9000/d/cells/"}, "model": model}
+    cfg = parse_config(apply_overrides(raw, ["data.splits.val=validation"]))
+    assert cfg.data.splits == {"train": "train", "val": "validation", "test": "test"}
+    assert raw == {"data": {"source": "s3://minio:9000/d/cells/"}, "model": model}, "the given config is unchanged"
+    stated = {"data": {"source": "d", "splits": {"train": "images", "val": "v"}}, "model": model}
+    assert parse_config(apply_overrides(stated, ["data.splits.val=w"])).data.splits == {"train": "images", "val": "w"}
+    bare = parse_config(apply_overrides({"model": model}, ["data.splits.val=w", "data.source=d"]))
+    assert bare.data.splits == {"train": "train", "val": "w", "test": "test"}, "no data section at all"

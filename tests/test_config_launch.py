@@ -26,7 +26,10 @@ def s3() -> Iterator[LocalS3]:
         client = storage.make_s3_client(storage.parse_s3_uri(endpoint.uri("data", "")))
         for bucket in ("data", "models", "clearml"):
             client.create_bucket(Bucket=bucket)
-        client.put_object(Bucket="data", Key="shapes/train/_annotations.coco.json", Body=b"{}")
+        for split in ("train", "valid", "test"):
+            client.put_object(Bucket="data", Key=f"shapes/{split}/_annotations.coco.json", Body=b"{}")
+        for split in ("train", "validation", "test"):  # a Roboflow export whose val folder is named otherwise
+            client.put_object(Bucket="data", Key=f"cells/{split}/_annotations.coco.json", Body=b"{}")
         client.put_object(Bucket="models", Key="init/model_final.pkl", Body=b"weights")
         client.put_object(Bucket="models", Key="configs/custom.yaml", Body=b"MODEL: {}\n")
         yield endpoint
@@ -64,7 +67,8 @@ def test_inputs_that_are_there_pass(s3: LocalS3, tmp_path: Path) -> None:
     assert cfg.model.weights == s3.uri("models", "init/model_final.pkl")
     custom = {**_good(s3), "model": {"config_file": s3.uri("models", "configs/custom.yaml")}}
     assert input_problems(custom) == []
-    (tmp_path / "data").mkdir()
+    for split in ("train", "valid", "test"):
+        (tmp_path / "data" / split).mkdir(parents=True)
     local = {**_good(s3), "data": {"source": str(tmp_path / "data")}, "inference": {"source": str(tmp_path / "data")}}
     assert input_problems(local) == []
 
@@ -124,3 +128,51 @@ def test_the_pipeline_cli_fails_before_any_step_on_a_missing_input(
     assert pipeline_main(["--config", str(_config(tmp_path, raw)), "--offline"]) == 2
     assert f"model.weights: no object at {s3.uri('models', 'nope.pkl')}" in capsys.readouterr().err
     assert not started
+
+
+def test_a_missing_split_is_found_at_launch_with_the_set_lines(s3: LocalS3, tmp_path: Path) -> None:
+    """Before any download: one listing of data.source's folders names each split it lacks, the URI
+    (not a cache folder) and the exact --set lines; for a local folder the same."""
+    cells = s3.uri("data", "cells/")
+    raw = {**_good(s3), "data": {"source": cells}}
+    with pytest.raises(ConfigError) as info:
+        load_config(_config(tmp_path, raw), ["solver.max_iter=0"], launch=True)
+    lines = [line for line in str(info.value).splitlines() if line.startswith("  - ")]
+    assert len(lines) == 2 and lines[0].startswith("  - solver.max_iter: "), "with the config's other errors"
+    assert lines[1] == (
+        f"  - data.splits.val: the val split folder 'valid' is not in {cells}; fix: add the folder 'valid' to "
+        f"{cells} (it has 'test', 'train', 'validation'), or map the split to one of them: "
+        "--set data.splits.val=validation, or carve a seeded validation split from train: --set data.val_fraction=0.1"
+    )
+    for fix in ("data.splits.val=validation", "data.val_fraction=0.1"):
+        assert load_config(_config(tmp_path, raw), [fix], launch=True).data.source == cells
+    local = tmp_path / "export"
+    (local / "train").mkdir(parents=True)
+    with pytest.raises(ConfigError) as info:
+        load_config(_config(tmp_path, {**_good(s3), "data": {"source": str(local)}}), launch=True)
+    message = str(info.value)
+    assert f"data.splits.val: the val split folder 'valid' is not in {local}; fix: add the folder 'valid'" in message
+    assert f"data.splits.test: the test split folder 'test' is not in {local}" in message
+    assert "data.val_fraction" not in message.split("data.splits.test")[1], "carving is offered for val only"
+
+
+def test_a_remote_launch_checks_s3_inputs_on_the_laptop_before_any_task(
+    s3: LocalS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``run_pipeline.py --config C`` (remote: controller on services, steps on queues) runs the same launch
+    check before the preflight and before any ClearML task: a missing weights object and a missing split
+    are named in the one message, and nothing is built or enqueued."""
+    import d2ops.clearml.cluster as cluster_module
+    import d2ops.clearml.controller as controller_module
+    from d2ops.cli import pipeline_main
+
+    reached: list[str] = []
+    monkeypatch.setattr(cluster_module, "preflight", lambda *a, **k: reached.append("preflight"))
+    monkeypatch.setattr(controller_module, "build_controller", lambda *a, **k: reached.append("controller"))
+    raw = {**_good(s3), "data": {"source": s3.uri("data", "cells/")}}
+    raw["model"] = {"zoo_config": ZOO, "weights": s3.uri("models", "nope.pkl")}
+    assert pipeline_main(["--config", str(_config(tmp_path, raw))]) == 2
+    err = capsys.readouterr().err
+    assert f"model.weights: no object at {s3.uri('models', 'nope.pkl')}" in err
+    assert "data.splits.val: the val split folder 'valid' is not in" in err
+    assert not reached, "nothing launched"
