@@ -268,17 +268,33 @@ def carved_val_images(root: Path, data: DataConfig) -> list[str]:
 
     Seeded and independent of file order: images are ranked by the hash of ``val_seed`` and their name,
     and the first ``round(n * val_fraction)`` go to val (at least one, and at least one left to train).
+    Byte-identical images (one photo exported twice under two names) go to the same side, together:
+    a carve never puts a training image into val.
     """
     if data.val_fraction is None:
         return []
-    from d2ops.overlap import listed_images
+    from d2ops.overlap import image_digests, listed_images
 
-    names = sorted(set(listed_images(root / data.splits["train"], data.annotation_file, data.format)))
+    train_dir = root / data.splits["train"]
+    inside = train_dir.resolve()
+    names = sorted(set(listed_images(train_dir, data.annotation_file, data.format)))
     if len(names) < 2:
         return []
     count = min(max(1, round(len(names) * data.val_fraction)), len(names) - 1)
-    ranked = sorted(names, key=lambda name: hashlib.sha256(f"{data.val_seed}/{name}".encode()).hexdigest())
-    return sorted(ranked[:count])
+    # never open what a hostile file name points at: such a name is its own group (validation refuses it)
+    safe = [n for n in names if "\x00" not in n and (train_dir / n).resolve().is_relative_to(inside)]
+    digest = dict(zip(safe, image_digests([train_dir / n for n in safe]), strict=True))
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(digest.get(name) or f"name:{name}", []).append(name)
+    rank = {name: hashlib.sha256(f"{data.val_seed}/{name}".encode()).hexdigest() for name in names}
+    val: list[str] = []
+    for members in sorted(groups.values(), key=lambda group: min(rank[n] for n in group)):
+        if len(val) >= count:
+            break
+        if len(val) + len(members) <= len(names) - 1:
+            val += members
+    return sorted(val)
 
 
 def _derived_coco(json_file: Path, cache: Path, drop: set[int], images: Collection[str] | None, exclude: bool) -> Path:

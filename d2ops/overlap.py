@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from collections import defaultdict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SharedImage", "listed_images", "shared_images"]
+__all__ = ["SharedImage", "image_digests", "listed_images", "shared_images"]
 
 _HASH_THREADS = 8
 
@@ -45,10 +46,18 @@ def listed_images(split_dir: Path, annotation_file: str, fmt: str) -> list[str]:
 
 def _digest(path: Path) -> str | None:
     try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return None  # a FIFO or device would block or never end: the validator reports it
         with path.open("rb") as handle:
             return hashlib.file_digest(handle, "sha256").hexdigest()
     except OSError:
         return None  # missing or unreadable: the validator reports it
+
+
+def image_digests(paths: list[Path]) -> list[str | None]:
+    """The sha256 of each file's bytes (None where it cannot be read), hashed on a few threads."""
+    with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:
+        return list(pool.map(_digest, paths))
 
 
 def shared_images(root: Path, splits: Mapping[str, str], annotation_file: str, fmt: str) -> list[SharedImage]:
@@ -63,8 +72,7 @@ def shared_images(root: Path, splits: Mapping[str, str], annotation_file: str, f
                 # never open what a hostile file_name points at (a NUL byte cannot even be resolved)
                 if "\x00" not in name and path.resolve().is_relative_to(inside):
                     listed.append((role, path))
-    with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:
-        digests = list(pool.map(_digest, [path for _, path in listed]))
+    digests = image_digests([path for _, path in listed])
     places: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for (role, path), digest in zip(listed, digests, strict=True):
         if digest is not None:

@@ -145,8 +145,8 @@ def write_report(path: Path, summary: Mapping[str, Any], *, debug_images: int = 
     parts = [
         _headline(summary),
         _per_class(summary["bbox"].get("per_class") or {}),
-        _pr_curves([p for p in evaluate.plots if p["figure"]["data"][0].get("type") == "scatter"]),
-        *(_heatmap(p) for p in evaluate.plots if p["figure"]["data"][0].get("type") == "heatmap"),
+        _pr_curves([p for p in evaluate.plots if _trace_type(p) == "scatter"]),
+        *(_heatmap(p) for p in evaluate.plots if _trace_type(p) == "heatmap"),
         _debug_images(infer.images, debug_images),
     ]
     page = (
@@ -231,10 +231,16 @@ def _pr_curves(plots: list[dict[str, Any]], width: int = 520, height: int = 360,
     return f"<h2>{title}</h2>{svg}"
 
 
+def _trace_type(plot: Mapping[str, Any]) -> str | None:
+    """The kind of a plot's first trace; None for a plot with no trace (nothing to draw, not an error)."""
+    traces = (plot.get("figure") or {}).get("data") or []
+    return traces[0].get("type") if traces and isinstance(traces[0], dict) else None
+
+
 def _heatmap(plot: dict[str, Any]) -> str:
     """A plotly heatmap (ClearML's confusion matrix) as a table, shaded by count."""
     trace = plot["figure"]["data"][0]
-    z: list[list[Any]] = trace["z"]
+    z: list[list[Any]] = trace.get("z") or [[]]
     xs, ys = trace.get("x") or list(range(len(z[0]))), trace.get("y") or list(range(len(z)))
     layout = plot["figure"].get("layout", {})
     xlabel, ylabel = _axis_title(layout.get("xaxis")), _axis_title(layout.get("yaxis"))

@@ -283,6 +283,7 @@ def run_train(ctx: StepContext) -> StepOutput:
 
     runtime = ctx.cfg.runtime
     check_gpus(runtime.num_gpus, device=runtime.device, visible_gpus=torch.cuda.device_count())
+    mirror_key = _check_checkpoint_mirror(ctx)  # before the dataset moves
     _localize_config_file(ctx)
     stats, root = sync_dataset(ctx.cfg, ctx.runtime, progress=False)
     _validated_dataset(ctx, root)
@@ -307,18 +308,24 @@ def run_train(ctx: StepContext) -> StepOutput:
         ctx.cfg, manifest.get("identity") or stats.identity, ctx.runtime.pipeline_run_id(plan.machine_rank)
     )
     checkpoint_uri = _checkpoint_uri(ctx.cfg, run.run_key, ctx.runtime.output_uri())
-    result = train(
-        ctx.cfg,
-        dataset,
-        ctx.workdir / "train",
-        weights=_initial_weights(ctx),
-        reporter=ctx.reporter,
-        resume=runtime.resume,
-        checkpoint_uri=checkpoint_uri,
-        run=run,
-        data_root=root,
-        plan=plan,
-    )
+    weights = _initial_weights(ctx)
+    try:
+        result = train(
+            ctx.cfg,
+            dataset,
+            ctx.workdir / "train",
+            weights=weights,
+            reporter=ctx.reporter,
+            resume=runtime.resume,
+            checkpoint_uri=checkpoint_uri,
+            run=run,
+            data_root=root,
+            plan=plan,
+        )
+    except storage.StorageError as exc:
+        if not checkpoint_uri or checkpoint_uri not in str(exc):
+            raise
+        raise storage.StorageError(f"{mirror_key}: the checkpoint mirror failed: {exc}; {_MIRROR_FIX}") from exc
     values = {**result.to_dict(), "run_key": run.run_key, "training_identity": run.identity}
     if not plan.is_master:
         return StepOutput(values=values)
@@ -333,6 +340,29 @@ def run_train(ctx: StepContext) -> StepOutput:
         },
         values=values,
     )
+
+
+_MIRROR_FIX = (
+    "make it reachable from this machine, set another with --set clearml.output_uri=s3://host:port/bucket, "
+    "or --set clearml.output_uri=null to keep checkpoints on this machine only (a retried step then starts over)"
+)
+
+
+def _check_checkpoint_mirror(ctx: StepContext) -> str:
+    """Where this step's checkpoints are mirrored, checked before any transfer: an unreachable S3 bucket
+    fails here, named by its key (``clearml.output_uri``, or the agent's default output URI), not later
+    inside training. Returns the key's name, for errors while training."""
+    from d2ops.config import input_problems
+
+    own = ctx.cfg.clearml.output_uri
+    key = "clearml.output_uri" if own else "the agent's sdk.development.default_output_uri"
+    base = own or ctx.runtime.output_uri()
+    if base and storage.is_s3_uri(base):
+        problems = input_problems({"clearml": {"output_uri": base}})  # ["clearml.output_uri: <why>"]
+        if problems:
+            why = problems[0].split(": ", 1)[1]
+            raise storage.StorageError(f"{key} ({base}), where checkpoints are mirrored: {why}; {_MIRROR_FIX}")
+    return key
 
 
 def _checkpoint_uri(cfg: ExperimentConfig, run_key: str, task_output_uri: str | None = None) -> str | None:

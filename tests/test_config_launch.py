@@ -176,3 +176,24 @@ def test_a_remote_launch_checks_s3_inputs_on_the_laptop_before_any_task(
     assert f"model.weights: no object at {s3.uri('models', 'nope.pkl')}" in err
     assert "data.splits.val: the val split folder 'valid' is not in" in err
     assert not reached, "nothing launched"
+
+
+def test_an_unreachable_checkpoint_mirror_fails_the_train_step_first_naming_clearml_output_uri(
+    s3: LocalS3, tmp_path: Path
+) -> None:
+    """The train step on an agent (launched from a UI clone or a schedule, which skip the laptop's check)
+    checks clearml.output_uri before the dataset moves, and names it, not detectron2's first checkpoint."""
+    from d2ops.steps import StepContext, run_train
+
+    smoke = Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
+    closed = f"s3://127.0.0.1:{_closed_port()}/clearml"
+    cfg = load_config(
+        smoke,
+        [f"data.source={s3.uri('data', 'shapes/')}", f"data.cache_dir={tmp_path / 'cache'}", f"clearml.output_uri={closed}"],
+    )
+    with pytest.raises(storage.StorageError) as info:
+        run_train(StepContext(cfg=cfg, workdir=tmp_path / "train"))
+    message = str(info.value)
+    assert message.startswith(f"clearml.output_uri ({closed}), where checkpoints are mirrored: cannot reach "), message
+    assert "--set clearml.output_uri=null" in message
+    assert not (tmp_path / "cache").exists(), "nothing was downloaded"

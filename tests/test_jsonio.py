@@ -42,3 +42,28 @@ def test_write_is_atomic_readable_and_leaves_nothing_on_failure(tmp_path: Path) 
         write_json(target, {"bad": object()})
     assert json.loads(target.read_text()) == {"AP": None}, "the old file stays whole"
     assert os.listdir(tmp_path) == ["summary.json"], "no temporary file left behind"
+
+
+SCHEMAS = Path(__file__).resolve().parent.parent / "docs" / "schemas"
+
+
+def test_the_published_output_schemas_are_the_models_and_say_what_null_means() -> None:
+    """docs/schemas is what ``python -m d2ops.outputs docs/schemas`` writes from d2ops.outputs; every
+    measured number there allows null and says that null is 'not measured'; NaN is refused."""
+    import jsonschema
+
+    from pydantic import ValidationError
+
+    from d2ops.outputs import NOT_MEASURED, SummaryBox, json_schemas
+
+    for name, schema in json_schemas().items():
+        assert json.loads((SCHEMAS / name).read_text()) == schema, f"regenerate {name}: python -m d2ops.outputs docs/schemas"
+    summary = json_schemas()["summary.schema.json"]
+    apl = summary["$defs"]["SummaryBox"]["properties"]["APl"]
+    assert {"type": "null"} in apl["anyOf"] and NOT_MEASURED in json.dumps(summary)
+    box = {"AP": 50.0, "AP50": 90.0, "AP75": 40.0, "APs": None, "APm": 48.0, "APl": None, "per_class": {"a": None}}
+    jsonschema.validate(box, {**summary["$defs"]["SummaryBox"], "$defs": summary["$defs"]})
+    with pytest.raises(jsonschema.ValidationError):  # a writer that spells NaN as a string
+        jsonschema.validate({**box, "APl": "NaN"}, {**summary["$defs"]["SummaryBox"], "$defs": summary["$defs"]})
+    with pytest.raises(ValidationError, match="finite number"):  # what a lenient parser makes of NaN
+        SummaryBox.model_validate({**box, "APl": float("nan")})

@@ -12,12 +12,15 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
 import pytest
 
 from d2ops.utils.offline_session import session_file, session_names
 
 pytestmark = pytest.mark.slow
+
+SCHEMAS = Path(__file__).resolve().parent.parent / "docs" / "schemas"
 
 
 def _session(run: dict[str, Any], step: str) -> Path:
@@ -73,6 +76,9 @@ def test_every_output_is_strict_json(pipeline_run: dict[str, Any]) -> None:
     assert "APl" in summary["bbox"] and summary["bbox"]["APl"] is None
     metrics = _strict_json(out / "run" / "evaluate" / "metrics.json")
     assert metrics["bbox"]["APl"] is None
+    # what a consumer checks them with: the published JSON Schemas (docs/schemas), by jsonschema's validator
+    for data, name in ((summary, "summary.schema.json"), (metrics, "metrics.schema.json")):
+        jsonschema.validate(data, json.loads((SCHEMAS / name).read_text()))
     written = [
         path for path in sorted((out / "run").rglob("*.json")) if "train" not in path.relative_to(out / "run").parts[:1]
     ]

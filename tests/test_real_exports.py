@@ -296,3 +296,27 @@ def test_val_fraction_carves_a_seeded_val_split_from_train(tmp_path: Path) -> No
     val = {Path(r["file_name"]).name for r in DatasetCatalog.get(dataset.name("val"))}
     assert val == set(carved) and len(train) == 15 and not train & val
     assert all(r["annotations"] for r in DatasetCatalog.get(dataset.name("val"))), "annotations follow their image"
+
+
+def test_val_fraction_never_splits_byte_identical_images(tmp_path: Path) -> None:
+    """One photo exported twice under two names goes to val or to train as a pair, whatever the seed, so
+    a carved val never holds a training image (the leak the duplicate check exists for)."""
+    from d2ops.datasets import carved_val_images
+
+    export = roboflow_export(tmp_path / "rf", {"train": 8, "test": 2})
+    ann = export / "train" / "_annotations.coco.json"
+    data = json.loads(ann.read_text())
+    first = data["images"][0]
+    twin = {**first, "id": 999, "file_name": "twin_jpg.rf.0000.jpg"}
+    shutil.copy(export / "train" / first["file_name"], export / "train" / twin["file_name"])
+    data["images"].append(twin)
+    ann.write_text(json.dumps(data))
+    pair = {first["file_name"], twin["file_name"]}
+    sides = set()
+    for seed in range(12):
+        cfg = load_config(SMOKE, [f"data.source={export}", "data.val_fraction=0.25", f"data.val_seed={seed}"])
+        carved = set(carved_val_images(export, cfg.data))
+        assert len(carved) in (2, 3), "round(9 * 0.25) images, or one more to keep the pair whole"
+        assert pair <= carved or not pair & carved, f"seed {seed} split the pair: {sorted(carved)}"
+        sides.add(pair <= carved)
+    assert sides == {True, False}, "some seed puts the pair in val, another leaves it in train"
