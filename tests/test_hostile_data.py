@@ -145,6 +145,9 @@ def test_full_disk_index_write_does_not_mask_an_interrupt(
 
 COCO_FILE = "_annotations.coco.json"
 VIA_FILE = "via_region_data.json"
+# Shaped like a Roboflow export: its renamed image files, and category 0 the project (supercategory of the class)
+RF_IMAGE = "img_1_jpg.rf.5d41402abc4b2a76b9719d911017c592.jpg"
+RF_CATEGORIES = [{"id": 0, "name": "balls", "supercategory": "none"}, {"id": 1, "name": "ball", "supercategory": "balls"}]
 WIDTH, HEIGHT = 64, 48
 _shades = itertools.count(1)
 
@@ -155,7 +158,7 @@ def _draw(path: Path) -> None:
     Image.new("RGB", (WIDTH, HEIGHT), (shade % 256, 90, shade // 256 % 256)).save(path)
 
 
-def _coco(file_name: str = "img_1.jpg", **annotation: Any) -> dict[str, Any]:
+def _coco(file_name: str = RF_IMAGE, **annotation: Any) -> dict[str, Any]:
     return {
         "images": [{"id": 1, "file_name": file_name, "width": WIDTH, "height": HEIGHT}],
         "annotations": [
@@ -170,12 +173,12 @@ def _coco(file_name: str = "img_1.jpg", **annotation: Any) -> dict[str, Any]:
                 **annotation,
             }
         ],
-        "categories": [{"id": 1, "name": "ball"}],
+        "categories": RF_CATEGORIES,
     }
 
 
 def _coco_split(split: Path, data: dict[str, Any] | None = None, text: str | None = None) -> Path:
-    _draw(split / "img_1.jpg")
+    _draw(split / RF_IMAGE)
     (split / COCO_FILE).write_text(json.dumps(data or _coco()) if text is None else text)
     return split
 
@@ -368,7 +371,7 @@ def test_bad_rle_is_one_problem(tmp_path: Path, segmentation: Any, what: str) ->
     _one_problem(
         _rle_problem(tmp_path, segmentation),
         what,
-        f"train/{COCO_FILE}: annotation id 7 (image id 1, 'img_1.jpg')",
+        f"train/{COCO_FILE}: annotation id 7 (image id 1, {RF_IMAGE!r})",
         "export the masks again, or replace the RLE with polygons",
     )
 
