@@ -192,6 +192,40 @@ def test_no_phantom_class_reaches_the_model(roboflow_run: dict[str, Any], tmp_pa
     spec = yaml.safe_load((export.function_dir("cpu") / "function.yaml").read_text())
     labels = json.loads(spec["metadata"]["annotations"]["spec"])
     assert [label["name"] for label in labels] == classes
+    assert _served_labels(bundle.path, tmp_path) == classes
+
+
+def _served_labels(bundle: Path, tmp_path: Path) -> list[str]:
+    """The labels a real ``d2ops serve`` process on the bundle says at ``GET /v1/models``."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "d2ops", "serve", "--model", str(bundle), "--port", str(port), "--device", "cpu"]
+    with (tmp_path / "serve.log").open("wb") as log:
+        server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=10).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        reply = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()
+    finally:
+        server.terminate()
+        server.wait(30)
+    (model,) = reply["models"]
+    return list(model["labels"])
 
 
 def _leak_train_image_into_valid(root: Path) -> tuple[str, str]:
