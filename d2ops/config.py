@@ -43,9 +43,9 @@ __all__ = [
     "config_hash",
     "detectron2_problems",
     "input_problems",
+    "load_config",
     "missing_split_fix",
     "split_problems",
-    "load_config",
     "uri_userinfo",
 ]
 
@@ -936,7 +936,7 @@ def input_problems(raw: Any, *, local_paths: bool = True) -> list[str]:
     return problems
 
 
-def missing_split_fix(role: str, splits: Mapping[str, str], where: str, present: Sequence[str]) -> str:
+def missing_split_fix(role: str, splits: Mapping[Any, str], where: str, present: Sequence[str]) -> str:
     """How to fix a split folder that ``where`` (data.source) lacks, given the folders it has: the
     exact ``--set`` lines (a folder no other split reads; for val, a carved split)."""
     subfolder = splits[role]

@@ -189,7 +189,11 @@ def test_an_unreachable_checkpoint_mirror_fails_the_train_step_first_naming_clea
     closed = f"s3://127.0.0.1:{_closed_port()}/clearml"
     cfg = load_config(
         smoke,
-        [f"data.source={s3.uri('data', 'shapes/')}", f"data.cache_dir={tmp_path / 'cache'}", f"clearml.output_uri={closed}"],
+        [
+            f"data.source={s3.uri('data', 'shapes/')}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"clearml.output_uri={closed}",
+        ],
     )
     with pytest.raises(storage.StorageError) as info:
         run_train(StepContext(cfg=cfg, workdir=tmp_path / "train"))

@@ -147,7 +147,10 @@ COCO_FILE = "_annotations.coco.json"
 VIA_FILE = "via_region_data.json"
 # Shaped like a Roboflow export: its renamed image files, and category 0 the project (supercategory of the class)
 RF_IMAGE = "img_1_jpg.rf.5d41402abc4b2a76b9719d911017c592.jpg"
-RF_CATEGORIES = [{"id": 0, "name": "balls", "supercategory": "none"}, {"id": 1, "name": "ball", "supercategory": "balls"}]
+RF_CATEGORIES = [
+    {"id": 0, "name": "balls", "supercategory": "none"},
+    {"id": 1, "name": "ball", "supercategory": "balls"},
+]
 WIDTH, HEIGHT = 64, 48
 _shades = itertools.count(1)
 

@@ -51,13 +51,13 @@ def test_the_published_output_schemas_are_the_models_and_say_what_null_means() -
     """docs/schemas is what ``python -m d2ops.outputs docs/schemas`` writes from d2ops.outputs; every
     measured number there allows null and says that null is 'not measured'; NaN is refused."""
     import jsonschema
-
     from pydantic import ValidationError
 
     from d2ops.outputs import NOT_MEASURED, SummaryBox, json_schemas
 
     for name, schema in json_schemas().items():
-        assert json.loads((SCHEMAS / name).read_text()) == schema, f"regenerate {name}: python -m d2ops.outputs docs/schemas"
+        written = json.loads((SCHEMAS / name).read_text())
+        assert written == schema, f"regenerate {name}: python -m d2ops.outputs docs/schemas"
     summary = json_schemas()["summary.schema.json"]
     apl = summary["$defs"]["SummaryBox"]["properties"]["APl"]
     assert {"type": "null"} in apl["anyOf"] and NOT_MEASURED in json.dumps(summary)
