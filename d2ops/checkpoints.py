@@ -76,6 +76,7 @@ __all__ = [
     "RunRecord",
     "explicit_resume_point",
     "find_resume_point",
+    "model_weights",
     "new_run_record",
     "prepare_output_dir",
     "restore_checkpoints",
@@ -228,6 +229,30 @@ def write_text_atomic(path: Path, text: str) -> None:
         _replace_atomically(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def model_weights(checkpoint: Path, dest: Path) -> Path:
+    """Write the model's weights alone from a training checkpoint to ``dest`` (atomically); returns ``dest``.
+
+    A checkpoint also holds the optimizer's momentum and the scheduler (``trainer``): about as large
+    again as the model, needed to resume and never to predict. The weights that leave training (the
+    train step's artifact, the bundle, the registered model) are the model and its iteration only, which
+    detectron2's ``DetectionCheckpointer`` loads as it loads the model zoo's files.
+    """
+    data = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if not isinstance(data, dict) or "model" not in data:
+        raise ValueError(f"{checkpoint} is not a detectron2 checkpoint (no 'model' in it)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_for(dest)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save({"model": data["model"], "iteration": data.get("iteration")}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _replace_atomically(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
 
 
 class AtomicCheckpointer(DetectionCheckpointer):

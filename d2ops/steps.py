@@ -276,7 +276,7 @@ def run_train(ctx: StepContext) -> StepOutput:
     """
     import torch
 
-    from d2ops.checkpoints import new_run_record
+    from d2ops.checkpoints import model_weights, new_run_record
     from d2ops.datasets import register_splits
     from d2ops.distributed import check_gpus, launch_plan
     from d2ops.training import train
@@ -308,13 +308,13 @@ def run_train(ctx: StepContext) -> StepOutput:
         ctx.cfg, manifest.get("identity") or stats.identity, ctx.runtime.pipeline_run_id(plan.machine_rank)
     )
     checkpoint_uri = _checkpoint_uri(ctx.cfg, run.run_key, ctx.runtime.output_uri())
-    weights = _initial_weights(ctx)
+    initial = _initial_weights(ctx)
     try:
         result = train(
             ctx.cfg,
             dataset,
             ctx.workdir / "train",
-            weights=weights,
+            weights=initial,
             reporter=ctx.reporter,
             resume=runtime.resume,
             checkpoint_uri=checkpoint_uri,
@@ -331,9 +331,11 @@ def run_train(ctx: StepContext) -> StepOutput:
         return StepOutput(values=values)
     labels = ctx.workdir / "train" / "labels.json"
     labels.write_text(json.dumps(dataset.class_names))
+    # the model alone, without the optimizer state a checkpoint keeps for resuming: half the size downstream
+    weights = model_weights(Path(result.weights), ctx.workdir / "train" / "weights" / Path(result.weights).name)
     return StepOutput(
         files={
-            "weights": Path(result.weights),
+            "weights": weights,
             "d2_config": Path(result.d2_config),
             "labels": labels,
             "train_run": Path(result.run_record),

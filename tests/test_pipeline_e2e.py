@@ -241,6 +241,12 @@ def test_sessions_hold_one_copy_of_the_weights_and_none_of_the_bundle(pipeline_r
     weights = (bundle / "model_final.pth").stat().st_size
     big = [(s.name, n) for s in sessions for n in session_names(s) if len(session_file(s, n) or b"") > weights // 2]
     assert len(big) == 1 and big[0][1].endswith("/artifacts/weights/model_final.pth"), big
+    import torch
+
+    saved = torch.load(bundle / "model_final.pth", map_location="cpu", weights_only=False)
+    assert set(saved) == {"model", "iteration"}, "the model alone: no optimizer or scheduler state"
+    checkpoint = Path(pipeline_run["out"]) / "run" / "train" / "model_final.pth"
+    assert weights < 0.6 * checkpoint.stat().st_size, "about half of the resumable checkpoint"
     on_disk = sum(s.stat().st_size for s in sessions)
     # before: each session folder beside its zip, and the bundle in the register session twice (as an
     # artifact and as the model's weights): about 5.4 times the weights (593 MB for the demo's 110 MB)
