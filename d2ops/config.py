@@ -42,6 +42,7 @@ __all__ = [
     "check_overrides",
     "config_hash",
     "detectron2_problems",
+    "device_problems",
     "input_problems",
     "load_config",
     "missing_split_fix",
@@ -987,6 +988,23 @@ def split_problems(data: DataConfig, *, local_paths: bool = True) -> list[str]:
     ]
 
 
+def device_problems(runtime: RuntimeConfig) -> list[str]:
+    """runtime.device and runtime.num_gpus against this machine's CUDA devices, for a launch whose steps run
+    here (``--offline``, ``--local``): a shipped cluster config says ``device: cuda``, which a laptop lacks."""
+    import torch
+
+    visible = torch.cuda.device_count()
+    where = "this machine sees no CUDA device" if not visible else f"this machine sees {visible} CUDA device(s)"
+    if runtime.device == "cuda" and not visible:
+        return [f"runtime.device: cuda, but {where} and the steps run here: --set runtime.device=cpu (or auto)"]
+    if runtime.device != "cpu" and runtime.num_gpus > max(visible, 1):
+        return [
+            f"runtime.num_gpus: {runtime.num_gpus}, but {where} and the steps run here: "
+            f"--set runtime.num_gpus={max(visible, 1)}, or --set runtime.device=cpu for CPU processes"
+        ]
+    return []
+
+
 def _data_section(raw: dict[str, Any]) -> DataConfig | None:
     """The data section alone, when it is valid by itself (the schema names its errors otherwise)."""
     try:
@@ -1044,6 +1062,8 @@ def parse_config(
             if inputs != "none":
                 missing = input_problems(raw, local_paths=inputs == "all")
                 problems += [f"  - {line}" for line in missing]
+                if inputs == "all" and cfg is not None:  # the steps run on this machine
+                    problems += [f"  - {line}" for line in device_problems(cfg.runtime)]
                 data = cfg.data if cfg is not None else _data_section(raw)  # also beside other sections' errors
                 if data is not None and not any(line.startswith("data.source:") for line in missing):
                     problems += [f"  - {line}" for line in split_problems(data, local_paths=inputs == "all")]

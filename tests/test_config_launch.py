@@ -201,3 +201,21 @@ def test_an_unreachable_checkpoint_mirror_fails_the_train_step_first_naming_clea
     assert message.startswith(f"clearml.output_uri ({closed}), where checkpoints are mirrored: cannot reach "), message
     assert "--set clearml.output_uri=null" in message
     assert not (tmp_path / "cache").exists(), "nothing was downloaded"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_a_gpu_config_launched_to_run_here_names_the_device(s3: LocalS3, tmp_path: Path) -> None:
+    """The shipped cluster configs say runtime.device: cuda. Launched --offline on a laptop, that is named in
+    the one message (not found by the train step after the download); for a remote launch it is the workers'."""
+    raw = {**_good(s3), "runtime": {"device": "cuda"}}
+    with pytest.raises(ConfigError) as info:
+        load_config(_config(tmp_path, raw), launch=True, inputs="all")
+    lines = [line for line in str(info.value).splitlines() if line.startswith("  - ")]
+    assert lines == [
+        "  - runtime.device: cuda, but this machine sees no CUDA device and the steps run here: "
+        "--set runtime.device=cpu (or auto)"
+    ]
+    assert load_config(_config(tmp_path, raw), launch=True, inputs="s3").runtime.device == "cuda"
+    many = {**_good(s3), "runtime": {"device": "auto", "num_gpus": 4}}
+    with pytest.raises(ConfigError, match=r"runtime\.num_gpus: 4, but this machine sees no CUDA device"):
+        load_config(_config(tmp_path, many), launch=True)
