@@ -176,6 +176,9 @@ def evaluate(
     recall = tp / (tp + fn) if tp + fn else 0.0
     bbox = {k: _clean(v) for k, v in coco_results["bbox"].items() if not k.startswith("AP-")}
     per_class = {k[3:]: _clean(v) for k, v in coco_results["bbox"].items() if k.startswith("AP-")}
+    if not per_class and len(labels) == 1:
+        # COCOEvaluator._derive_coco_results returns no AP-<class> for a single class: its AP is the AP
+        per_class = {labels[0]: bbox.get("AP", float("nan"))}
     result = EvalResult(
         bbox=bbox,
         per_class_ap=per_class,

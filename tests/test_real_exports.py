@@ -354,3 +354,34 @@ def test_val_fraction_never_splits_byte_identical_images(tmp_path: Path) -> None
         assert pair <= carved or not pair & carved, f"seed {seed} split the pair: {sorted(carved)}"
         sides.add(pair <= carved)
     assert sides == {True, False}, "some seed puts the pair in val, another leaves it in train"
+
+
+@pytest.mark.slow
+def test_a_single_class_model_has_its_per_class_ap(tmp_path: Path) -> None:
+    """detectron2's COCOEvaluator gives no AP-<class> when there is one class (``_derive_coco_results``
+    returns before them): the one class's AP is the AP, in metrics.json, summary.json and report.html's
+    table, not an empty table (seen on the balloon-layout export)."""
+    from d2ops.steps import StepContext, run_evaluate, run_train
+
+    root = via_export(tmp_path / "droplets")
+    overrides = [
+        f"data.source={root}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.format=via",
+        "data.annotation_file=via_region_data.json",
+        "data.splits={train: train, val: val}",
+        "data.class_names=[droplet]",
+        "eval.split=val",
+        "eval.score_threshold=0",
+        "solver.max_iter=2",
+        "solver.warmup_iters=1",
+        "solver.eval_period=0",
+        "runtime.device=cpu",
+        f"runtime.output_dir={tmp_path / 'run'}",
+    ]
+    ctx = StepContext(cfg=load_config(SMOKE, overrides), workdir=tmp_path / "work")
+    ctx.inputs = {name: str(path) for name, path in run_train(ctx).files.items()}
+    values = run_evaluate(ctx).values
+    assert list(values["per_class_ap"]) == ["droplet"]
+    (ap,) = values["per_class_ap"].values()
+    assert ap == values["bbox"]["AP"] or (ap != ap and values["bbox"]["AP"] != values["bbox"]["AP"]), values
