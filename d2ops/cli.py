@@ -97,7 +97,10 @@ def step_main(step: str, argv: Sequence[str] | None = None) -> int:
         if not agent:
             # Every config mistake in one message, before any ClearML task is created or data moves.
             # Inputs: S3 from here; local paths only when the step runs here (on an agent they are its disk's).
-            load_config(args.config, _overrides(args), launch=True, inputs="s3" if args.remote else "all")
+            # The device too when it runs here, but not for download, which never uses it.
+            local = not args.remote
+            load_config(args.config, _overrides(args), launch=True, inputs="all" if local else "s3",
+                        device=local and step != "download")  # fmt: skip
         result = run_step(
             step,
             step_parameters(step, args.config or "", _overrides(args), inputs),

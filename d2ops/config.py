@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
@@ -943,8 +943,11 @@ def missing_split_fix(role: str, splits: Mapping[Any, str], where: str, present:
     subfolder = splits[role]
     if not present:
         return f"create the folder {subfolder!r} in {where}, or point data.source at the folder holding the splits"
-    fix = f"add the folder {subfolder!r} to {where} (it has {', '.join(map(repr, sorted(present)))})"
-    free = [name for name in sorted(present) if name not in splits.values()]  # a folder no other split reads
+    names = sorted(present)
+    more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+    fix = f"add the folder {subfolder!r} to {where} (it has {', '.join(map(repr, names[:10]))}{more})"
+    used = {part for folder in splits.values() for part in PurePosixPath(folder).parts[:1]}
+    free = [name for name in names if name not in used]  # a folder no other split reads
     if free:
         fix += ", or map the split to one of them: " + " or ".join(f"--set data.splits.{role}={n}" for n in free[:3])
     if role == "val":
@@ -953,38 +956,54 @@ def missing_split_fix(role: str, splits: Mapping[Any, str], where: str, present:
 
 
 def split_problems(data: DataConfig, *, local_paths: bool = True) -> list[str]:
-    """Each split folder that data.source lacks, found at launch with one S3 listing (its top-level
-    folders) or a look at the folder, and named with the fix; before anything is downloaded.
+    """Each split folder that data.source lacks, found at launch (one small S3 listing per split, or a look
+    at the folder) and named with the fix, before anything is downloaded.
 
-    Says nothing when data.source itself cannot be read (:func:`input_problems` names that), or
-    when the dataset is a ClearML Dataset (``data.dataset_id``).
+    Says nothing when data.source itself cannot be read (:func:`input_problems` names that), or when the
+    dataset is a ClearML Dataset (``data.dataset_id``). A split at the root itself (``train: .``) is there.
     """
     if data.dataset_id or not data.source:
         return []
     source = data.source
+    splits: dict[str, str] = {str(role): folder for role, folder in data.splits.items()}
+    folders = {
+        role: tuple(p for p in PurePosixPath(folder).parts if p not in (".", "/"))
+        for role, folder in data.folders.items()
+    }
     if source.lower().startswith("s3://"):
+        from botocore.exceptions import BotoCoreError, ClientError
+
         from d2ops import storage
 
         try:
             loc = storage.parse_s3_uri(source)
             prefix = loc.prefix if not loc.prefix or loc.prefix.endswith("/") else f"{loc.prefix}/"
             client = storage.make_s3_client(loc, max_pool_connections=2)
-            pages = client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix, Delimiter="/")
-            present = [p["Prefix"][len(prefix) :].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])]
-        except Exception:  # unreachable: input_problems says so, and the download step would too
-            return []
-    elif local_paths and "://" not in source:
-        root = Path(source).expanduser()
+
+            def listed(sub: str, keys: int, **kwargs: Any) -> Any:
+                return client.list_objects_v2(Bucket=loc.bucket, Prefix=prefix + sub, MaxKeys=keys, **kwargs)
+
+            missing = [
+                r for r, parts in folders.items() if parts and not listed("/".join(parts) + "/", 1).get("KeyCount")
+            ]
+            if not missing:
+                return []
+            top = listed("", 1000, Delimiter="/")  # the first page of what data.source holds, for the fix
+            present = [p["Prefix"][len(prefix) :].rstrip("/") for p in top.get("CommonPrefixes", [])]
+        except (storage.StorageError, BotoCoreError, ClientError, ValueError):
+            return []  # unreachable: input_problems says so, and the download step would too
+    elif local_paths and ("://" not in source or source.startswith("file://")):
+        root = Path(source.removeprefix("file://")).expanduser()
         if not root.is_dir():
             return []
-        present = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        missing = [role for role, parts in folders.items() if parts and not root.joinpath(*parts).is_dir()]
+        present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     else:
         return []
     return [
-        f"data.splits.{role}: the {role} split folder {folder!r} is not in {source}; fix: "
-        f"{missing_split_fix(role, data.splits, source, present)}"
-        for role, folder in data.folders.items()
-        if folder.strip("/").split("/")[0] not in present
+        f"data.splits.{role}: the {role} split folder {splits[role]!r} is not in {source}; fix: "
+        f"{missing_split_fix(role, splits, source, present)}"
+        for role in missing
     ]
 
 
@@ -1005,10 +1024,14 @@ def device_problems(runtime: RuntimeConfig) -> list[str]:
     return []
 
 
-def _data_section(raw: dict[str, Any]) -> DataConfig | None:
-    """The data section alone, when it is valid by itself (the schema names its errors otherwise)."""
+_S = typing.TypeVar("_S", bound=BaseModel)
+
+
+def _section(raw: dict[str, Any], name: str, model: type[_S]) -> _S | None:
+    """One section alone, when it is valid by itself (the schema names its errors otherwise), so that its
+    launch checks still run beside another section's errors."""
     try:
-        return DataConfig.model_validate(raw.get("data") or {})
+        return model.model_validate(raw.get(name) or {})
     except (ValidationError, TypeError):
         return None
 
@@ -1033,6 +1056,7 @@ def parse_config(
     *,
     launch: bool = False,
     inputs: Literal["all", "s3", "none"] = "all",
+    device: bool | None = None,
     _given: _Launch | None = None,
 ) -> ExperimentConfig:
     """Validate a raw config dict into an :class:`ExperimentConfig`.
@@ -1062,9 +1086,10 @@ def parse_config(
             if inputs != "none":
                 missing = input_problems(raw, local_paths=inputs == "all")
                 problems += [f"  - {line}" for line in missing]
-                if inputs == "all" and cfg is not None:  # the steps run on this machine
-                    problems += [f"  - {line}" for line in device_problems(cfg.runtime)]
-                data = cfg.data if cfg is not None else _data_section(raw)  # also beside other sections' errors
+                runtime = cfg.runtime if cfg is not None else _section(raw, "runtime", RuntimeConfig)
+                if (inputs == "all" if device is None else device) and runtime is not None:  # steps run here
+                    problems += [f"  - {line}" for line in device_problems(runtime)]
+                data = cfg.data if cfg is not None else _section(raw, "data", DataConfig)  # beside others' errors
                 if data is not None and not any(line.startswith("data.source:") for line in missing):
                     problems += [f"  - {line}" for line in split_problems(data, local_paths=inputs == "all")]
         if problems or cfg is None:
@@ -1100,6 +1125,7 @@ def load_config(
     *,
     launch: bool = False,
     inputs: Literal["all", "s3", "none"] = "all",
+    device: bool | None = None,
 ) -> ExperimentConfig:
     """Load, override and validate an experiment config.
 
@@ -1107,14 +1133,15 @@ def load_config(
     import detectron2: model.zoo_config and every model.overrides key against detectron2's config,
     with the closest real key for a typo, and the inputs (:func:`input_problems`: S3 objects, prefixes,
     the output bucket and, with ``inputs="all"``, local paths; ``"s3"`` when the steps run on agents,
-    whose disks the paths name; ``"none"``). Every problem comes in one :class:`ConfigError`.
+    whose disks the paths name; ``"none"``). ``device`` checks runtime.device against this machine's GPUs
+    (default: with ``inputs="all"``, where the steps run here). Every problem comes in one :class:`ConfigError`.
     """
     raw = read_config_file(path)
     solver = raw.get("solver") if isinstance(raw, dict) else None
     file_max_iter = solver.get("max_iter") if isinstance(solver, dict) else None
     applied, set_errors = _apply_overrides(raw, overrides) if isinstance(raw, dict) else (raw, [])
     given = _Launch(_set_keys(overrides), file_max_iter if isinstance(file_max_iter, int) else None, tuple(set_errors))
-    return parse_config(applied, str(path), launch=launch, inputs=inputs, _given=given)
+    return parse_config(applied, str(path), launch=launch, inputs=inputs, device=device, _given=given)
 
 
 def config_hash(cfg: ExperimentConfig) -> str:

@@ -292,8 +292,13 @@ def carved_val_images(root: Path, data: DataConfig) -> list[str]:
     for members in sorted(groups.values(), key=lambda group: min(rank[n] for n in group)):
         if len(val) >= count:
             break
-        if len(val) + len(members) <= len(names) - 1:
+        if len(val) + len(members) <= count or (not val and len(members) < len(names)):
             val += members
+    if not val:
+        raise ValueError(
+            f"data.val_fraction: every image in {train_dir} is byte-identical to every other, so no val split can "
+            "be carved that shares no image with train; add a val split folder (data.splits.val)"
+        )
     return sorted(val)
 
 

@@ -44,12 +44,21 @@ def listed_images(split_dir: Path, annotation_file: str, fmt: str) -> list[str]:
         return []
 
 
+#: (path, size, mtime) -> sha256, so that the checks of one process (validation, the carve of each split
+#: registration) hash an unchanged file once
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
 def _digest(path: Path) -> str | None:
     try:
-        if not stat.S_ISREG(path.stat().st_mode):
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
             return None  # a FIFO or device would block or never end: the validator reports it
-        with path.open("rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+        key = (str(path), info.st_size, info.st_mtime_ns)
+        if key not in _DIGESTS:
+            with path.open("rb") as handle:
+                _DIGESTS[key] = hashlib.file_digest(handle, "sha256").hexdigest()
+        return _DIGESTS[key]
     except OSError:
         return None  # missing or unreadable: the validator reports it
 

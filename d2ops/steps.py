@@ -181,7 +181,7 @@ def _validated_dataset(ctx: StepContext, root: Path | None = None) -> tuple[Path
         label_attribute=data.label_attribute,
         class_names=data.class_names,
         duplicate_images=data.duplicate_images,
-        source=data.source,
+        source=None if data.dataset_id else data.source,  # a ClearML Dataset did not come from data.source
     )
     return root, {role: s.to_dict() for role, s in summaries.items()}
 
@@ -322,10 +322,11 @@ def run_train(ctx: StepContext) -> StepOutput:
             data_root=root,
             plan=plan,
         )
-    except storage.StorageError as exc:
+    except (storage.StorageError, torch.multiprocessing.ProcessRaisedException) as exc:  # the latter: a DDP worker's
         if not checkpoint_uri or checkpoint_uri not in str(exc):
             raise
-        raise storage.StorageError(f"{mirror_key}: the checkpoint mirror failed: {exc}; {_MIRROR_FIX}") from exc
+        fix = _mirror_fix(mirror_key == "clearml.output_uri")
+        raise storage.StorageError(f"{mirror_key}: the checkpoint mirror failed: {exc}; {fix}") from exc
     values = {**result.to_dict(), "run_key": run.run_key, "training_identity": run.identity}
     if not plan.is_master:
         return StepOutput(values=values)
@@ -344,16 +345,22 @@ def run_train(ctx: StepContext) -> StepOutput:
     )
 
 
-_MIRROR_FIX = (
-    "make it reachable from this machine, set another with --set clearml.output_uri=s3://host:port/bucket, "
-    "or --set clearml.output_uri=null to keep checkpoints on this machine only (a retried step then starts over)"
-)
+def _mirror_fix(own: bool) -> str:
+    if own:
+        return (
+            "make it reachable from this machine, or point clearml.output_uri at a reachable bucket "
+            "(--set clearml.output_uri=s3://host:port/bucket, or the clearml/output_uri hyperparameter of a clone)"
+        )
+    return (
+        "make it reachable from this worker, fix or remove sdk.development.default_output_uri in the agent's "
+        "clearml.conf, or set clearml.output_uri to a reachable bucket (it wins over the agent's default)"
+    )
 
 
 def _check_checkpoint_mirror(ctx: StepContext) -> str:
-    """Where this step's checkpoints are mirrored, checked before any transfer: an unreachable S3 bucket
-    fails here, named by its key (``clearml.output_uri``, or the agent's default output URI), not later
-    inside training. Returns the key's name, for errors while training."""
+    """Where this step's checkpoints are mirrored, checked before the train step moves any data: an
+    unreachable S3 bucket fails here, named by its key (``clearml.output_uri``, or the agent's default output
+    URI), not later inside training. Returns the message's start for errors while training."""
     from d2ops.config import input_problems
 
     own = ctx.cfg.clearml.output_uri
@@ -363,7 +370,9 @@ def _check_checkpoint_mirror(ctx: StepContext) -> str:
         problems = input_problems({"clearml": {"output_uri": base}})  # ["clearml.output_uri: <why>"]
         if problems:
             why = problems[0].split(": ", 1)[1]
-            raise storage.StorageError(f"{key} ({base}), where checkpoints are mirrored: {why}; {_MIRROR_FIX}")
+            raise storage.StorageError(
+                f"{key} ({base}), where checkpoints are mirrored: {why}; {_mirror_fix(bool(own))}"
+            )
     return key
 
 

@@ -49,6 +49,7 @@ def test_remote_flags_and_inputs_reach_the_step(monkeypatch: pytest.MonkeyPatch)
     import d2ops.config as config
 
     monkeypatch.setattr(config, "input_problems", lambda raw, local_paths: [])  # minio:9000 is not here
+    monkeypatch.setattr(config, "split_problems", lambda data, local_paths: [])
     seen = _capture_run_step(monkeypatch)
     argv = [
         "--config", "configs/smoke.yaml", "--remote", "--queue", "gpu-a100",

@@ -154,6 +154,12 @@ def test_a_missing_split_is_found_at_launch_with_the_set_lines(s3: LocalS3, tmp_
     assert f"data.splits.val: the val split folder 'valid' is not in {local}; fix: add the folder 'valid'" in message
     assert f"data.splits.test: the test split folder 'test' is not in {local}" in message
     assert "data.val_fraction" not in message.split("data.splits.test")[1], "carving is offered for val only"
+    (local / "images" / "train").mkdir(parents=True)
+    nested = {"source": f"file://{local}", "splits": {"train": "images/train", "val": "./train", "test": "."}}
+    assert load_config(_config(tmp_path, {**_good(s3), "data": nested}), launch=True).data.splits["test"] == "."
+    nested["splits"]["val"] = "images/val"
+    with pytest.raises(ConfigError, match=r"data\.splits\.val: the val split folder 'images/val' is not in file://"):
+        load_config(_config(tmp_path, {**_good(s3), "data": nested}), launch=True)
 
 
 def test_a_remote_launch_checks_s3_inputs_on_the_laptop_before_any_task(
@@ -199,7 +205,7 @@ def test_an_unreachable_checkpoint_mirror_fails_the_train_step_first_naming_clea
         run_train(StepContext(cfg=cfg, workdir=tmp_path / "train"))
     message = str(info.value)
     assert message.startswith(f"clearml.output_uri ({closed}), where checkpoints are mirrored: cannot reach "), message
-    assert "--set clearml.output_uri=null" in message
+    assert "--set clearml.output_uri=s3://host:port/bucket" in message
     assert not (tmp_path / "cache").exists(), "nothing was downloaded"
 
 
