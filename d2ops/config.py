@@ -1099,8 +1099,16 @@ def parse_config(
         raise ConfigError(_scrubbed(str(err), raw)) from None
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file into a raw dict, with a clear error for a missing or malformed file."""
+BASE_KEY = "_BASE_"
+
+
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config file into a raw dict, with a clear error for a missing or malformed file.
+
+    A file may name ``_BASE_`` (a file, or a list of them, relative to it), as detectron2's configs do: the
+    bases are read first, in order, and this file's keys are merged over them (mappings key by key, any
+    other value replaced), so an experiment states only what differs. The schema validates the result.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found (configs/ holds the shipped ones)")
@@ -1112,7 +1120,35 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or type(err).__name__
         raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
-    return raw
+    if not isinstance(raw, dict) or BASE_KEY not in raw:
+        return raw
+    bases = raw.pop(BASE_KEY)
+    names = [bases] if isinstance(bases, str) else bases
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ConfigError(f"config file {path}: {BASE_KEY} must name a config file, or a list of them, relative to it")
+    chain = (*_chain, path.resolve())
+    merged: dict[str, Any] = {}
+    for name in names:
+        base = (path.parent / name).resolve()
+        if base in chain:
+            cycle = " -> ".join(str(p) for p in (*chain[chain.index(base) :], base))
+            raise ConfigError(f"config file {path}: {BASE_KEY} {name} includes itself ({cycle})")
+        if not base.is_file():
+            raise ConfigError(f"config file {path}: its {BASE_KEY} {name} was not found (looked for {base})")
+        base_raw = read_config_file(base, chain)
+        if not isinstance(base_raw, dict):
+            raise ConfigError(f"config file {base} (a {BASE_KEY} of {path}): the top level must be a mapping")
+        merged = _merged(merged, base_raw)
+    return _merged(merged, raw)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base``: mappings key by key, anything else (lists too) replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(out.get(key), dict) and isinstance(value, dict)
+        out[key] = _merged(out[key], value) if both else copy.deepcopy(value)
+    return out
 
 
 def _set_keys(overrides: list[str] | None) -> frozenset[str]:

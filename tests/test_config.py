@@ -701,3 +701,65 @@ def test_one_split_set_on_a_config_that_names_none_keeps_the_default_others() ->
     assert parse_config(apply_overrides(stated, ["data.splits.val=w"])).data.splits == {"train": "images", "val": "w"}
     bare = parse_config(apply_overrides({"model": model}, ["data.splits.val=w", "data.source=d"]))
     assert bare.data.splits == {"train": "train", "val": "w", "test": "test"}, "no data section at all"
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("name", ["smoke.yaml", "balloon.yaml", "roboflow.yaml"])
+def test_shipped_experiments_state_only_what_differs_from_their_base(name: str) -> None:
+    from d2ops.config import BASE_KEY, read_config_file
+
+    own = yaml.safe_load((ROOT / "configs" / name).read_text())
+    bases = [own.pop(BASE_KEY)]
+    inherited: dict[str, Any] = {}
+    for base in bases:
+        inherited.update(_leaves(read_config_file(ROOT / "configs" / base)))
+    repeated = {k: v for k, v in _leaves(own).items() if k in inherited and inherited[k] == v}
+    assert not repeated, f"{name} repeats its base: {repeated}"
+    assert read_config_file(ROOT / "configs" / name)["clearml"]["project"] == own["clearml"]["project"]
+
+
+def test_base_files_merge_mappings_and_replace_the_rest(tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "a.yaml").write_text(
+        "name: a\nmodel: {zoo_config: Z, overrides: {X.A: 1, X.B: 2}}\nsolver: {steps: [10, 20], max_iter: 30}\n"
+    )
+    (tmp_path / "base" / "b.yaml").write_text("_BASE_: a.yaml\nname: b\nclearml: {project: p}\n")
+    (tmp_path / "exp.yaml").write_text(
+        "_BASE_: [base/b.yaml]\ndata: {source: d}\nmodel: {overrides: {X.B: 3}}\nsolver: {steps: [5]}\n"
+    )
+    from d2ops.config import read_config_file
+
+    assert read_config_file(tmp_path / "exp.yaml") == {
+        "name": "b",
+        "model": {"zoo_config": "Z", "overrides": {"X.A": 1, "X.B": 3}},
+        "solver": {"steps": [5], "max_iter": 30},
+        "clearml": {"project": "p"},
+        "data": {"source": "d"},
+    }
+    cfg = load_config(tmp_path / "exp.yaml", ["solver.max_iter=40"])
+    assert cfg.solver.max_iter == 40 and cfg.model.overrides == {"X.A": 1, "X.B": 3}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("_BASE_: missing.yaml\n", r"its _BASE_ missing\.yaml was not found \(looked for .*missing\.yaml\)"),
+        ("_BASE_: exp.yaml\n", r"_BASE_ exp\.yaml includes itself \(.*exp\.yaml -> .*exp\.yaml\)"),
+        ("_BASE_: [1]\n", r"_BASE_ must name a config file, or a list of them, relative to it"),
+        ("_BASE_: list.yaml\n", r"list\.yaml \(a _BASE_ of .*\): the top level must be a mapping"),
+    ],
+)
+def test_a_bad_base_is_named(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "exp.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "exp.yaml")
