@@ -900,7 +900,7 @@ def _s3_problem(uri: str, want: str) -> str | None:
             loc = storage.parse_s3_uri(uri)
         except Exception:  # parse failed above already
             return f"{type(exc).__name__}: {exc}"
-        return str(storage._as_storage_error(exc, uri, loc))
+        return str(storage.as_storage_error(exc, uri, loc))
     return None
 
 

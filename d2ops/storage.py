@@ -214,11 +214,11 @@ def use_conf_credentials(source: Callable[[], Sequence[Mapping[str, Any]]] | Non
     """Install the reader of clearml.conf's S3 credential entries (``None`` removes it)."""
     global _conf_credentials_source
     _conf_credentials_source = source
-    _clearml_credentials.cache_clear()
+    clearml_credentials.cache_clear()
 
 
 @lru_cache(maxsize=1)
-def _clearml_credentials() -> tuple[dict[str, Any], ...]:
+def clearml_credentials() -> tuple[dict[str, Any], ...]:
     """The ``sdk.aws.s3.credentials`` entries of clearml.conf, or () without ClearML or a config.
 
     Read once per process through ClearML's own loader (the installed source), so
@@ -234,22 +234,24 @@ def _clearml_credentials() -> tuple[dict[str, Any], ...]:
     return tuple(dict(entry) for entry in entries)
 
 
-def _normalise_host(host: str) -> str:
+def normalise_host(host: str) -> str:
+    """A credentials ``host`` as d2ops compares them: no scheme, no trailing slash, lower case."""
     return re.sub(r"^https?://", "", str(host).strip()).rstrip("/").lower()
 
 
 def _credentials_entry(*, host: str | None = None, bucket: str | None = None) -> dict[str, Any] | None:
     """The clearml.conf credentials entry for an endpoint host, or for an AWS bucket (no host)."""
-    for entry in _clearml_credentials():
+    for entry in clearml_credentials():
         entry_host = entry.get("host")
-        if host is not None and entry_host and _normalise_host(entry_host) == _normalise_host(host):
+        if host is not None and entry_host and normalise_host(entry_host) == normalise_host(host):
             return entry
         if bucket is not None and not entry_host and entry.get("bucket") == bucket:
             return entry
     return None
 
 
-def _env_has_credentials() -> bool:
+def env_has_credentials() -> bool:
+    """Whether the environment gives boto3 credentials (keys or a profile), which win over clearml.conf's."""
     env = os.environ
     keys = env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")
     return bool(env.get("AWS_PROFILE") or keys)
@@ -265,7 +267,7 @@ def make_s3_client(loc: S3Location, *, max_pool_connections: int = 32) -> S3Clie
     """
     entry = _credentials_entry(host=loc.host) if loc.host else _credentials_entry(bucket=loc.bucket)
     kwargs: dict[str, Any] = {}
-    if entry is not None and not _env_has_credentials() and entry.get("key") and entry.get("secret"):
+    if entry is not None and not env_has_credentials() and entry.get("key") and entry.get("secret"):
         kwargs["aws_access_key_id"] = str(entry["key"])
         kwargs["aws_secret_access_key"] = str(entry["secret"])
         if entry.get("token"):
@@ -328,7 +330,7 @@ def _with_retries(fn: Callable[[], T], what: str) -> T:
     raise AssertionError("unreachable")
 
 
-def _as_storage_error(exc: BaseException, uri: str, loc: S3Location) -> StorageError:
+def as_storage_error(exc: BaseException, uri: str, loc: S3Location) -> StorageError:
     """Translate a boto/network error into a StorageError that says what to check."""
     if isinstance(exc, StorageError):
         return exc
@@ -514,23 +516,25 @@ def _index_write_error(path: Path, exc: OSError) -> StorageError:
 
 
 @dataclass(frozen=True)
-class _Remote:
+class RemoteObject:
+    """One object :func:`list_remote` found: its full key, and its info relative to the listed prefix."""
+
     key: str  # full object key
     info: ObjectInfo  # key relative to the URI's prefix
 
 
-def _list_remote(client: S3Client, loc: S3Location) -> tuple[list[_Remote], bool]:
+def list_remote(client: S3Client, loc: S3Location) -> tuple[list[RemoteObject], bool]:
     """All objects under ``loc`` and whether the URI names a single object rather than a prefix."""
     prefix = loc.prefix
     list_prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
-    remotes: list[_Remote] = []
+    remotes: list[RemoteObject] = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=list_prefix):
         for obj in page.get("Contents", []):
             key = obj["Key"]
             rel = key[len(list_prefix) :]
             if key.endswith("/") or rel == CACHE_INDEX_NAME:
                 continue  # folder markers; a stray cache index uploaded with a dataset
-            remotes.append(_Remote(key, ObjectInfo(rel, obj["ETag"].strip('"'), obj["Size"])))
+            remotes.append(RemoteObject(key, ObjectInfo(rel, obj["ETag"].strip('"'), obj["Size"])))
     if remotes or not prefix or prefix.endswith("/"):
         return remotes, False
     try:
@@ -540,7 +544,7 @@ def _list_remote(client: S3Client, loc: S3Location) -> tuple[list[_Remote], bool
             return [], False
         raise
     name = PurePosixPath(prefix).name
-    return [_Remote(prefix, ObjectInfo(name, head["ETag"].strip('"'), head["ContentLength"]))], True
+    return [RemoteObject(prefix, ObjectInfo(name, head["ETag"].strip('"'), head["ContentLength"]))], True
 
 
 def _index_matches(info: ObjectInfo, target: Path, entry: dict[str, Any] | None) -> bool:
@@ -574,7 +578,7 @@ def _changed_since_fetched(candidates: list[tuple[str, Path, str]], workers: int
 
 
 def _fetch_once(
-    client: S3Client, bucket: str, remote: _Remote, target: Path, progress: _Progress, hashes: dict[str, str]
+    client: S3Client, bucket: str, remote: RemoteObject, target: Path, progress: _Progress, hashes: dict[str, str]
 ) -> ObjectInfo:
     """Download one object to a temp file next to ``target``, then rename it into place.
 
@@ -672,14 +676,14 @@ def _clean_destination(dest: Path, wanted: set[str], *, mirror: bool, source: st
                     os.rmdir(root)
 
 
-def _listing(uri: str, workers: int = 10) -> tuple[S3Location, S3Client, list[_Remote], bool]:
+def _listing(uri: str, workers: int = 10) -> tuple[S3Location, S3Client, list[RemoteObject], bool]:
     """Parse ``uri``, open a client and list what is under it; nothing there is an error."""
     loc = parse_s3_uri(uri)
     client = make_s3_client(loc, max_pool_connections=max(workers, 10))
     try:
-        remotes, single = _with_retries(lambda: _list_remote(client, loc), f"list {loc.uri()}")
+        remotes, single = _with_retries(lambda: list_remote(client, loc), f"list {loc.uri()}")
     except Exception as exc:
-        raise _as_storage_error(exc, loc.uri(), loc) from exc
+        raise as_storage_error(exc, loc.uri(), loc) from exc
     if not remotes:
         raise StorageError(f"no objects under {loc.uri()} — check the bucket and prefix")
     return loc, client, remotes, single
@@ -697,7 +701,7 @@ def _download_s3(uri: str, dest: Path, workers: int, progress: bool) -> tuple[Tr
 def _download_into(
     loc: S3Location,
     client: S3Client,
-    remotes: list[_Remote],
+    remotes: list[RemoteObject],
     single: bool,
     dest: Path,
     workers: int,
@@ -710,8 +714,8 @@ def _download_into(
     old_index = _read_index(dest)
     index = {key: entry for key, entry in old_index.items() if (dest / key).is_file()}
     manifest: list[ObjectInfo] = []
-    todo: list[tuple[_Remote, Path]] = []
-    candidates: list[tuple[_Remote, Path]] = []
+    todo: list[tuple[RemoteObject, Path]] = []
+    candidates: list[tuple[RemoteObject, Path]] = []
     for remote in remotes:
         target = dest / _safe_relative(remote.info.key)
         if _index_matches(remote.info, target, index.get(remote.info.key)):
@@ -758,7 +762,7 @@ def _download_into(
             logger.warning("%s (the download failed as well; that error follows)", exc)
     if failure is not None:
         key, error = failure
-        raise _as_storage_error(error, _key_uri(loc, key), loc) from error
+        raise as_storage_error(error, _key_uri(loc, key), loc) from error
 
     manifest.extend(fetched)
     manifest.sort(key=lambda info: info.key)
@@ -985,7 +989,7 @@ def upload(
     except StorageError:
         raise
     except Exception as exc:
-        raise _as_storage_error(exc, loc.uri(), loc) from exc
+        raise as_storage_error(exc, loc.uri(), loc) from exc
 
     bar = _Progress(sum(path.stat().st_size for _, _, path in jobs), f"upload {loc.bucket}", progress)
     manifest: list[ObjectInfo] = []
@@ -999,7 +1003,7 @@ def upload(
         bar.close()
     if failure is not None:
         key, error = failure
-        raise _as_storage_error(error, _key_uri(loc, key), loc) from error
+        raise as_storage_error(error, _key_uri(loc, key), loc) from error
 
     manifest.sort(key=lambda info: info.key)
     stats = TransferStats(

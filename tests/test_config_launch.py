@@ -38,7 +38,7 @@ def s3() -> Iterator[LocalS3]:
 @pytest.fixture(autouse=True)
 def no_clearml_conf(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the endpoint's environment credentials, never a clearml.conf of the machine."""
-    monkeypatch.setattr(storage, "_clearml_credentials", lambda: ())
+    monkeypatch.setattr(storage, "clearml_credentials", lambda: ())
     monkeypatch.delenv("D2OPS_S3_SECURE", raising=False)
 
 

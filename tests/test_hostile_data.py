@@ -38,7 +38,7 @@ def s3() -> Iterator[LocalS3]:
 @pytest.fixture
 def remote(s3: LocalS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """Two small files uploaded to a fresh bucket; returns their prefix URI."""
-    monkeypatch.setattr(storage, "_clearml_credentials", lambda: ())
+    monkeypatch.setattr(storage, "clearml_credentials", lambda: ())
     monkeypatch.delenv("D2OPS_S3_SECURE", raising=False)
     src = tmp_path / "src"
     src.mkdir()

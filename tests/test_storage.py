@@ -34,7 +34,7 @@ def s3() -> Iterator[LocalS3]:
 def no_clearml_conf(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Tests see only the clearml.conf credentials entries they add to this list."""
     entries: list[dict[str, Any]] = []
-    monkeypatch.setattr(storage, "_clearml_credentials", lambda: tuple(entries))
+    monkeypatch.setattr(storage, "clearml_credentials", lambda: tuple(entries))
     monkeypatch.delenv("D2OPS_S3_SECURE", raising=False)
     return entries
 
@@ -450,7 +450,7 @@ def test_access_denied_message_says_what_to_check() -> None:
     denied = bce.ClientError(
         {"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObject"
     )
-    message = str(storage._as_storage_error(denied, loc.uri(), loc))
+    message = str(storage.as_storage_error(denied, loc.uri(), loc))
     assert "access denied to s3://127.0.0.1:9000/b/p" in message
     assert "AWS_ACCESS_KEY_ID" in message and "clearml.conf" in message and "127.0.0.1:9000" in message
     assert not storage._is_retryable(denied)

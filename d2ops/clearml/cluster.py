@@ -187,14 +187,14 @@ def storage_warnings(cfg: ExperimentConfig, credentials: Sequence[Mapping[str, A
       credentials entry says ``name.with.dots:PORT`` is an endpoint;
     - an endpoint URI whose host has no credentials entry (the worker then has no keys for it).
     """
-    entries = list(storage._clearml_credentials() if credentials is None else credentials)
+    entries = list(storage.clearml_credentials() if credentials is None else credentials)
     problems = []
     hosts = {}
     for entry in entries:
         raw = str(entry.get("host") or "").strip()
         if not raw:
             continue
-        bare = storage._normalise_host(raw)
+        bare = storage.normalise_host(raw)
         hosts[bare] = entry
         if ":" not in bare:
             problems.append(
@@ -211,7 +211,7 @@ def storage_warnings(cfg: ExperimentConfig, credentials: Sequence[Mapping[str, A
     for key, uri in _s3_uris(cfg):
         first = uri[len("s3://") :].split("/", 1)[0]
         if ":" in first:
-            if first.lower() not in hosts and not storage._env_has_credentials():
+            if first.lower() not in hosts and not storage.env_has_credentials():
                 problems.append(
                     f"{key} {uri}: no sdk.aws.s3.credentials entry for host '{first}' in clearml.conf; "
                     "workers need one (with secure and multipart: false for MinIO)"

@@ -356,7 +356,7 @@ class SourceWatcher:
         from d2ops import storage
 
         loc = storage.parse_s3_uri(self.ref)
-        remotes, _ = storage._list_remote(storage.make_s3_client(loc), loc)
+        remotes, _ = storage.list_remote(storage.make_s3_client(loc), loc)
         return storage.dataset_identity([r.info for r in remotes])
 
     def _clearml_fingerprint(self) -> str | None:
