@@ -73,6 +73,19 @@ def via_export(root: Path) -> Path:
     return root
 
 
+def _via_overrides(root: Path, tmp_path: Path, label: str) -> list[str]:
+    """smoke.yaml on the VIA export at ``root``, single-class: every region is ``label``."""
+    return [
+        f"data.source={root}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.format=via",
+        "data.annotation_file=via_region_data.json",
+        "data.splits={train: train, val: val}",
+        f"data.class_names=[{label}]",
+        "eval.split=val",
+    ]
+
+
 def test_roboflow_supercategory_is_dropped_and_named(tmp_path: Path) -> None:
     root = roboflow_export(tmp_path / "rf", {"train": 6, "valid": 2, "test": 2}, empty_class=True)
     files = {role: root / role / "_annotations.coco.json" for role in ("train", "valid", "test")}
@@ -115,15 +128,7 @@ def test_via_single_class_label_is_said_and_recorded(tmp_path: Path, caplog: pyt
     from d2ops.steps import StepContext, run_download
 
     root = via_export(tmp_path / "droplets")
-    overrides = [
-        f"data.source={root}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.format=via",
-        "data.annotation_file=via_region_data.json",
-        "data.splits={train: train, val: val}",
-        "data.class_names=[balloon]",
-        "eval.split=val",
-    ]
+    overrides = _via_overrides(root, tmp_path, "balloon")
     cfg = load_config(SMOKE, overrides)
     with caplog.at_level(logging.WARNING, logger="d2ops"):
         out = run_download(StepContext(cfg=cfg, workdir=tmp_path / "download"))
@@ -372,13 +377,7 @@ def test_a_single_class_model_has_its_per_class_ap(tmp_path: Path) -> None:
 
     root = via_export(tmp_path / "droplets")
     overrides = [
-        f"data.source={root}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.format=via",
-        "data.annotation_file=via_region_data.json",
-        "data.splits={train: train, val: val}",
-        "data.class_names=[droplet]",
-        "eval.split=val",
+        *_via_overrides(root, tmp_path, "droplet"),
         "eval.score_threshold=0",
         "solver.max_iter=2",
         "solver.warmup_iters=1",
