@@ -70,10 +70,9 @@ def _project_with_an_uncommitted_credential(root: Path) -> tuple[Path, Path]:
     uncommitted edit of the config that holds every clearml.conf credential (as a careless local
     edit would), which ClearML records as the task's ``git diff``. Returns (repository, edited file)."""
     (root / "pipelines").mkdir(parents=True)
-    (root / "configs").mkdir()
     shutil.copy(REPO / "pipelines" / "run_pipeline.py", root / "pipelines")
+    shutil.copytree(REPO / "configs", root / "configs")  # smoke.yaml with its _BASE_ (demo.yaml)
     config = root / "configs" / "smoke.yaml"
-    shutil.copy(REPO / "configs" / "smoke.yaml", config)
     git = ["git", "-c", "user.name=d2ops test", "-c", "user.email=test@d2ops.invalid", "-C", str(root)]
     for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "launcher and config"]):
         subprocess.run([*git, *args], check=True, capture_output=True, timeout=60)
