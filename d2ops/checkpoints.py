@@ -243,16 +243,21 @@ def model_weights(checkpoint: Path, dest: Path) -> Path:
     if not isinstance(data, dict) or "model" not in data:
         raise ValueError(f"{checkpoint} is not a detectron2 checkpoint (no 'model' in it)")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_for(dest)
+    _torch_save_atomically({"model": data["model"], "iteration": data.get("iteration")}, dest)
+    return dest
+
+
+def _torch_save_atomically(data: dict[str, Any], path: Path) -> None:
+    """``torch.save`` through a fsynced temp file renamed into place: a kill leaves the old file or the new."""
+    tmp = _temp_for(path)
     try:
         with open(tmp, "wb") as fh:
-            torch.save({"model": data["model"], "iteration": data.get("iteration")}, fh)
+            torch.save(data, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        _replace_atomically(tmp, dest)
+        _replace_atomically(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return dest
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
@@ -277,15 +282,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         path = Path(self.save_dir) / basename
         self.logger.info("Saving checkpoint to %s", path)
-        tmp = _temp_for(path)
-        try:
-            with open(tmp, "wb") as fh:
-                torch.save(data, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            _replace_atomically(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _torch_save_atomically(data, path)
         if self.record is not None:
             self.record.checkpoints[basename] = int(
                 kwargs.get("iteration", data.get("trainer", {}).get("iteration", -1))

@@ -46,6 +46,7 @@ __all__ = [
     "input_problems",
     "load_config",
     "missing_split_fix",
+    "s3_problem",
     "split_problems",
     "uri_userinfo",
 ]
@@ -688,6 +689,10 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _plain_mapping(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str | int | float) for v in value.values())
+
+
 def _seed_defaults(raw: dict[str, Any], key: str) -> None:
     """Give an absent mapping on a ``--set`` key's path the schema's default first, so that one key set
     under it keeps the others: ``--set data.splits.val=validation`` on a config that names no splits
@@ -699,10 +704,9 @@ def _seed_defaults(raw: dict[str, Any], key: str) -> None:
         if field is None or not isinstance(node, dict):
             return
         if part not in node:
-            default = field.get_default(call_default_factory=True)
             if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
                 node[part] = {}  # a section: the schema fills in its other keys
-            elif isinstance(default, dict) and all(isinstance(v, str | int | float) for v in default.values()):
+            elif _plain_mapping(default := field.get_default(call_default_factory=True)):
                 node[part] = dict(default)  # a mapping of plain values (splits); not one of sections
             else:
                 return
@@ -868,7 +872,7 @@ _INPUTS: dict[str, Literal["prefix", "object", "bucket"]] = {
 }
 
 
-def _s3_problem(uri: str, want: str) -> str | None:
+def s3_problem(uri: str, want: str) -> str | None:
     """Why ``uri`` is not there (one S3 request, boto's own retries only), or None."""
     from d2ops import storage
 
@@ -923,7 +927,7 @@ def input_problems(raw: Any, *, local_paths: bool = True) -> list[str]:
         if _has_uri_credentials(value):
             continue  # the schema refuses it
         if value.lower().startswith("s3://"):
-            problem = _s3_problem(value, want)
+            problem = s3_problem(value, want)
             if problem:
                 problems.append(f"{key}: {problem}")
         elif local_paths and ("://" not in value or value.startswith("file://")):

@@ -273,16 +273,14 @@ def carved_val_images(root: Path, data: DataConfig) -> list[str]:
     """
     if data.val_fraction is None:
         return []
-    from d2ops.overlap import image_digests, listed_images
+    from d2ops.overlap import image_digests, inside_split, listed_images
 
     train_dir = root / data.splits["train"]
-    inside = train_dir.resolve()
     names = sorted(set(listed_images(train_dir, data.annotation_file, data.format)))
     if len(names) < 2:
         return []
     count = min(max(1, round(len(names) * data.val_fraction)), len(names) - 1)
-    # never open what a hostile file name points at: such a name is its own group (validation refuses it)
-    safe = [n for n in names if "\x00" not in n and (train_dir / n).resolve().is_relative_to(inside)]
+    safe = [n for n in names if inside_split(train_dir, n)]  # a hostile name is its own group (validation refuses it)
     digest = dict(zip(safe, image_digests([train_dir / n for n in safe]), strict=True))
     groups: dict[str, list[str]] = {}
     for name in names:

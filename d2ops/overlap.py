@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SharedImage", "image_digests", "listed_images", "shared_images"]
+__all__ = ["SharedImage", "image_digests", "inside_split", "listed_images", "shared_images"]
 
 _HASH_THREADS = 8
 
@@ -42,6 +42,12 @@ def listed_images(split_dir: Path, annotation_file: str, fmt: str) -> list[str]:
         return [str(entry["filename"]) for entry in data.values()]
     except (OSError, ValueError, RecursionError, TypeError, KeyError, AttributeError):
         return []
+
+
+def inside_split(split_dir: Path, name: str) -> bool:
+    """Whether a listed file name stays inside its split folder, so it may be opened: never what a hostile
+    ``file_name`` points at (``..``, an absolute path; a NUL byte cannot even be resolved)."""
+    return "\x00" not in name and (split_dir / name).resolve().is_relative_to(split_dir.resolve())
 
 
 #: (path, size, mtime) -> sha256, so that the checks of one process (validation, the carve of each split
@@ -75,12 +81,9 @@ def shared_images(root: Path, splits: Mapping[str, str], annotation_file: str, f
     for role, folder in splits.items():
         split_dir = root / folder
         if split_dir.is_dir():
-            inside = split_dir.resolve()
             for name in listed_images(split_dir, annotation_file, fmt):
-                path = split_dir / name
-                # never open what a hostile file_name points at (a NUL byte cannot even be resolved)
-                if "\x00" not in name and path.resolve().is_relative_to(inside):
-                    listed.append((role, path))
+                if inside_split(split_dir, name):
+                    listed.append((role, split_dir / name))
     digests = image_digests([path for _, path in listed])
     places: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for (role, path), digest in zip(listed, digests, strict=True):

@@ -361,15 +361,14 @@ def _check_checkpoint_mirror(ctx: StepContext) -> str:
     """Where this step's checkpoints are mirrored, checked before the train step moves any data: an
     unreachable S3 bucket fails here, named by its key (``clearml.output_uri``, or the agent's default output
     URI), not later inside training. Returns the message's start for errors while training."""
-    from d2ops.config import input_problems
+    from d2ops.config import s3_problem
 
     own = ctx.cfg.clearml.output_uri
     key = "clearml.output_uri" if own else "the agent's sdk.development.default_output_uri"
     base = own or ctx.runtime.output_uri()
     if base and storage.is_s3_uri(base):
-        problems = input_problems({"clearml": {"output_uri": base}})  # ["clearml.output_uri: <why>"]
-        if problems:
-            why = problems[0].split(": ", 1)[1]
+        why = s3_problem(base, "bucket")
+        if why:
             raise storage.StorageError(
                 f"{key} ({base}), where checkpoints are mirrored: {why}; {_mirror_fix(bool(own))}"
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_tiny_bundle"]
+__all__ = ["build_tiny_bundle", "wait_until_ready"]
 
 _SMOKE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
 
@@ -50,3 +50,22 @@ def build_tiny_bundle(
         metrics={"bbox": {"AP50": 0.0}},
         metadata=metadata or {"experiment": "tiny", "dataset_identity": "none"},
     )
+
+
+def wait_until_ready(port: int, process: Any, log: Path, timeout: float = 120.0) -> None:
+    """Wait until the ``d2ops serve`` ``process`` on 127.0.0.1:``port`` answers ``/ready`` with 200; an
+    AssertionError with the end of its ``log`` if it exits or is not ready within ``timeout`` seconds."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=10).status_code == 200:
+                return
+        except httpx.TransportError:  # not listening yet
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"d2ops serve was not ready within {timeout:.0f} s:\n{log.read_text()[-3000:]}")

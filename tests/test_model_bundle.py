@@ -15,15 +15,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
 from d2ops.model.bundle import InconsistentBundleError, ModelBundle, ModelNotFoundError
+from d2ops.testing import wait_until_ready
 
 REPO = Path(__file__).resolve().parent.parent
 #: Modules a server loading a local bundle must never import: training, checkpoints, S3 transfers, ClearML.
@@ -173,17 +172,7 @@ def test_d2ops_serve_of_a_local_bundle_imports_no_training_transfer_or_clearml_c
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        else:
-            raise AssertionError(f"not ready:\n{log.read_text()[-3000:]}")
+        wait_until_ready(port, proc, log)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

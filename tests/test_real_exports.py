@@ -206,9 +206,10 @@ def _served_labels(bundle: Path, tmp_path: Path) -> list[str]:
     import socket
     import subprocess
     import sys
-    import time
 
     import httpx
+
+    from d2ops.testing import wait_until_ready
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -217,17 +218,7 @@ def _served_labels(bundle: Path, tmp_path: Path) -> list[str]:
     with (tmp_path / "serve.log").open("wb") as log:
         server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=10).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"d2ops serve was not ready in 120 s:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
+        wait_until_ready(port, server, tmp_path / "serve.log")
         reply = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()
     finally:
         server.terminate()
