@@ -41,7 +41,7 @@ OUTPUTS = {
 
 
 def _near_empty(step: str, marks: list[tuple[str, float, float]]) -> Callable:  # type: ignore[type-arg]
-    from d2ops.steps import StepContext, StepOutput
+    from d2ops.pipeline.steps import StepContext, StepOutput
 
     def body(ctx: StepContext) -> StepOutput:
         start = time.time()
@@ -59,7 +59,7 @@ def _near_empty(step: str, marks: list[tuple[str, float, float]]) -> Callable:  
 
 def _pipeline_round(work: Path) -> list[float]:
     from d2ops.clearml.step import run_offline
-    from d2ops.steps import STEPS
+    from d2ops.pipeline.steps import STEPS
 
     marks: list[tuple[str, float, float]] = []
     functions = {step: _near_empty(step, marks) for step in STEPS}
@@ -73,7 +73,7 @@ def _child(step: str, work: Path, inputs_json: str) -> None:
     """One near-empty step in its own process, as on an agent: prints its marks and artifacts."""
     from d2ops.clearml.session import enable_offline
     from d2ops.clearml.step import run_step
-    from d2ops.pipeline import step_parameters
+    from d2ops.pipeline.runner import step_parameters
 
     enable_offline(work / "clearml")
     marks: list[tuple[str, float, float]] = []
@@ -89,7 +89,7 @@ def _process_round(work: Path) -> list[float]:
     import subprocess
     import sys
 
-    from d2ops.steps import STEP_INPUTS, STEPS
+    from d2ops.pipeline.steps import STEP_INPUTS, STEPS
 
     env = {k: v for k, v in os.environ.items() if k not in {"CLEARML_PROC_MASTER_ID", "TRAINS_PROC_MASTER_ID"}}
     artifacts: dict[str, dict[str, str]] = {}

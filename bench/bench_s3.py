@@ -4,7 +4,7 @@ Starts moto's S3 server as a separate process on 127.0.0.1, uploads many small o
 times, alternating and repeated (median reported):
 
   (a) a sequential ``get_object`` loop writing files (the naive baseline),
-  (b) ``d2ops.storage.download`` with its default workers into a fresh directory,
+  (b) ``d2ops.storage.s3.download`` with its default workers into a fresh directory,
 
 and finally (c) re-runs ``download`` on unchanged data, which should transfer 0 bytes.
 Results are merged into a JSON file under the key "s3". CPU seconds of client and server are
@@ -33,8 +33,8 @@ from typing import Any
 
 from results_io import merge_into
 
-from d2ops import storage
-from d2ops.s3server import local_s3_endpoint
+from d2ops.storage import s3 as storage
+from d2ops.storage.local_s3 import local_s3_endpoint
 
 BUCKET = "bench"
 PREFIX = "objects/"

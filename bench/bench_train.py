@@ -1,7 +1,7 @@
 """train_overhead_ratio: the project's train step vs a plain detectron2 DefaultTrainer.
 
 Same config, same data, same number of iterations, in the same process, alternating A/B rounds.
-The project's side is ``d2ops.training.train`` reporting to a real ClearML (offline) task through
+The project's side is ``d2ops.engine.trainer.train`` reporting to a real ClearML (offline) task through
 its EventWriter; the baseline is detectron2's ``DefaultTrainer`` on the identical frozen config.
 Ratio = (project iterations/s) / (baseline iterations/s); target >= 0.97.
 
@@ -39,7 +39,7 @@ def _project(cfg, dataset, out: Path) -> float:  # type: ignore[no-untyped-def]
     from clearml import Task
 
     from d2ops.clearml.step import ClearMLReporter
-    from d2ops.training import train
+    from d2ops.engine.trainer import train
 
     task = Task.init(
         project_name="d2ops/bench",
@@ -65,8 +65,9 @@ def main() -> None:
 
     from d2ops.clearml.session import enable_offline
     from d2ops.config import load_config
-    from d2ops.datasets import generate_shapes_dataset, register_splits
-    from d2ops.training import build_d2_config
+    from d2ops.data.registration import register_splits
+    from d2ops.data.synthetic import generate_shapes_dataset
+    from d2ops.engine.d2config import build_d2_config
 
     work = Path(tempfile.mkdtemp(prefix="d2ops-bench-train-"))
     enable_offline(work / "clearml")

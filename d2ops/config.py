@@ -10,17 +10,16 @@ Credentials never live here: S3 keys come from the environment or clearml.conf.
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 import re
 import types
 import typing
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -36,18 +35,15 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 __all__ = [
+    "NULL_WORDS",
     "ConfigError",
     "ExperimentConfig",
+    "LaunchChecks",
     "apply_overrides",
     "check_overrides",
     "config_hash",
-    "detectron2_problems",
-    "device_problems",
-    "input_problems",
+    "has_uri_credentials",
     "load_config",
-    "missing_split_fix",
-    "s3_problem",
-    "split_problems",
     "uri_userinfo",
 ]
 
@@ -68,6 +64,11 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and what is allowed."""
 
 
+#: Checks beside the schema's: ``checks(raw, cfg)`` -> one line per problem (``cfg`` is None when the schema
+#: refused the config, so the checks still run beside its errors); see :mod:`d2ops.pipeline.preflight`.
+LaunchChecks = Callable[[dict[str, Any], "ExperimentConfig | None"], list[str]]
+
+
 def uri_userinfo(text: str) -> list[str]:
     """The userinfo (``user:password``) of every URI with credentials in ``text``."""
     return [match.group(1) for match in _URI_USERINFO.finditer(text)]
@@ -77,7 +78,7 @@ def _is_secret_key(key: object) -> bool:
     return any(word in str(key).lower() for word in _SECRET_WORDS)
 
 
-def _has_uri_credentials(value: object) -> bool:
+def has_uri_credentials(value: object) -> bool:
     return isinstance(value, str) and _URI_USERINFO.search(value) is not None
 
 
@@ -93,16 +94,16 @@ def _show_key(key: object) -> str | int:
     """A key as an error message may name it (a key that is itself a URI with credentials is not named)."""
     if isinstance(key, int):
         return key
-    return "<a key holding a URI with credentials>" if _has_uri_credentials(key) else str(key)
+    return "<a key holding a URI with credentials>" if has_uri_credentials(key) else str(key)
 
 
 def _credentials_in(value: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], str]]:
     """(path, "key" | "uri") of every credential-looking key and every URI with credentials in ``value``."""
-    if _has_uri_credentials(value):
+    if has_uri_credentials(value):
         yield path, "uri"
     elif isinstance(value, dict):
         for key, item in value.items():
-            if _has_uri_credentials(key):
+            if has_uri_credentials(key):
                 yield (*path, _show_key(key)), "uri"
             elif _is_secret_key(key):
                 yield (*path, str(key)), "key"
@@ -116,7 +117,7 @@ def _credentials_in(value: Any, path: tuple[str | int, ...] = ()) -> Iterator[tu
 def _masked(value: Any) -> Any:
     """``value`` as an error message may show it: credential-looking keys' values and URIs with
     credentials replaced, at any depth."""
-    if _has_uri_credentials(value):
+    if has_uri_credentials(value):
         return _HIDDEN
     if isinstance(value, dict):
         return {_show_key(key): _HIDDEN if _is_secret_key(key) else _masked(item) for key, item in value.items()}
@@ -154,7 +155,7 @@ def _scrubbed(message: str, *sources: Any) -> str:
 
 # The strings a user writes for "nothing" where YAML's own null (null, ~, empty) was meant: ``--set
 # model.weights=None`` reaches the schema as the string "None". A quoted "~" stays a string (a home folder).
-_NULL_WORDS = frozenset({"None", "none", "NONE", "null", "Null", "NULL"})
+NULL_WORDS = frozenset({"None", "none", "NONE", "null", "Null", "NULL"})
 
 
 def _admits_none(annotation: Any) -> bool:
@@ -194,7 +195,7 @@ class _Strict(BaseModel):
         """``None`` and ``null`` mean null for every nullable key, as YAML's own null and ``~`` do, in YAML
         files and in ``--set`` (where YAML reads ``None`` as a string); a key that cannot be null says so,
         with its default."""
-        word = isinstance(value, str) and value.strip() in _NULL_WORDS
+        word = isinstance(value, str) and value.strip() in NULL_WORDS
         if value is not None and not word:
             return value
         name = info.field_name or ""
@@ -721,7 +722,7 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> tuple[
         try:
             key, sep, text = item.partition("=")
             if not sep or not key.strip():
-                shown = _HIDDEN if _has_uri_credentials(item) else repr(item)
+                shown = _HIDDEN if has_uri_credentials(item) else repr(item)
                 raise ConfigError(f"--set {shown}: expected KEY=VALUE, e.g. --set solver.max_iter=500")
             try:
                 value = yaml.safe_load(text) if text.strip() else None
@@ -759,287 +760,6 @@ def check_overrides(overrides: list[str] | tuple[str, ...]) -> None:
         raise ConfigError(f"--set {_dotted(path)}: {advice}")
 
 
-def _d2_keys(node: Any, prefix: str = "") -> Iterator[str]:
-    """Every dotted key of a detectron2 CfgNode (sections and leaves)."""
-    for name, child in node.items():
-        key = f"{prefix}{name}"
-        yield key
-        if isinstance(child, dict):
-            yield from _d2_keys(child, f"{key}.")
-
-
-def _zoo_root() -> Path:
-    """detectron2's model-zoo config folder, found without importing detectron2.model_zoo (which imports
-    the model code: 1.7 s more). model_zoo.get_config_file resolves names against the same folder."""
-    import detectron2
-
-    return Path(detectron2.__file__).parent / "model_zoo" / "configs"
-
-
-def _zoo_configs() -> list[str]:
-    """The model-zoo config names (COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml, ...)."""
-    root = _zoo_root()
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.yaml")) if root.is_dir() else []
-
-
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=2, cutoff=0.8)
-    return f"; did you mean {' or '.join(close)}?" if close else ""
-
-
-def detectron2_problems(raw: Any) -> list[str]:
-    """``model.zoo_config`` and every ``model.overrides`` key checked against detectron2's own config
-    (get_cfg() plus what the zoo config or a local model.config_file adds), the closest real key
-    suggested for a typo, and each override's value merged to check its type. One line per problem.
-
-    Imports detectron2.config (and torch: about 1.4 s on 2 cores), so it runs at launch
-    (``load_config(..., launch=True)``), not in the schema. A raw dict whose model section is broken is
-    checked as far as it goes.
-    """
-    model = raw.get("model") if isinstance(raw, dict) else None
-    if not isinstance(model, dict):
-        return []
-    from detectron2.config import get_cfg
-
-    problems: list[str] = []
-    d2 = get_cfg()
-    d2.set_new_allowed(True)
-    zoo, config_file = model.get("zoo_config"), model.get("config_file")
-    use_zoo = isinstance(zoo, str) and zoo.strip() not in _NULL_WORDS | {""}
-    readable = isinstance(config_file, str) and "://" not in config_file and Path(config_file).is_file()
-    if isinstance(zoo, str) and use_zoo:
-        zoo_file = _zoo_root() / zoo
-        if zoo_file.is_file():
-            d2.merge_from_file(str(zoo_file))
-        else:
-            problems.append(
-                f"model.zoo_config: {zoo!r} is not in detectron2's model zoo"
-                f"{_did_you_mean(zoo, _zoo_configs()) or ' (e.g. COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml)'}"
-            )
-    elif isinstance(config_file, str) and readable:
-        try:
-            d2.merge_from_file(config_file)
-        except Exception as err:  # yacs and yaml raise many kinds; all mean "not a detectron2 config"
-            problems.append(f"model.config_file: {config_file} is not a detectron2 config ({type(err).__name__})")
-    # A config file read here (or none) gives every key; one on S3 may add keys of its own, so an override
-    # missing from get_cfg() is then not called a typo (its type is still checked when the key exists).
-    given_file = isinstance(config_file, str) and config_file.strip() not in _NULL_WORDS | {""}
-    all_keys = use_zoo or readable or not given_file
-    d2.set_new_allowed(False)
-    overrides = model.get("overrides")
-    if not isinstance(overrides, dict):
-        return problems
-    keys = sorted(_d2_keys(d2))
-    known = set(keys)
-    for key, value in overrides.items():
-        head = str(key).split(".")[0]
-        if not isinstance(key, str) or not head or head != head.upper():
-            continue  # the schema names it (not upper case)
-        if key not in known:
-            if all_keys:
-                problems.append(f"model.overrides.{key}: not a key of detectron2's config{_did_you_mean(key, keys)}")
-            continue
-        node: Any = d2
-        for part in key.split("."):
-            node = node[part]
-        if isinstance(node, dict):
-            problems.append(
-                f"model.overrides.{key}: is a section of detectron2's config, not a key; name keys under it, "
-                f"e.g. {key}.{next(iter(node), 'NAME')}"
-            )
-            continue
-        try:
-            d2.merge_from_list([key, value])
-        except (KeyError, AttributeError, AssertionError, ValueError, TypeError) as err:
-            problems.append(f"model.overrides.{key}: {err} (the value must have the type of detectron2's default)")
-    return problems
-
-
-def _raw_value(raw: Any, dotted: str) -> Any:
-    node = raw
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-#: The inputs checked at launch: key -> what must be there (a prefix with objects, an object, a bucket).
-_INPUTS: dict[str, Literal["prefix", "object", "bucket"]] = {
-    "data.source": "prefix",
-    "model.weights": "object",
-    "model.config_file": "object",
-    "inference.source": "prefix",
-    "clearml.output_uri": "bucket",
-}
-
-
-def s3_problem(uri: str, want: str) -> str | None:
-    """Why ``uri`` is not there (one S3 request, boto's own retries only), or None."""
-    from d2ops import storage
-
-    try:
-        loc = storage.parse_s3_uri(uri)
-        client = storage.make_s3_client(loc, max_pool_connections=2)
-        if want == "bucket":
-            try:
-                client.head_bucket(Bucket=loc.bucket)
-            except Exception as exc:
-                status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
-                if status != 404:
-                    raise
-                return f"bucket '{loc.bucket}' does not exist at {loc.endpoint_url or 'AWS'}: create it or fix {uri}"
-        elif want == "object":
-            client.head_object(Bucket=loc.bucket, Key=loc.prefix)
-        else:
-            prefix = loc.prefix if not loc.prefix or loc.prefix.endswith("/") else f"{loc.prefix}/"
-            listed = client.list_objects_v2(Bucket=loc.bucket, Prefix=prefix, MaxKeys=1)
-            if not listed.get("KeyCount") and not listed.get("Contents"):
-                if loc.prefix and not loc.prefix.endswith("/"):
-                    client.head_object(Bucket=loc.bucket, Key=loc.prefix)  # a single object is a prefix too
-                else:
-                    return f"no objects under {uri}: check the bucket and prefix"
-    except Exception as exc:  # boto, network and parse errors: said as the storage layer says them
-        if isinstance(exc, storage.StorageError):
-            return str(exc)
-        try:
-            loc = storage.parse_s3_uri(uri)
-        except Exception:  # parse failed above already
-            return f"{type(exc).__name__}: {exc}"
-        return str(storage.as_storage_error(exc, uri, loc))
-    return None
-
-
-def input_problems(raw: Any, *, local_paths: bool = True) -> list[str]:
-    """Every input that is not there, checked at launch before any transfer, one line each naming its key:
-    data.source and inference.source (an S3 prefix with objects, or a folder), model.weights and
-    model.config_file (an S3 object or a file), clearml.output_uri (its S3 bucket reachable).
-
-    ``local_paths=False`` (steps that run on agents) checks S3 only: a path names the worker's disk.
-    Works on the raw dict, so it runs beside the schema's errors; data.source is not checked when
-    data.dataset_id names a ClearML Dataset to train on instead.
-    """
-    problems: list[str] = []
-    for key, want in _INPUTS.items():
-        value = _raw_value(raw, key)
-        if not isinstance(value, str) or not value.strip() or value.strip() in _NULL_WORDS:
-            continue
-        if key == "data.source" and isinstance(_raw_value(raw, "data.dataset_id"), str):
-            continue
-        if _has_uri_credentials(value):
-            continue  # the schema refuses it
-        if value.lower().startswith("s3://"):
-            problem = s3_problem(value, want)
-            if problem:
-                problems.append(f"{key}: {problem}")
-        elif local_paths and ("://" not in value or value.startswith("file://")):
-            path = Path(value.removeprefix("file://")).expanduser()
-            if want == "bucket":
-                continue  # a local output folder is created
-            if want == "prefix" and not path.is_dir():
-                problems.append(f"{key}: folder {value} does not exist{'' if not path.exists() else ' (a file)'}")
-            elif want == "object" and not path.is_file():
-                problems.append(f"{key}: file {value} does not exist")
-    return problems
-
-
-def missing_split_fix(role: str, splits: Mapping[Any, str], where: str, present: Sequence[str]) -> str:
-    """How to fix a split folder that ``where`` (data.source) lacks, given the folders it has: the
-    exact ``--set`` lines (a folder no other split reads; for val, a carved split)."""
-    subfolder = splits[role]
-    if not present:
-        return f"create the folder {subfolder!r} in {where}, or point data.source at the folder holding the splits"
-    names = sorted(present)
-    more = f" and {len(names) - 10} more" if len(names) > 10 else ""
-    fix = f"add the folder {subfolder!r} to {where} (it has {', '.join(map(repr, names[:10]))}{more})"
-    used = {part for folder in splits.values() for part in PurePosixPath(folder).parts[:1]}
-    free = [name for name in names if name not in used]  # a folder no other split reads
-    if free:
-        fix += ", or map the split to one of them: " + " or ".join(f"--set data.splits.{role}={n}" for n in free[:3])
-    if role == "val":
-        fix += ", or carve a seeded validation split from train: --set data.val_fraction=0.1"
-    return fix
-
-
-def split_problems(data: DataConfig, *, local_paths: bool = True) -> list[str]:
-    """Each split folder that data.source lacks, found at launch (one small S3 listing per split, or a look
-    at the folder) and named with the fix, before anything is downloaded.
-
-    Says nothing when data.source itself cannot be read (:func:`input_problems` names that), or when the
-    dataset is a ClearML Dataset (``data.dataset_id``). A split at the root itself (``train: .``) is there.
-    """
-    if data.dataset_id or not data.source:
-        return []
-    source = data.source
-    splits: dict[str, str] = {str(role): folder for role, folder in data.splits.items()}
-    folders = {
-        role: tuple(p for p in PurePosixPath(folder).parts if p not in (".", "/"))
-        for role, folder in data.folders.items()
-    }
-    if source.lower().startswith("s3://"):
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        from d2ops import storage
-
-        try:
-            loc = storage.parse_s3_uri(source)
-            prefix = loc.prefix if not loc.prefix or loc.prefix.endswith("/") else f"{loc.prefix}/"
-            client = storage.make_s3_client(loc, max_pool_connections=2)
-
-            def listed(sub: str, keys: int, **kwargs: Any) -> Any:
-                return client.list_objects_v2(Bucket=loc.bucket, Prefix=prefix + sub, MaxKeys=keys, **kwargs)
-
-            missing = [
-                r for r, parts in folders.items() if parts and not listed("/".join(parts) + "/", 1).get("KeyCount")
-            ]
-            if not missing:
-                return []
-            top = listed("", 1000, Delimiter="/")  # the first page of what data.source holds, for the fix
-            present = [p["Prefix"][len(prefix) :].rstrip("/") for p in top.get("CommonPrefixes", [])]
-        except (storage.StorageError, BotoCoreError, ClientError, ValueError):
-            return []  # unreachable: input_problems says so, and the download step would too
-    elif local_paths and ("://" not in source or source.startswith("file://")):
-        root = Path(source.removeprefix("file://")).expanduser()
-        if not root.is_dir():
-            return []
-        missing = [role for role, parts in folders.items() if parts and not root.joinpath(*parts).is_dir()]
-        present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    else:
-        return []
-    return [
-        f"data.splits.{role}: the {role} split folder {splits[role]!r} is not in {source}; fix: "
-        f"{missing_split_fix(role, splits, source, present)}"
-        for role in missing
-    ]
-
-
-def device_problems(runtime: RuntimeConfig) -> list[str]:
-    """runtime.device and runtime.num_gpus against this machine's CUDA devices, for a launch whose steps run
-    here (``--offline``, ``--local``): a shipped cluster config says ``device: cuda``, which a laptop lacks."""
-    import torch
-
-    visible = torch.cuda.device_count()
-    where = "this machine sees no CUDA device" if not visible else f"this machine sees {visible} CUDA device(s)"
-    if runtime.device == "cuda" and not visible:
-        return [f"runtime.device: cuda, but {where} and the steps run here: --set runtime.device=cpu (or auto)"]
-    if runtime.device != "cpu" and runtime.num_gpus > max(visible, 1):
-        return [
-            f"runtime.num_gpus: {runtime.num_gpus}, but {where} and the steps run here: "
-            f"--set runtime.num_gpus={max(visible, 1)}, or --set runtime.device=cpu for CPU processes"
-        ]
-    return []
-
-
-_S = typing.TypeVar("_S", bound=BaseModel)
-
-
-def _section(raw: dict[str, Any], name: str, model: type[_S]) -> _S | None:
-    """One section alone, when it is valid by itself (the schema names its errors otherwise), so that its
-    launch checks still run beside another section's errors."""
-    try:
-        return model.model_validate(raw.get(name) or {})
-    except (ValidationError, TypeError):
-        return None
-
-
 def _secret_problems(tree: Any, path: tuple[str | int, ...] = ()) -> list[tuple[str, str]]:
     """(dotted key, problem) for each credential-looking key anywhere in the raw config (lists of
     mappings included)."""
@@ -1058,15 +778,14 @@ def parse_config(
     raw: dict[str, Any],
     source: str = "<dict>",
     *,
-    launch: bool = False,
-    inputs: Literal["all", "s3", "none"] = "all",
-    device: bool | None = None,
+    checks: LaunchChecks | None = None,
     _given: _Launch | None = None,
 ) -> ExperimentConfig:
     """Validate a raw config dict into an :class:`ExperimentConfig`.
 
-    Every problem is reported in one :class:`ConfigError`: the schema's errors and, with ``launch``,
-    the checks that import detectron2 (:func:`detectron2_problems`) and the inputs (:func:`input_problems`).
+    Every problem is reported in one :class:`ConfigError`: the schema's errors and what ``checks`` finds
+    (``checks(raw, cfg)``, ``cfg`` None when the schema refused it: the launch checks of
+    :mod:`d2ops.pipeline.preflight`, which look at detectron2, S3 and this machine).
     No error message contains a value of a credential-looking key or a URI with credentials.
     """
     if not isinstance(raw, dict):
@@ -1085,17 +804,8 @@ def parse_config(
                 for line in _validation_lines(err, _given)
                 if not any(line.startswith(f"  - {key}:") for key, _ in secrets)
             ]
-        if launch:
-            problems += [f"  - {line}" for line in detectron2_problems(raw)]
-            if inputs != "none":
-                missing = input_problems(raw, local_paths=inputs == "all")
-                problems += [f"  - {line}" for line in missing]
-                runtime = cfg.runtime if cfg is not None else _section(raw, "runtime", RuntimeConfig)
-                if (inputs == "all" if device is None else device) and runtime is not None:  # steps run here
-                    problems += [f"  - {line}" for line in device_problems(runtime)]
-                data = cfg.data if cfg is not None else _section(raw, "data", DataConfig)  # beside others' errors
-                if data is not None and not any(line.startswith("data.source:") for line in missing):
-                    problems += [f"  - {line}" for line in split_problems(data, local_paths=inputs == "all")]
+        if checks is not None:
+            problems += [f"  - {line}" for line in checks(raw, cfg)]
         if problems or cfg is None:
             raise ConfigError("\n".join([f"invalid config {source}:", *problems]))
         return cfg
@@ -1163,25 +873,20 @@ def load_config(
     path: str | Path,
     overrides: list[str] | None = None,
     *,
-    launch: bool = False,
-    inputs: Literal["all", "s3", "none"] = "all",
-    device: bool | None = None,
+    checks: LaunchChecks | None = None,
 ) -> ExperimentConfig:
-    """Load, override and validate an experiment config.
+    """Load, override and validate an experiment config; ``checks`` as in :func:`parse_config`.
 
-    ``launch=True`` (``d2ops pipeline``, ``d2ops step``: before any task or transfer) adds the checks that
-    import detectron2: model.zoo_config and every model.overrides key against detectron2's config,
-    with the closest real key for a typo, and the inputs (:func:`input_problems`: S3 objects, prefixes,
-    the output bucket and, with ``inputs="all"``, local paths; ``"s3"`` when the steps run on agents,
-    whose disks the paths name; ``"none"``). ``device`` checks runtime.device against this machine's GPUs
-    (default: with ``inputs="all"``, where the steps run here). Every problem comes in one :class:`ConfigError`.
+    ``d2ops pipeline`` and ``d2ops step`` load it through :func:`d2ops.pipeline.preflight.launch_config`,
+    which adds the launch checks (detectron2 keys, inputs, split folders, device). Every problem comes in
+    one :class:`ConfigError`.
     """
     raw = read_config_file(path)
     solver = raw.get("solver") if isinstance(raw, dict) else None
     file_max_iter = solver.get("max_iter") if isinstance(solver, dict) else None
     applied, set_errors = _apply_overrides(raw, overrides) if isinstance(raw, dict) else (raw, [])
     given = _Launch(_set_keys(overrides), file_max_iter if isinstance(file_max_iter, int) else None, tuple(set_errors))
-    return parse_config(applied, str(path), launch=launch, inputs=inputs, device=device, _given=given)
+    return parse_config(applied, str(path), checks=checks, _given=given)
 
 
 def config_hash(cfg: ExperimentConfig) -> str:

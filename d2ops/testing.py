@@ -24,9 +24,10 @@ def build_tiny_bundle(
     from detectron2.modeling import build_model
 
     from d2ops.config import load_config
-    from d2ops.datasets import SHAPE_CLASSES, RegisteredDataset
-    from d2ops.registry import build_bundle
-    from d2ops.training import build_d2_config
+    from d2ops.data.registration import RegisteredDataset
+    from d2ops.data.synthetic import SHAPE_CLASSES
+    from d2ops.engine.d2config import build_d2_config
+    from d2ops.model.bundle import build_bundle
 
     cfg = load_config(_SMOKE_CONFIG, ["runtime.device=cpu"])
     dataset = RegisteredDataset(

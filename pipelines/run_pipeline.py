@@ -4,12 +4,12 @@
     python pipelines/run_pipeline.py --local  --config configs/demo.yaml   # ClearML server, local steps
     python pipelines/run_pipeline.py          --config configs/demo.yaml   # controller on services, steps on queues
 
-All logic is in d2ops.pipeline; see the README for the modes.
+All logic is in d2ops.pipeline.runner; see the README for the modes.
 """
 
 import sys
 
-from d2ops.cli import pipeline_main
+from d2ops.cli.pipeline import pipeline_main
 
 if __name__ == "__main__":
     sys.exit(pipeline_main())

@@ -112,8 +112,8 @@ upload_dataset() {
   log "generating the shapes dataset and uploading it to s3://localhost:9000/$DATASET_PREFIX"
   DATASET_DIR="$WORK/shapes" DATASET_URI="s3://localhost:9000/$DATASET_PREFIX" "$PY" - <<'PY'
 import os
-from d2ops.datasets import generate_shapes_dataset
-from d2ops.storage import upload
+from d2ops.data.synthetic import generate_shapes_dataset
+from d2ops.storage.s3 import upload
 
 root = generate_shapes_dataset(os.environ["DATASET_DIR"])
 stats = upload(root, os.environ["DATASET_URI"], progress=False)

@@ -38,8 +38,8 @@ from PIL import Image, ImageDraw, ImageFilter
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from d2ops import storage  # noqa: E402
-from d2ops.s3server import local_s3_endpoint  # noqa: E402
+from d2ops.storage import s3 as storage  # noqa: E402
+from d2ops.storage.local_s3 import local_s3_endpoint  # noqa: E402
 
 # From scratch (no COCO weights reachable): a ResNet-18 FPN with group norm, as configs/smoke.yaml,
 # at the exports' small image sizes; on a GPU with the mirrored weights none of these are needed.

@@ -2,7 +2,7 @@
 
 COCO AP (overall, per class), precision/recall/F2, PR curves and a confusion matrix.
 
-An example of using the d2ops library: all logic is in d2ops.steps.run_evaluate.
+An example of using the d2ops library: all logic is in d2ops.pipeline.steps.run_evaluate.
 
     python tasks/evaluate.py --config configs/smoke.yaml --offline          # no server
     python tasks/evaluate.py --config configs/smoke.yaml                    # here, with a server
@@ -11,7 +11,7 @@ An example of using the d2ops library: all logic is in d2ops.steps.run_evaluate.
 
 import sys
 
-from d2ops.cli import step_main
+from d2ops.cli.steps import step_main
 
 if __name__ == "__main__":
     sys.exit(step_main("evaluate"))

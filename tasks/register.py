@@ -2,7 +2,7 @@
 
 Bundle the model and register it in ClearML; publish it only if the quality gate passes.
 
-An example of using the d2ops library: all logic is in d2ops.steps.run_register.
+An example of using the d2ops library: all logic is in d2ops.pipeline.steps.run_register.
 
     python tasks/register.py --config configs/smoke.yaml --offline          # no server
     python tasks/register.py --config configs/smoke.yaml                    # here, with a server
@@ -11,7 +11,7 @@ An example of using the d2ops library: all logic is in d2ops.steps.run_register.
 
 import sys
 
-from d2ops.cli import step_main
+from d2ops.cli.steps import step_main
 
 if __name__ == "__main__":
     sys.exit(step_main("register"))

@@ -2,7 +2,7 @@
 
 Train the detectron2 model; metrics, config and checkpoints go to ClearML / output_uri.
 
-An example of using the d2ops library: all logic is in d2ops.steps.run_train.
+An example of using the d2ops library: all logic is in d2ops.pipeline.steps.run_train.
 
     python tasks/train.py --config configs/smoke.yaml --offline          # no server
     python tasks/train.py --config configs/smoke.yaml                    # here, with a server
@@ -11,7 +11,7 @@ An example of using the d2ops library: all logic is in d2ops.steps.run_train.
 
 import sys
 
-from d2ops.cli import step_main
+from d2ops.cli.steps import step_main
 
 if __name__ == "__main__":
     sys.exit(step_main("train"))

@@ -20,7 +20,7 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     This is the code path of ``make demo`` with the smoke config: moto's S3 server on 127.0.0.1,
     real detectron2 training on the CPU, one ClearML offline session per step.
     """
-    from d2ops.demo import run_demo
+    from d2ops.cli.demo import run_demo
 
     out = tmp_path_factory.mktemp("pipeline")
     previous = os.environ.get("CLEARML_CACHE_DIR")

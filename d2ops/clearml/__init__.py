@@ -11,7 +11,7 @@
 - :mod:`~d2ops.clearml.secrets`: credentials kept out of recorded git diffs.
 
 Lower layers never import this package. Where they need ClearML, :func:`install` plugs it in:
-clearml.conf's S3 credentials for :mod:`d2ops.storage`, and ClearML model references for
+clearml.conf's S3 credentials for :mod:`d2ops.storage.s3`, and ClearML model references for
 :mod:`d2ops.model.source`. Importing this package installs them, so every process that uses
 ClearML through d2ops has them; the ``d2ops`` command calls :func:`install` for the others.
 """
@@ -32,11 +32,11 @@ def _s3_credential_entries() -> list[Any]:
 
 def install() -> None:
     """Plug ClearML into the layers below: clearml.conf's S3 credentials and ClearML model references."""
-    from d2ops import storage
     from d2ops.clearml.models import ClearMLModelRegistry
     from d2ops.model.source import use_model_registry
+    from d2ops.storage.credentials import use_conf_credentials
 
-    storage.use_conf_credentials(_s3_credential_entries)
+    use_conf_credentials(_s3_credential_entries)
     use_model_registry(ClearMLModelRegistry())
 
 

@@ -27,9 +27,10 @@ from typing import Any
 
 from clearml.backend_api.session.client import APIClient
 
-from d2ops import storage
 from d2ops.clearml.session import TASK_TYPES
 from d2ops.config import ExperimentConfig
+from d2ops.storage import s3 as storage
+from d2ops.storage.credentials import clearml_credentials, env_has_credentials, normalise_host
 
 __all__ = [
     "AGENT_ENV",
@@ -187,14 +188,14 @@ def storage_warnings(cfg: ExperimentConfig, credentials: Sequence[Mapping[str, A
       credentials entry says ``name.with.dots:PORT`` is an endpoint;
     - an endpoint URI whose host has no credentials entry (the worker then has no keys for it).
     """
-    entries = list(storage.clearml_credentials() if credentials is None else credentials)
+    entries = list(clearml_credentials() if credentials is None else credentials)
     problems = []
     hosts = {}
     for entry in entries:
         raw = str(entry.get("host") or "").strip()
         if not raw:
             continue
-        bare = storage.normalise_host(raw)
+        bare = normalise_host(raw)
         hosts[bare] = entry
         if ":" not in bare:
             problems.append(
@@ -211,7 +212,7 @@ def storage_warnings(cfg: ExperimentConfig, credentials: Sequence[Mapping[str, A
     for key, uri in _s3_uris(cfg):
         first = uri[len("s3://") :].split("/", 1)[0]
         if ":" in first:
-            if first.lower() not in hosts and not storage.env_has_credentials():
+            if first.lower() not in hosts and not env_has_credentials():
                 problems.append(
                     f"{key} {uri}: no sdk.aws.s3.credentials entry for host '{first}' in clearml.conf; "
                     "workers need one (with secure and multipart: false for MinIO)"

@@ -34,15 +34,15 @@ from typing import Any
 
 from clearml import PipelineController, Task
 
-from d2ops import storage
 from d2ops.clearml.cluster import agent_requirements, step_docker_args, step_task_spec, with_agent_env
 from d2ops.clearml.hyperparams import experiment_from_parameters, experiment_parameters
 from d2ops.clearml.secrets import scrub_recorded_diff
 from d2ops.clearml.session import remote_task_parameters
 from d2ops.clearml.step import STOPPED_TAG, TIME_LIMIT_TAG, ClearMLReporter, record_experiment
 from d2ops.config import ExperimentConfig
-from d2ops.pipeline import step_parameters
-from d2ops.steps import STEP_INPUTS, STEPS
+from d2ops.pipeline.runner import step_parameters
+from d2ops.pipeline.steps import STEP_INPUTS, STEPS
+from d2ops.storage import s3 as storage
 
 __all__ = [
     "ARGS_PREFIX",

@@ -25,8 +25,8 @@ from typing import Any
 
 from clearml import Dataset, Task
 
-from d2ops import storage
 from d2ops.clearml.secrets import scrub_recorded_diff
+from d2ops.storage import s3 as storage
 
 __all__ = ["DatasetError", "dataset_local_copy", "register_s3_dataset"]
 

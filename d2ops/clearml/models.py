@@ -18,15 +18,15 @@ from clearml import InputModel, Model, OutputModel
 from d2ops.clearml.session import live_task
 from d2ops.model.bundle import ModelBundle
 from d2ops.model.source import ModelNotFoundError, ModelRef, resolve_model
-from d2ops.registry import (
+from d2ops.registry.champion import (
     Champion,
     ChampionConflictError,
     ChampionStore,
-    GateDecision,
     LocalChampionStore,
     Promotion,
     retired_tags,
 )
+from d2ops.registry.gate import GateDecision
 from d2ops.utils import jsonio
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ How a step ends, whatever ends it:
 
 - it returns: artifacts are uploaded, the task completes;
 - it raises: the task is marked failed with the error as its status reason;
-- it runs past ``clearml.steps.<step>.time_limit_min``: :class:`~d2ops.pipeline.StepTimeLimitExceeded`
+- it runs past ``clearml.steps.<step>.time_limit_min``: :class:`~d2ops.pipeline.runner.StepTimeLimitExceeded`
   is raised in the step, the task is tagged :data:`TIME_LIMIT_TAG` (the pipeline never retries it)
   and fails; a process too stuck to raise is ended by a watchdog a few minutes later;
 - it gets SIGTERM (an agent aborting it, a pre-empted worker): :class:`StepStopped` is raised in
@@ -59,7 +59,7 @@ from d2ops.clearml.session import (
     task_output_uri,
 )
 from d2ops.config import ExperimentConfig, load_config
-from d2ops.pipeline import (
+from d2ops.pipeline.runner import (
     PipelineRun,
     StepResult,
     StepStopped,
@@ -69,9 +69,9 @@ from d2ops.pipeline import (
     run_in_order,
     step_time_limit,
 )
-from d2ops.registry import ChampionStore
+from d2ops.pipeline.steps import STEP_FUNCTIONS, StepContext, StepOutput, StepRuntime
+from d2ops.registry.champion import ChampionStore
 from d2ops.reporting import Reporter
-from d2ops.steps import STEP_FUNCTIONS, StepContext, StepOutput, StepRuntime
 from d2ops.utils import jsonio
 from d2ops.utils.offline_session import keep_zip_only
 

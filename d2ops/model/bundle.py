@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import subprocess
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -26,12 +28,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import d2ops
 from d2ops.utils import jsonio
 
 if TYPE_CHECKING:
     from detectron2.config import CfgNode
 
-__all__ = ["BundleError", "InconsistentBundleError", "ModelBundle", "ModelNotFoundError"]
+log = logging.getLogger(__name__)
+
+__all__ = ["build_bundle", "code_version", "zip_bundle", "BundleError", "InconsistentBundleError", "ModelBundle", "ModelNotFoundError"]
 
 MIB = 1024 * 1024
 
@@ -282,3 +287,44 @@ class ModelBundle:
     def _dict(self, name: str) -> dict[str, Any]:
         data = self._json(name, {})
         return data if isinstance(data, dict) else {"value": data}
+
+
+def code_version() -> str:
+    """The git commit of the working tree (with ``-dirty``), or the package version outside git."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return f"{commit}{'-dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return f"d2ops-{d2ops.__version__}"
+
+
+def build_bundle(
+    out_dir: Path,
+    *,
+    weights: Path,
+    d2_config: Path,
+    labels: list[str],
+    metrics: dict[str, Any],
+    metadata: dict[str, Any],
+) -> Path:
+    """Write a bundle folder atomically (:meth:`ModelBundle.write`), recording the code that built it."""
+    meta = {"code_version": code_version(), "d2ops_version": d2ops.__version__, **metadata}
+    bundle = ModelBundle.write(out_dir, weights=weights, d2_config=d2_config, labels=labels, metrics=metrics,
+                               metadata=meta)  # fmt: skip
+    log.info("model bundle written to %s", bundle.path)
+    return bundle.path
+
+
+def zip_bundle(bundle_dir: Path) -> Path:
+    """A zip of the bundle beside it (what gets uploaded as the registered model's weights)."""
+    return ModelBundle(Path(bundle_dir)).zip()

@@ -353,7 +353,7 @@ class SourceWatcher:
         return "|".join(parts)
 
     def _s3_fingerprint(self) -> str:
-        from d2ops import storage
+        from d2ops.storage import s3 as storage
 
         loc = storage.parse_s3_uri(self.ref)
         remotes, _ = storage.list_remote(storage.make_s3_client(loc), loc)

@@ -20,15 +20,12 @@ answered ``{"error": "internal error"}`` (500).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
 import json
 import logging
 import os
 import shutil
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -46,7 +43,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from d2ops.serving.core import (
     MIB,
-    TOKEN_ENV,
     DetectorAPI,
     LoadedModel,
     MicroBatcher,
@@ -54,13 +50,13 @@ from d2ops.serving.core import (
     ModelInfo,
     Overloaded,
     ServeSettings,
-    ServeSettingsError,
     SourceWatcher,
     load_model,
     load_settings,
 )
+from d2ops.utils.logs import setup_logging
 
-__all__ = ["SETTINGS_ENV", "create_app", "create_app_from_env", "serve_main"]
+__all__ = ["SETTINGS_ENV", "create_app", "create_app_from_env"]
 
 log = logging.getLogger(__name__)
 
@@ -497,7 +493,7 @@ def create_app(
 
 def create_app_from_env() -> FastAPI:
     """uvicorn's factory for ``--workers N``: each worker process rebuilds the app from the environment."""
-    _setup_logging()
+    setup_logging()
     return create_app(load_settings(json.loads(os.environ[SETTINGS_ENV])))
 
 
@@ -708,103 +704,3 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    defaults = ServeSettings.model_fields
-    p = argparse.ArgumentParser(
-        prog="d2ops serve",
-        description="Serve a detectron2 model bundle over HTTP (CVAT nuclio and TorchServe contracts).",
-        epilog=f"Set {TOKEN_ENV} to require 'Authorization: Bearer <token>' on every route except "
-        f"{', '.join(sorted(OPEN_PATHS))} (probes and the Prometheus scraper). SIGTERM drains and exits 0.",
-    )
-    p.add_argument("--model", required=True, help=defaults["model"].description)
-    p.add_argument("--name", help="served model name (default: the bundle's folder name or ClearML name)")
-    p.add_argument("--host", default=defaults["host"].default)
-    p.add_argument("--port", type=int, default=defaults["port"].default)
-    p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own model copy")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--threshold", type=float, default=defaults["threshold"].default, help="default score threshold")
-    p.add_argument("--max-batch-size", type=int, default=defaults["max_batch_size"].default,
-                   help="images per forward pass (1 disables micro-batching)")  # fmt: skip
-    p.add_argument("--max-batch-wait-ms", type=float, default=defaults["max_batch_wait_ms"].default,
-                   help="how long a batch waits for more images (only while requests are arriving)")  # fmt: skip
-    p.add_argument("--max-queue-depth", type=int, default=defaults["max_queue_depth"].default,
-                   help="images waiting for the model before requests get 503")  # fmt: skip
-    p.add_argument("--request-timeout", type=float, default=defaults["request_timeout"].default,
-                   help="seconds a request may take before it gets 504")  # fmt: skip
-    p.add_argument("--max-body-size", type=int, default=defaults["max_body_size"].default, help="bytes (413 beyond)")
-    p.add_argument("--max-pixels", type=int, default=defaults["max_pixels"].default,
-                   help="per image: larger images are refused (decompression bombs)")  # fmt: skip
-    p.add_argument("--max-inference-pixels", type=int, default=defaults["max_inference_pixels"].default,
-                   help="larger frames are decoded reduced; shapes come back in the frame's pixels")  # fmt: skip
-    p.add_argument("--max-request-images", type=int, default=defaults["max_request_images"].default,
-                   help="images in one request (413 beyond)")  # fmt: skip
-    p.add_argument("--max-request-pixels", type=int, default=defaults["max_request_pixels"].default,
-                   help="pixels of all images of one request, from their headers (413 beyond)")  # fmt: skip
-    p.add_argument("--body-timeout", type=float, default=defaults["body_timeout"].default,
-                   help="seconds a client may take to send its request body (408 beyond)")  # fmt: skip
-    p.add_argument("--cvat-shape", choices=["mask", "polygon"], default="mask",
-                   help="a segmenting model's CVAT shapes: masks, or one polygon per object")  # fmt: skip
-    p.add_argument("--watch", action="store_true", help="poll the model source and hot-swap new versions")
-    p.add_argument("--poll-interval", type=float, default=defaults["poll_interval"].default, help="seconds")
-    p.add_argument("--cache-dir", default=str(defaults["cache_dir"].default), help="where remote bundles go")
-    p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log line")
-    return p
-
-
-def serve_main(argv: Sequence[str] | None = None) -> int:
-    """``d2ops serve --model M [options]``: 0 after a graceful shutdown, 1 if the model cannot load, 2 bad options."""
-    import uvicorn
-
-    args = build_parser().parse_args(argv)
-    _setup_logging()
-    try:
-        settings = load_settings(vars(args))
-        _check_source(settings.model)
-    except (ServeSettingsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    log.info("serving %s as %r on http://%s:%d (token %s)", settings.model, settings.served_name, settings.host,
-             settings.port, "required" if settings.token else "not required")  # fmt: skip
-    common: dict[str, Any] = {
-        "host": settings.host,
-        "port": settings.port,
-        "access_log": settings.access_log,
-        "timeout_graceful_shutdown": int(settings.request_timeout) + 5,
-        "timeout_keep_alive": settings.keep_alive_timeout,
-        "h11_max_incomplete_event_size": settings.max_header_bytes,
-        "log_config": None,
-    }
-    # uvicorn re-raises SIGTERM after its graceful shutdown; a finished shutdown is a clean exit.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    if settings.workers > 1:
-        os.environ[SETTINGS_ENV] = settings.model_dump_json(exclude={"token"})
-        uvicorn.run("d2ops.serving.http:create_app_from_env", factory=True, workers=settings.workers, **common)
-        return 0
-    fatal: list[BaseException] = []
-    server: uvicorn.Server | None = None
-
-    def stop(err: BaseException) -> None:
-        fatal.append(err)
-        if server is not None:
-            server.should_exit = True
-
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, on_fatal=stop), **common))
-    server.run()
-    return 1 if fatal else 0
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def _exit_cleanly(signum: int, frame: Any) -> None:
-    raise SystemExit(0)
-
-
-def _check_source(ref: str) -> None:
-    """Fail before starting the server when a local model path plainly does not exist."""
-    from d2ops.model.source import ModelNotFoundError, parse_model_ref
-
-    parsed = parse_model_ref(ref)
-    if parsed.kind == "path" and not os.path.exists(os.path.expanduser(ref)):
-        raise ModelNotFoundError(f"model {ref} does not exist (pass a bundle folder or zip, s3://, or clearml://)")

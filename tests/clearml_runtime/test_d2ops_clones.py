@@ -111,7 +111,7 @@ def test_a_step_clone_edited_in_the_ui_runs_the_edited_values(
     what the step runs, and a bad edit fails the step naming the key."""
     from clearml import Task
 
-    from d2ops.datasets import generate_shapes_dataset
+    from d2ops.data.synthetic import generate_shapes_dataset
 
     (tmp_path / "clearml.conf").write_text("")
     dataset = generate_shapes_dataset(tmp_path / "shapes", counts={"train": 4, "valid": 2, "test": 2})

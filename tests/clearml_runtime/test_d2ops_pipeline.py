@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from d2ops.steps import STEPS
+from d2ops.pipeline.steps import STEPS
 
 from .fake_server import FakeClearmlServer
 
@@ -307,7 +307,7 @@ def test_the_pipeline_page_shows_what_the_evaluate_step_reported(
             break
         clearml_server.start_task(step_id)
         name = clearml_server.tasks[step_id]["name"]
-        if name == "evaluate":  # the step's reporter, as d2ops.evaluation calls it
+        if name == "evaluate":  # the step's reporter, as d2ops.evaluation.metrics calls it
             step = Task.get_task(task_id=step_id)
             reporter = ClearMLReporter(step)
             for key, value in (("bbox/AP", 71.5), ("bbox/AP50", 98.0), ("f2", 0.91)):

@@ -28,7 +28,7 @@ _STEP = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from d2ops.clearml.step import run_step
-    from d2ops.pipeline import step_parameters
+    from d2ops.pipeline.runner import step_parameters
 
     started, minutes = Path(sys.argv[1]), sys.argv[2]
 

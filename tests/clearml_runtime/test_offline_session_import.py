@@ -39,8 +39,8 @@ _OFFLINE_STEPS = textwrap.dedent(
     from pathlib import Path
     from d2ops.clearml.session import enable_offline
     from d2ops.clearml.step import run_step
-    from d2ops.pipeline import step_parameters
-    from d2ops.steps import StepOutput
+    from d2ops.pipeline.runner import step_parameters
+    from d2ops.pipeline.steps import StepOutput
 
     out, output_uri = Path(sys.argv[1]), sys.argv[2]
     enable_offline(out / "clearml")

@@ -1,0 +1,566 @@
+"""The pipeline's steps as library functions, shared by tasks/*.py and every pipeline mode.
+
+Each step takes a :class:`StepContext` (the config, its input URIs, a work folder, a reporter)
+and returns a :class:`StepOutput` (files to publish as artifacts, plus plain values). Inputs are
+URIs: a local path, an ``s3://`` URI, or a ClearML artifact URL, so the same function runs in
+one process offline and on separate agents in a cluster.
+
+The wiring between steps (which output feeds which input) is :data:`STEP_INPUTS`; both the
+offline runner and the PipelineController are built from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from d2ops.config import ExperimentConfig, config_hash
+from d2ops.model.bundle import ModelBundle
+from d2ops.registry.champion import ChampionStore, LocalChampionStore
+from d2ops.reporting import Reporter
+from d2ops.storage import s3 as storage
+from d2ops.utils.jsonio import write_json
+
+__all__ = [
+    "STEPS",
+    "STEP_FUNCTIONS",
+    "STEP_INPUTS",
+    "StepContext",
+    "StepOutput",
+    "StepRuntime",
+    "fetch",
+]
+
+log = logging.getLogger(__name__)
+
+STEPS = ("download", "train", "evaluate", "infer", "register")
+
+#: step -> {input name: (producing step, artifact name)}
+STEP_INPUTS: dict[str, dict[str, tuple[str, str]]] = {
+    "download": {},
+    "train": {"dataset_manifest": ("download", "dataset_manifest")},
+    "evaluate": {"weights": ("train", "weights"), "d2_config": ("train", "d2_config")},
+    "infer": {"weights": ("train", "weights"), "d2_config": ("train", "d2_config")},
+    "register": {
+        "weights": ("train", "weights"),
+        "d2_config": ("train", "d2_config"),
+        "labels": ("train", "labels"),
+        "metrics": ("evaluate", "metrics"),
+        "dataset_manifest": ("download", "dataset_manifest"),
+        "train_run": ("train", "train_run"),
+    },
+}
+
+
+class StepRuntime:
+    """What a step asks of the system it runs in; this base is plain library use (no ClearML).
+
+    :class:`d2ops.clearml.step.ClearMLStepRuntime` answers the same questions from the step's
+    ClearML task: its fileserver, datasets, pipeline run, output URI, model registry.
+    """
+
+    #: True where the step can register models (the register step then uses :meth:`champion_store`).
+    registers_models = False
+
+    def fetch_url(self, uri: str) -> Path:
+        """A local copy of a URL that is neither a path nor ``s3://`` (e.g. a ClearML fileserver artifact)."""
+        raise FileNotFoundError(f"cannot fetch {uri}: only local paths and s3:// URIs are readable outside ClearML")
+
+    def dataset_local_copy(self, dataset_id: str) -> Path:
+        raise ValueError(f"data.dataset_id {dataset_id}: ClearML datasets are read only inside a ClearML task")
+
+    def register_dataset(self, cfg: ExperimentConfig, manifest: dict[str, Any]) -> str | None:
+        log.warning("data.register_dataset: not inside a ClearML task; nothing registered")
+        return None
+
+    def on_agent(self) -> bool:
+        return False
+
+    def pipeline_run_id(self, machine_rank: int = 0) -> str | None:
+        return None
+
+    def output_uri(self) -> str | None:
+        """The output URI the system gives this step (an agent's ``default_output_uri``), if any."""
+        return None
+
+    def launch_multi_node(self, num_machines: int, num_gpus: int, port: int) -> dict[str, Any] | None:
+        return None
+
+    def champion_store(self, cfg: ExperimentConfig) -> ChampionStore:
+        gate = cfg.registry.champion
+        return LocalChampionStore(cfg.registry.local_dir, cfg.registry.model_name, gate.tag, gate.retired_tag)
+
+    def lineage(self) -> dict[str, str | None]:
+        return {"step_task": None, "pipeline_run": None}
+
+    def register_model(self, bundle_zip: Path, **kwargs: Any) -> dict[str, Any]:
+        """Register a bundle in a model registry; plain library use has none."""
+        return {}
+
+
+@dataclass
+class StepContext:
+    """Everything a step needs; nothing in here depends on where it runs."""
+
+    cfg: ExperimentConfig
+    workdir: Path
+    inputs: dict[str, str] = field(default_factory=dict)
+    reporter: Reporter = field(default_factory=Reporter)
+    runtime: StepRuntime = field(default_factory=StepRuntime)
+
+    def input_path(self, name: str) -> Path:
+        if not self.inputs.get(name):
+            raise ValueError(f"step input {name!r} is missing; it is produced by an earlier pipeline step")
+        return fetch(self.inputs[name], self.workdir / "inputs" / name, self.runtime)
+
+
+@dataclass
+class StepOutput:
+    files: dict[str, Path] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def fetch(uri: str, dest: Path, runtime: StepRuntime | None = None) -> Path:
+    """A local path for ``uri``: local paths as-is, ``s3://`` via the cached downloader,
+    anything else (a ClearML fileserver URL) through the step's runtime."""
+    if storage.is_s3_uri(uri):
+        return storage.resolve_local(uri, dest, progress=False)
+    if "://" not in uri or uri.startswith("file://"):
+        path = Path(uri.removeprefix("file://"))
+        if not path.exists():
+            raise FileNotFoundError(f"input {uri} does not exist")
+        return path
+    return (runtime or StepRuntime()).fetch_url(uri)
+
+
+def _dataset_cache(cfg: ExperimentConfig) -> Path:
+    """The local download folder of an S3 dataset, one per source URI."""
+    name = cfg.data.source.removeprefix("s3://").strip("/").replace("/", "_").replace(":", "_")
+    return Path(cfg.data.cache_dir) / name
+
+
+def sync_dataset(
+    cfg: ExperimentConfig, runtime: StepRuntime | None = None, *, progress: bool = True
+) -> tuple[storage.TransferStats, Path]:
+    """The dataset's local folder and what the transfer did.
+
+    From the ClearML Dataset version ``data.dataset_id`` when set (its identity is that version),
+    else from ``data.source``: downloaded (cached by ETag) when it is on S3, used in place when local.
+    """
+    dataset_id = cfg.data.dataset_id
+    if not dataset_id:
+        return storage.sync(cfg.data.source, _dataset_cache(cfg), progress=progress)
+    local = (runtime or StepRuntime()).dataset_local_copy(dataset_id)
+    stats, root = storage.sync(str(local), _dataset_cache(cfg), progress=progress)
+    stats.identity = f"clearml-dataset:{dataset_id}"
+    return stats, root
+
+
+def dataset_dir(ctx: StepContext) -> Path:
+    """The dataset's local folder (see :func:`sync_dataset`)."""
+    return sync_dataset(ctx.cfg, ctx.runtime)[1]
+
+
+def _validated_dataset(ctx: StepContext, root: Path | None = None) -> tuple[Path, dict[str, Any]]:
+    from d2ops.data.validation import validate_dataset
+
+    root = root or dataset_dir(ctx)
+    data = ctx.cfg.data
+    summaries = validate_dataset(
+        root,
+        data.format,
+        data.folders,
+        data.annotation_file,
+        label_attribute=data.label_attribute,
+        class_names=data.class_names,
+        duplicate_images=data.duplicate_images,
+        source=None if data.dataset_id else data.source,  # a ClearML Dataset did not come from data.source
+    )
+    return root, {role: s.to_dict() for role, s in summaries.items()}
+
+
+def _dataset_classes(root: Path, cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
+    """The classes the model will have and how they were decided, said at WARNING where data and config
+    disagree (a dropped Roboflow supercategory, an empty category, a single-class VIA label)."""
+    from d2ops.data.registration import dataset_classes
+
+    classes, notes = dataset_classes(root, cfg.data)
+    for note in notes:
+        log.warning("%s", note)
+    return classes, notes
+
+
+def run_download(ctx: StepContext) -> StepOutput:
+    """Fetch the dataset (and remote initial weights), validate it, and record its identity."""
+    from d2ops.engine.d2config import check_model_config
+
+    _localize_config_file(ctx)
+    check_model_config(ctx.cfg)
+    source = ctx.cfg.data.source
+    stats, root = sync_dataset(ctx.cfg, ctx.runtime)
+    manifest: dict[str, Any] = {"source": source, **stats.to_dict()}
+    if ctx.cfg.data.dataset_id:
+        manifest["clearml_dataset_id"] = ctx.cfg.data.dataset_id
+    _check_cache_key(ctx, stats.identity)
+    _, summaries = _validated_dataset(ctx, root)
+    manifest["classes"], manifest["class_notes"] = _dataset_classes(root, ctx.cfg)
+    if ctx.cfg.data.val_fraction is not None:
+        from d2ops.data.registration import carved_val_images
+
+        manifest["val_carved_from_train"] = carved_val_images(root, ctx.cfg.data)
+    if ctx.cfg.data.register_dataset and not ctx.cfg.data.dataset_id:
+        manifest["clearml_dataset_id"] = _register_dataset(ctx, manifest)
+    if ctx.cfg.model.weights and storage.is_s3_uri(ctx.cfg.model.weights):
+        fetch(ctx.cfg.model.weights, ctx.workdir / "weights")
+    manifest["splits"] = summaries
+    path = ctx.workdir / "dataset_manifest.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, manifest, default=str)
+    for role, summary in summaries.items():
+        ctx.reporter.single_value(f"data/{role}_images", summary["images"])
+    return StepOutput(
+        files={"dataset_manifest": path},
+        values={"identity": manifest.get("identity"), "bytes_transferred": manifest.get("bytes_transferred")},
+    )
+
+
+def _check_cache_key(ctx: StepContext, identity: str) -> None:
+    """The controller keyed this step's cache on the data it listed at launch; say if it changed since."""
+    expected = ctx.inputs.get("dataset_identity")
+    if expected and expected != identity:
+        log.warning(
+            "the dataset changed between launch and download (cache key %s, downloaded %s): "
+            "this run uses and records the downloaded data",
+            expected[:16],
+            identity[:16],
+        )
+
+
+def _register_dataset(ctx: StepContext, manifest: dict[str, Any]) -> str | None:
+    """Register the S3 data as a ClearML Dataset of links (no copy), for triggers and lineage."""
+    if not storage.is_s3_uri(ctx.cfg.data.source):
+        log.warning("data.register_dataset: %s is not on S3; only S3 objects can be linked", ctx.cfg.data.source)
+        return None
+    return ctx.runtime.register_dataset(ctx.cfg, manifest)
+
+
+def _localize_config_file(ctx: StepContext) -> None:
+    """A detectron2 config file on S3 is fetched (cached) and the config pointed at the local copy."""
+    source = ctx.cfg.model.config_file
+    if source and storage.is_s3_uri(source):
+        ctx.cfg = ctx.cfg.model_copy(deep=True)
+        ctx.cfg.model.config_file = str(fetch(source, ctx.workdir / "model_config"))
+
+
+def _initial_weights(ctx: StepContext) -> str | None:
+    weights = ctx.cfg.model.weights
+    if not weights:
+        return None
+    return str(fetch(weights, ctx.workdir / "weights"))
+
+
+def run_train(ctx: StepContext) -> StepOutput:
+    """Train on the train split, evaluating periodically on val; resume this run's checkpoints.
+
+    The run key that scopes the checkpoints under ``clearml.output_uri`` is the ClearML pipeline
+    run when the step runs in one (so a retried step resumes and a new pipeline run starts
+    fresh), else the training identity (config + dataset identity: a rerun of the same
+    training resumes, or reuses it when it had finished).
+    """
+    import torch
+
+    from d2ops.data.registration import register_splits
+    from d2ops.engine.checkpoints import model_weights, new_run_record
+    from d2ops.engine.distributed import check_gpus, launch_plan
+    from d2ops.engine.trainer import train
+
+    runtime = ctx.cfg.runtime
+    check_gpus(runtime.num_gpus, device=runtime.device, visible_gpus=torch.cuda.device_count())
+    mirror_key = _check_checkpoint_mirror(ctx)  # before the dataset moves
+    _localize_config_file(ctx)
+    stats, root = sync_dataset(ctx.cfg, ctx.runtime, progress=False)
+    _validated_dataset(ctx, root)
+    dataset = register_splits(root, ctx.cfg.data)
+    shared_checkpoints = ctx.cfg.clearml.output_uri or ctx.runtime.output_uri()
+    if runtime.num_machines > 1 and ctx.runtime.on_agent() and not shared_checkpoints:
+        # Checked before the other machines are enqueued, not after.
+        raise ValueError(
+            "runtime.num_machines > 1 needs clearml.output_uri (or the agents' default_output_uri): every machine "
+            "must resume from the same checkpoint, and only the first one writes them"
+        )
+    multi_node = ctx.runtime.launch_multi_node(runtime.num_machines, runtime.num_gpus, runtime.dist_port)
+    plan = launch_plan(
+        runtime.num_gpus,
+        runtime.num_machines,
+        device=runtime.device,
+        visible_gpus=torch.cuda.device_count(),
+        multi_node=multi_node,
+    )
+    manifest = json.loads(ctx.input_path("dataset_manifest").read_text()) if ctx.inputs.get("dataset_manifest") else {}
+    run = new_run_record(
+        ctx.cfg, manifest.get("identity") or stats.identity, ctx.runtime.pipeline_run_id(plan.machine_rank)
+    )
+    checkpoint_uri = _checkpoint_uri(ctx.cfg, run.run_key, ctx.runtime.output_uri())
+    initial = _initial_weights(ctx)
+    try:
+        result = train(
+            ctx.cfg,
+            dataset,
+            ctx.workdir / "train",
+            weights=initial,
+            reporter=ctx.reporter,
+            resume=runtime.resume,
+            checkpoint_uri=checkpoint_uri,
+            run=run,
+            data_root=root,
+            plan=plan,
+        )
+    except (storage.StorageError, torch.multiprocessing.ProcessRaisedException) as exc:  # the latter: a DDP worker's
+        if not checkpoint_uri or checkpoint_uri not in str(exc):
+            raise
+        fix = _mirror_fix(mirror_key == "clearml.output_uri")
+        raise storage.StorageError(f"{mirror_key}: the checkpoint mirror failed: {exc}; {fix}") from exc
+    values = {**result.to_dict(), "run_key": run.run_key, "training_identity": run.identity}
+    if not plan.is_master:
+        return StepOutput(values=values)
+    labels = ctx.workdir / "train" / "labels.json"
+    labels.write_text(json.dumps(dataset.class_names))
+    # the model alone, without the optimizer state a checkpoint keeps for resuming: half the size downstream
+    weights = model_weights(Path(result.weights), ctx.workdir / "train" / "weights" / Path(result.weights).name)
+    return StepOutput(
+        files={
+            "weights": weights,
+            "d2_config": Path(result.d2_config),
+            "labels": labels,
+            "train_run": Path(result.run_record),
+        },
+        values=values,
+    )
+
+
+def _mirror_fix(own: bool) -> str:
+    if own:
+        return (
+            "make it reachable from this machine, or point clearml.output_uri at a reachable bucket "
+            "(--set clearml.output_uri=s3://host:port/bucket, or the clearml/output_uri hyperparameter of a clone)"
+        )
+    return (
+        "make it reachable from this worker, fix or remove sdk.development.default_output_uri in the agent's "
+        "clearml.conf, or set clearml.output_uri to a reachable bucket (it wins over the agent's default)"
+    )
+
+
+def _check_checkpoint_mirror(ctx: StepContext) -> str:
+    """Where this step's checkpoints are mirrored, checked before the train step moves any data: an
+    unreachable S3 bucket fails here, named by its key (``clearml.output_uri``, or the agent's default output
+    URI), not later inside training. Returns the message's start for errors while training."""
+    from d2ops.storage.s3 import s3_problem
+
+    own = ctx.cfg.clearml.output_uri
+    key = "clearml.output_uri" if own else "the agent's sdk.development.default_output_uri"
+    base = own or ctx.runtime.output_uri()
+    if base and storage.is_s3_uri(base):
+        why = s3_problem(base, "bucket")
+        if why:
+            raise storage.StorageError(
+                f"{key} ({base}), where checkpoints are mirrored: {why}; {_mirror_fix(bool(own))}"
+            )
+    return key
+
+
+def _checkpoint_uri(cfg: ExperimentConfig, run_key: str, task_output_uri: str | None = None) -> str | None:
+    """``<output_uri>/<project>/<name>/checkpoints/<run key>``: one folder per run, never shared.
+
+    ``output_uri`` is ``clearml.output_uri``, else the task's own (an agent's
+    ``sdk.development.default_output_uri``), so a retried step on another worker finds them.
+    """
+    base = cfg.clearml.output_uri or task_output_uri
+    if not base:
+        return None
+    return f"{base.rstrip('/')}/{cfg.clearml.project}/{cfg.name}/checkpoints/{run_key}"
+
+
+def _detector(ctx: StepContext) -> tuple[Any, Any, Path]:
+    from d2ops.data.registration import register_splits
+    from d2ops.model.detector import Detector
+
+    root, _ = _validated_dataset(ctx)
+    dataset = register_splits(root, ctx.cfg.data)
+    detector = Detector.from_files(
+        ctx.input_path("d2_config"), ctx.input_path("weights"), dataset.class_names, ctx.cfg.runtime.device
+    )
+    return detector, dataset, root
+
+
+def run_evaluate(ctx: StepContext) -> StepOutput:
+    """COCO AP and precision/recall/F-beta on the configured evaluation split."""
+    from d2ops.evaluation.metrics import evaluate
+
+    detector, dataset, _ = _detector(ctx)
+    result = evaluate(
+        detector, dataset.name(ctx.cfg.eval.split), ctx.cfg.eval, ctx.workdir / "evaluate", reporter=ctx.reporter
+    )
+    return StepOutput(files={"metrics": ctx.workdir / "evaluate" / "metrics.json"}, values=result.to_dict())
+
+
+def _eval_images(ctx: StepContext, root: Path) -> Path:
+    """The folder of the eval split's images; a val split carved from train is linked into the workdir."""
+    from d2ops.data.registration import carved_val_images
+
+    data = ctx.cfg.data
+    if ctx.cfg.eval.split != "val" or data.val_fraction is None:
+        return root / data.splits[ctx.cfg.eval.split]
+    train, folder = root / data.splits["train"], ctx.workdir / "val_images"
+    shutil.rmtree(folder, ignore_errors=True)
+    for name in carved_val_images(root, data):
+        link = folder / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to((train / name).resolve())
+    return folder
+
+
+def run_infer(ctx: StepContext) -> StepOutput:
+    """Batch inference over inference.source (a folder or S3 prefix), default the eval split."""
+    from d2ops.evaluation.inference import infer_folder
+
+    detector, _, root = _detector(ctx)
+    source = ctx.cfg.inference.source
+    folder = fetch(source, ctx.workdir / "infer_source") if source else _eval_images(ctx, root)
+    result = infer_folder(
+        detector,
+        folder,
+        ctx.workdir / "infer",
+        score_threshold=ctx.cfg.inference.score_threshold,
+        debug_images=ctx.cfg.inference.debug_images,
+        reporter=ctx.reporter,
+    )
+    return StepOutput(
+        files={"predictions": Path(result.predictions_json), "coco_results": Path(result.coco_results_json)},
+        values=result.to_dict(),
+    )
+
+
+def run_register(ctx: StepContext) -> StepOutput:
+    """Bundle the model, gate it against the production model (champion/challenger) and register it.
+
+    The candidate is published and tagged ``registry.champion.tag`` only if it passes the absolute
+    ``quality_gate`` (a floor) and beats the current champion on ``registry.champion.metric`` by
+    ``min_improvement``; with no champion the floor alone decides. When there is a champion, both
+    models are evaluated here, on the configured eval split, by the same code on the same device:
+    the candidate is re-scored rather than taken from the evaluate step, so the two numbers compared
+    can only differ by the models (the evaluate step may have run on another machine or device).
+    Where the champion lives (ClearML registry or ``registry.local_dir``) is the store's business.
+    """
+    from d2ops.data.registration import register_splits
+    from d2ops.evaluation.metrics import evaluate_model
+    from d2ops.model.bundle import build_bundle, zip_bundle
+    from d2ops.registry.gate import check_gate, decide, gate_headline, labels_mismatch, metric_value, report_gate
+
+    reg, gate_cfg = ctx.cfg.registry, ctx.cfg.registry.champion
+    metrics = json.loads(ctx.input_path("metrics").read_text())
+    manifest = json.loads(ctx.input_path("dataset_manifest").read_text())
+    labels = json.loads(ctx.input_path("labels").read_text())
+    metric = gate_cfg.metric if gate_cfg.enabled else reg.quality_gate.metric
+    metric_value(metrics, metric, "registry.champion.metric")  # a misspelt metric fails before any evaluation
+    store = ctx.runtime.champion_store(ctx.cfg)
+    champion = store.current() if gate_cfg.enabled else None
+    scored, champion_score, not_comparable = metrics, None, None
+    if champion is not None:
+        root, _ = _validated_dataset(ctx)
+        dataset = register_splits(root, ctx.cfg.data)
+        split, device, out = dataset.name(ctx.cfg.eval.split), ctx.cfg.runtime.device, ctx.workdir / "register"
+        candidate = (ctx.input_path("d2_config"), ctx.input_path("weights"), labels)
+        scored = evaluate_model(*candidate, split, ctx.cfg.eval, out / "candidate", device)
+        champion_bundle = ModelBundle(champion.bundle)
+        champion_labels = champion_bundle.labels()
+        not_comparable = labels_mismatch(champion_labels, dataset.class_names)
+        if not not_comparable:
+            champ = (champion_bundle.config_file, champion_bundle.weights, champion_labels)
+            champion_metrics = evaluate_model(*champ, split, ctx.cfg.eval, out / "champion", device)
+            champion_score = metric_value(champion_metrics, gate_cfg.metric, "registry.champion.metric")
+    floor = check_gate(scored, reg.quality_gate.metric, reg.quality_gate.min_value)
+    decision = decide(
+        floor,
+        metric=metric,
+        candidate_score=metric_value(scored, metric, "registry.champion.metric"),
+        champion_id=champion.id if champion else None,
+        champion_score=champion_score,
+        min_improvement=gate_cfg.min_improvement,
+        not_comparable=not_comparable,
+        compare=gate_cfg.enabled,
+    )
+    gate_record = {**decision.to_dict(), "scored_in": "register step" if champion else "evaluate step"}
+    lineage = {
+        "dataset_source": ctx.cfg.data.source,
+        "dataset_identity": manifest.get("identity"),
+        "dataset_clearml_id": manifest.get("clearml_dataset_id") or manifest.get("dataset_id"),
+        "class_notes": manifest.get("class_notes", []),
+        **ctx.runtime.lineage(),
+        "resumed_from": _resumed_from(ctx),
+        "config_hash": config_hash(ctx.cfg),
+        "experiment": ctx.cfg.name,
+    }
+    bundle = build_bundle(
+        ctx.workdir / "bundle" / reg.model_name,
+        weights=ctx.input_path("weights"),
+        d2_config=ctx.input_path("d2_config"),
+        labels=labels,
+        metrics=metrics,
+        metadata={**lineage, "quality_gate": floor.to_dict(), "champion_gate": gate_record},
+    )
+    archive = zip_bundle(bundle)
+    headline = gate_headline(decision, gate_cfg.tag)
+    promoting = decision.promote and gate_cfg.enabled
+    registration: dict[str, Any] = {}
+    if ctx.runtime.registers_models:
+        registration = ctx.runtime.register_model(
+            archive,
+            name=reg.model_name,
+            tags=[*reg.tags, *([gate_cfg.tag] if promoting and store.tag_on_register else [])],
+            labels=labels,
+            metadata=ModelBundle(bundle).metadata(),
+            publish=decision.promote,
+            config=yaml.safe_load(ModelBundle(bundle).config_file.read_text()),
+            headline=headline,
+        )
+    promotion = None
+    if promoting:
+        promotion = store.promote(bundle, registration=registration, decision=decision, previous=champion)
+    report_gate(ctx.reporter, decision, gate_record)
+    log.info("%s", headline)
+    return StepOutput(
+        # The registered model is the bundle's one copy on ClearML; an artifact would be a second one.
+        files={} if registration else {"model_bundle": archive},
+        values={
+            "bundle": str(bundle),
+            "gate": floor.to_dict(),
+            "champion_gate": gate_record,
+            "promotion": promotion.to_dict() if promotion else None,
+            "lineage": {**lineage, "code_version": ModelBundle(bundle).metadata()["code_version"]},
+            "registration": registration,
+        },
+    )
+
+
+def _resumed_from(ctx: StepContext) -> dict[str, Any] | None:
+    """The other run this training continued (``runtime.resume_from``), from its run record; None if its own."""
+    if not ctx.inputs.get("train_run"):
+        return None
+    record: dict[str, Any] = json.loads(ctx.input_path("train_run").read_text())
+    return record.get("resumed_from")
+
+
+STEP_FUNCTIONS: dict[str, Callable[[StepContext], StepOutput]] = {
+    "download": run_download,
+    "train": run_train,
+    "evaluate": run_evaluate,
+    "infer": run_infer,
+    "register": run_register,
+}
