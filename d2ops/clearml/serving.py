@@ -147,5 +147,3 @@ def build_register_commands(
     canary = [*base, "model", "canary", "--endpoint", reg.endpoint, "--weights", "1"]
     canary += ["--input-endpoint-prefix", f"{reg.endpoint}/"]
     return [cmd, canary]
-
-

@@ -26,7 +26,7 @@ from d2ops.model.detector import Detector
 from d2ops.reporting import Reporter
 from d2ops.utils.jsonio import write_json
 
-__all__ = ["evaluate_model", "EvalResult", "detection_counts", "evaluate", "f_beta"]
+__all__ = ["EvalResult", "detection_counts", "evaluate", "evaluate_model", "f_beta"]
 
 log = logging.getLogger(__name__)
 

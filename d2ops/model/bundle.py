@@ -36,7 +36,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_bundle", "code_version", "zip_bundle", "BundleError", "InconsistentBundleError", "ModelBundle", "ModelNotFoundError"]
+__all__ = [
+    "BundleError",
+    "InconsistentBundleError",
+    "ModelBundle",
+    "ModelNotFoundError",
+    "build_bundle",
+    "code_version",
+    "zip_bundle",
+]
 
 MIB = 1024 * 1024
 

@@ -72,9 +72,6 @@ def _section(raw: dict[str, Any], name: str, model: type[_S]) -> _S | None:
         return None
 
 
-
-
-
 def _raw_value(raw: Any, dotted: str) -> Any:
     node = raw
     for part in dotted.split("."):

@@ -155,5 +155,3 @@ def labels_mismatch(champion_labels: list[str], dataset_labels: list[str]) -> st
     if list(champion_labels) == list(dataset_labels):
         return None
     return f"its labels {list(champion_labels)} differ from the dataset's {list(dataset_labels)}"
-
-

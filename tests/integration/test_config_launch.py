@@ -15,6 +15,7 @@ import yaml
 import d2ops.clearml.step as step_module  # before no_clearml_conf: importing d2ops.clearml installs its reader
 from d2ops.config import ConfigError, load_config
 from d2ops.pipeline.preflight import input_problems, launch_config
+from d2ops.storage import credentials as s3_credentials
 from d2ops.storage import s3 as storage
 from d2ops.storage.local_s3 import LocalS3, local_s3_endpoint
 
@@ -39,7 +40,7 @@ def s3() -> Iterator[LocalS3]:
 @pytest.fixture(autouse=True)
 def no_clearml_conf(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the endpoint's environment credentials, never a clearml.conf of the machine."""
-    monkeypatch.setattr(storage, "clearml_credentials", lambda: ())
+    monkeypatch.setattr(s3_credentials, "clearml_credentials", lambda: ())
     monkeypatch.delenv("D2OPS_S3_SECURE", raising=False)
 
 

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from d2ops.data.validation import DataValidationError, _rle_runs, validate_coco, validate_dataset, validate_via
+from d2ops.storage import credentials as s3_credentials
 from d2ops.storage import s3 as storage
 from d2ops.storage.local_s3 import LocalS3, local_s3_endpoint
 from d2ops.storage.s3 import CACHE_INDEX_NAME, StorageError
@@ -27,6 +28,7 @@ from d2ops.storage.s3 import CACHE_INDEX_NAME, StorageError
 # --------------------------------------------------------------------------- full disk: the cache index
 
 _buckets = itertools.count()
+
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def s3() -> Iterator[LocalS3]:
 @pytest.fixture
 def remote(s3: LocalS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """Two small files uploaded to a fresh bucket; returns their prefix URI."""
-    monkeypatch.setattr(storage, "clearml_credentials", lambda: ())
+    monkeypatch.setattr(s3_credentials, "clearml_credentials", lambda: ())
     monkeypatch.delenv("D2OPS_S3_SECURE", raising=False)
     src = tmp_path / "src"
     src.mkdir()

@@ -21,12 +21,13 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from .test_server import HTTP_TIMEOUT, ServerProcess, _b64, _png
 
 from d2ops.model.bundle import ModelBundle
 from d2ops.model.detector import Detector
 from d2ops.serving.core import MicroBatcher
 from d2ops.serving.formats import decode_frame, decode_image
+
+from .test_server import HTTP_TIMEOUT, ServerProcess, _b64, _png
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,14 @@ from typing import Any
 import botocore.exceptions as bce
 import pytest
 
+from d2ops.storage import credentials as s3_credentials
 from d2ops.storage import s3 as storage
 from d2ops.storage.local_s3 import DUMMY_CREDENTIALS, LocalS3, local_s3_endpoint
 from d2ops.storage.s3 import CACHE_INDEX_NAME, StorageError
 
 _names = itertools.count()
 Uploaded = tuple[str, storage.TransferStats]  # (prefix URI, upload stats)
+
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def s3() -> Iterator[LocalS3]:
 def no_clearml_conf(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Tests see only the clearml.conf credentials entries they add to this list."""
     entries: list[dict[str, Any]] = []
-    monkeypatch.setattr(storage, "clearml_credentials", lambda: tuple(entries))
+    monkeypatch.setattr(s3_credentials, "clearml_credentials", lambda: tuple(entries))
     monkeypatch.delenv("D2OPS_S3_SECURE", raising=False)
     return entries
 
