@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast bench lint typecheck clean setup
+.PHONY: demo test test-fast test-unit test-integration test-e2e test-clearml bench lint typecheck clean setup
 
 $(VENV)/.ready: pyproject.toml scripts/bootstrap.sh
 	VENV=$(VENV) bash scripts/bootstrap.sh
@@ -18,8 +18,22 @@ demo: $(VENV)/.ready
 test: $(VENV)/.ready
 	$(PY) -m pytest -q
 
+# every tier without the tests marked slow (training runs, ClearML's controller and agent loops): under 3 minutes
 test-fast: $(VENV)/.ready
 	$(PY) -m pytest -q -m "not slow"
+
+# one tier each (CONTRIBUTING.md, "Tests, by tier")
+test-unit: $(VENV)/.ready
+	$(PY) -m pytest -q tests/unit
+
+test-integration: $(VENV)/.ready
+	$(PY) -m pytest -q tests/integration
+
+test-e2e: $(VENV)/.ready
+	$(PY) -m pytest -q tests/e2e
+
+test-clearml: $(VENV)/.ready
+	$(PY) -m pytest -q tests/clearml_runtime
 
 bench: $(VENV)/.ready
 	$(PY) bench/bench_s3.py --latency-ms 10 --json bench/results.json

@@ -32,6 +32,7 @@ def _s3_credential_entries() -> list[Any]:
 
 def install() -> None:
     """Plug ClearML into the layers below: clearml.conf's S3 credentials and ClearML model references."""
+    # lazy: circular otherwise: these modules import d2ops.clearml, whose import runs install()
     from d2ops.clearml.models import ClearMLModelRegistry
     from d2ops.model.source import use_model_registry
     from d2ops.storage.credentials import use_conf_credentials

@@ -36,7 +36,8 @@ def _serves_remote_model(argv: Sequence[str]) -> bool:
 
     A local bundle is served without importing ClearML, S3 transfers or training code.
     """
-    from d2ops.model.source import parse_model_ref  # lazy: start-up time
+    # lazy: start-up time
+    from d2ops.model.source import parse_model_ref
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--model", default="")
@@ -56,35 +57,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command != "serve" or _serves_remote_model(rest):
-        from d2ops.clearml import install  # lazy: a local `d2ops serve` runs without ClearML
+        # lazy: a local `d2ops serve` runs without ClearML
+        from d2ops.clearml import install
 
         install()  # ClearML model references (clearml://, model ids) and clearml.conf's S3 credentials
     if command == "demo":
-        from d2ops.cli.demo import demo_main  # lazy: start-up time
+        # lazy: start-up time
+        from d2ops.cli.demo import demo_main
 
         return demo_main(rest)
     if command == "pipeline":
-        from d2ops.cli.pipeline import pipeline_main  # lazy: start-up time (see the module docstring)
+        # lazy: start-up time (see the module docstring)
+        from d2ops.cli.pipeline import pipeline_main
 
         return pipeline_main(rest)
     if command == "serve":
-        from d2ops.cli.serve import serve_main  # lazy: start-up time
+        # lazy: start-up time
+        from d2ops.cli.serve import serve_main
 
         return serve_main(rest)
     if command == "step" and rest and rest[0] in STEP_NAMES:
-        from d2ops.cli.steps import step_main  # lazy: start-up time
+        # lazy: start-up time
+        from d2ops.cli.steps import step_main
 
         return step_main(rest[0], rest[1:])
     if command == "export":
-        from d2ops.cli.export import export_main  # lazy: start-up time
+        # lazy: start-up time
+        from d2ops.cli.export import export_main
 
         return export_main(rest)
     if command == "schedule":
-        from d2ops.cli.schedule import schedule_main  # lazy: start-up time
+        # lazy: start-up time
+        from d2ops.cli.schedule import schedule_main
 
         return schedule_main(rest)
     if command == "serving":
-        from d2ops.cli.serving import serving_main  # lazy: start-up time
+        # lazy: start-up time
+        from d2ops.cli.serving import serving_main
 
         return serving_main(rest)
     print(f"unknown command {' '.join(argv[:2])!r}; usage: d2ops {commands}", file=sys.stderr)

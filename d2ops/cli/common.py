@@ -36,6 +36,7 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
 
 def user_errors_types() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: reported as one clear message, not a traceback."""
+    # lazy: engine.trainer loads torch; `d2ops export` and `d2ops serving` never need it
     from d2ops.data.validation import DataValidationError
     from d2ops.engine.trainer import TrainingDiverged
     from d2ops.pipeline.runner import StepStopped, StepTimeLimitExceeded

@@ -16,8 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from d2ops.clearml.session import enable_offline
+from d2ops.clearml.step import run_offline
+from d2ops.cli.common import fail, user_errors_types
 from d2ops.config import load_config
+from d2ops.data.synthetic import generate_shapes_dataset
 from d2ops.pipeline.report import format_summary, write_outputs
+from d2ops.storage import s3 as storage
+from d2ops.storage.local_s3 import local_s3_endpoint
 from d2ops.utils.logs import setup_logging
 
 __all__ = ["demo_main", "run_demo"]
@@ -27,10 +32,6 @@ log = logging.getLogger(__name__)
 
 def run_demo(out_dir: Path, config: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Generate data, serve it over local S3, run the offline pipeline; returns the summary."""
-    from d2ops.clearml.step import run_offline
-    from d2ops.data.synthetic import generate_shapes_dataset
-    from d2ops.storage import s3 as storage
-    from d2ops.storage.local_s3 import local_s3_endpoint
 
     tic = time.perf_counter()
     out_dir = out_dir.resolve()
@@ -64,7 +65,6 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     setup_logging()
-    from d2ops.cli.common import fail, user_errors_types
 
     try:
         summary = run_demo(args.out, args.config, args.overrides)

@@ -6,6 +6,8 @@ import argparse
 import logging
 from collections.abc import Sequence
 
+from d2ops.cli.common import fail, user_errors_types
+from d2ops.model.source import resolve_model
 from d2ops.serving.nuclio import DEFAULT_BASE_IMAGE, DEFAULT_RUNTIME, export_nuclio
 from d2ops.utils.logs import setup_logging
 
@@ -16,8 +18,6 @@ __all__ = ["export_main"]
 
 def export_main(argv: Sequence[str] | None = None) -> int:
     """``d2ops export nuclio --model M --out DIR [--name N] [--threshold T] [--force]``."""
-    from d2ops.cli.common import fail, user_errors_types
-    from d2ops.model.source import resolve_model
 
     parser = argparse.ArgumentParser(prog="d2ops export", description="export a model for another serving platform")
     parser.add_argument("target", choices=["nuclio"], help="nuclio: a CVAT serverless function (CPU and GPU)")

@@ -10,8 +10,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from d2ops.clearml.cluster import preflight
+from d2ops.clearml.controller import build_controller, controller_experiment, start_controller
+from d2ops.clearml.session import on_agent
+from d2ops.clearml.step import run_offline
 from d2ops.cli.common import add_config_args, config_overrides, fail, user_errors_types
 from d2ops.pipeline.preflight import launch_config
+from d2ops.pipeline.report import format_summary, write_outputs
 from d2ops.utils.logs import setup_logging
 
 log = logging.getLogger("d2ops")
@@ -21,10 +26,6 @@ __all__ = ["pipeline_main"]
 
 def pipeline_main(argv: Sequence[str] | None = None) -> int:
     """Run the whole pipeline: --offline (no server), --local (server, local steps) or on queues."""
-    from d2ops.clearml.cluster import preflight
-    from d2ops.clearml.controller import build_controller, controller_experiment, start_controller
-    from d2ops.clearml.session import on_agent
-    from d2ops.clearml.step import run_offline
 
     # On the services agent the controller script starts with no arguments: the experiment is read
     # back from the controller task (controller_experiment), never from the default --config.
@@ -44,8 +45,6 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
         paths = args.offline or args.local
         launched = None if agent else launch_config(args.config, overrides, inputs="all" if paths else "s3")
         if args.offline:
-            from d2ops.pipeline.report import format_summary, write_outputs
-
             assert launched is not None  # --offline never runs on an agent
             tic = time.perf_counter()
             run = run_offline(args.config, overrides)

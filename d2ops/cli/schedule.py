@@ -8,6 +8,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from d2ops.clearml import schedules as scheduling
 from d2ops.cli.common import fail, user_errors_types
 from d2ops.pipeline.preflight import launch_config
 from d2ops.utils.logs import setup_logging
@@ -19,7 +20,6 @@ __all__ = ["schedule_main"]
 
 def schedule_main(argv: Sequence[str] | None = None) -> int:
     """``d2ops schedule cron|on-data``: retrain by cloning a template pipeline run (see d2ops.clearml.schedules)."""
-    from d2ops.clearml import schedules as scheduling
 
     parser = argparse.ArgumentParser(prog="d2ops schedule", description="scheduled or data-triggered retraining")
     kinds = parser.add_subparsers(dest="kind", required=True)

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from d2ops.model.source import ModelNotFoundError, parse_model_ref
 from d2ops.serving.core import (
     TOKEN_ENV,
     ServeSettings,
@@ -115,7 +116,6 @@ def _exit_cleanly(signum: int, frame: Any) -> None:
 
 def _check_source(ref: str) -> None:
     """Fail before starting the server when a local model path plainly does not exist."""
-    from d2ops.model.source import ModelNotFoundError, parse_model_ref
 
     parsed = parse_model_ref(ref)
     if parsed.kind == "path" and not os.path.exists(os.path.expanduser(ref)):

@@ -15,6 +15,7 @@ from d2ops.clearml.serving import (
     build_register_commands,
     clearml_serving_program,
 )
+from d2ops.cli.common import fail
 
 __all__ = ["register_main", "serving_main"]
 
@@ -63,7 +64,6 @@ def _register_parser() -> argparse.ArgumentParser:
 
 def register_main(argv: Sequence[str] | None = None) -> int:
     """``d2ops serving register ...``: print each clearml-serving command, then run it (unless --dry-run)."""
-    from d2ops.cli.common import fail
 
     args = _register_parser().parse_args(argv)
     reg = EndpointRegistration(

@@ -7,8 +7,12 @@ import json
 import logging
 from collections.abc import Sequence
 
+from d2ops.clearml.session import on_agent
+from d2ops.clearml.step import run_step
 from d2ops.cli.common import add_config_args, config_overrides, fail, user_errors_types
 from d2ops.pipeline.preflight import launch_config
+from d2ops.pipeline.runner import step_parameters
+from d2ops.pipeline.steps import STEP_INPUTS
 from d2ops.utils.logs import setup_logging
 
 log = logging.getLogger("d2ops")
@@ -18,10 +22,6 @@ __all__ = ["step_main"]
 
 def step_main(step: str, argv: Sequence[str] | None = None) -> int:
     """Run one pipeline step as a ClearML task (offline, here with a server, or on a queue)."""
-    from d2ops.clearml.session import on_agent
-    from d2ops.clearml.step import run_step
-    from d2ops.pipeline.runner import step_parameters
-    from d2ops.pipeline.steps import STEP_INPUTS
 
     # On a clearml-agent the script runs without arguments; its parameters come from the task.
     agent = on_agent()

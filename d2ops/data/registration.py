@@ -19,6 +19,8 @@ from typing import Any
 from PIL import Image
 
 from d2ops.config import DataConfig
+from d2ops.data.overlap import image_digests, inside_split, listed_images
+from d2ops.utils.jsonio import write_json
 
 __all__ = [
     "CocoCategories",
@@ -176,7 +178,6 @@ def carved_val_images(root: Path, data: DataConfig) -> list[str]:
     """
     if data.val_fraction is None:
         return []
-    from d2ops.data.overlap import image_digests, inside_split, listed_images
 
     train_dir = root / data.splits["train"]
     names = sorted(set(listed_images(train_dir, data.annotation_file, data.format)))
@@ -210,8 +211,6 @@ def _derived_coco(json_file: Path, cache: Path, drop: set[int], images: Collecti
     recipe = repr((sorted(drop), sorted(images) if images is not None else None, exclude)).encode()
     target = cache / hashlib.sha256(raw + recipe).hexdigest()[:16] / json_file.name
     if not target.is_file():
-        from d2ops.utils.jsonio import write_json
-
         data = json.loads(raw)
         data["categories"] = [c for c in data.get("categories", []) if c["id"] not in drop]
         if images is not None:

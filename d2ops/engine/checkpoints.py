@@ -63,6 +63,7 @@ from detectron2.utils import comm
 
 from d2ops.config import ExperimentConfig, config_hash
 from d2ops.storage import s3 as storage
+from d2ops.utils.files import atomic_write, temp_beside
 
 __all__ = [
     "FINAL",
@@ -198,37 +199,10 @@ def new_run_record(
     )
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not supported on every platform / filesystem
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temp_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
-
-
-def _replace_atomically(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that a kill leaves the old content or the new, never half."""
-    tmp = _temp_for(path)
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _replace_atomically(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, "w", temp=temp_beside(path, _TMP_SUFFIX)) as fh:
+        fh.write(text)
 
 
 def model_weights(checkpoint: Path, dest: Path) -> Path:
@@ -249,15 +223,8 @@ def model_weights(checkpoint: Path, dest: Path) -> Path:
 
 def _torch_save_atomically(data: dict[str, Any], path: Path) -> None:
     """``torch.save`` through a fsynced temp file renamed into place: a kill leaves the old file or the new."""
-    tmp = _temp_for(path)
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(data, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _replace_atomically(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, "wb", temp=temp_beside(path, _TMP_SUFFIX)) as fh:
+        torch.save(data, fh)
 
 
 class AtomicCheckpointer(DetectionCheckpointer):

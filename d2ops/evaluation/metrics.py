@@ -224,13 +224,10 @@ def evaluate_model(
     device: str = "auto",
 ) -> dict[str, Any]:
     """The metrics dict of one model on a registered dataset split, by the evaluate step's own code
-    (:class:`~d2ops.model.detector.Detector` and :func:`~d2ops.evaluation.metrics.evaluate`), reporting nothing.
+    (:class:`~d2ops.model.detector.Detector` and :func:`evaluate`), reporting nothing.
 
     The register step scores the champion and the candidate with it, so both numbers come from
     the same code on the same images on the same device.
     """
-    from d2ops.evaluation.metrics import evaluate
-    from d2ops.model.detector import Detector
-
     detector = Detector.from_files(d2_config, weights, labels, device)
     return evaluate(detector, dataset_name, eval_cfg, out_dir).to_dict()

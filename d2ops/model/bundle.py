@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 import d2ops
 from d2ops.utils import jsonio
+from d2ops.utils.files import atomic_write
 
 if TYPE_CHECKING:
-    from detectron2.config import CfgNode
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +176,6 @@ class ModelBundle:
     def metadata(self) -> dict[str, Any]:
         return self._dict(self.METADATA)
 
-    def d2_config(self) -> CfgNode:
-        """The detectron2 config, merged onto detectron2's defaults."""
-        from d2ops.model.detector import load_d2_config
-
-        return load_d2_config(self.config_file)
-
     def segments(self) -> bool:
         """Whether the model predicts instance masks (``MODEL.MASK_ON``), read without detectron2."""
         import yaml
@@ -221,17 +216,9 @@ class ModelBundle:
         """A zip of the bundle files (default: beside the folder, ``<folder>.zip``), written atomically."""
         archive = archive or self.path.with_name(self.path.name + ".zip")  # a dotted name keeps its dot
         archive.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{archive.name}.", dir=archive.parent)
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600: a server or agent running as another user must read it
-        os.close(fd)
-        try:
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
-                for path in self.files():
-                    zf.write(path, path.name)
-            os.replace(tmp, archive)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(archive, "wb") as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as zf:
+            for path in self.files():
+                zf.write(path, path.name)
         return archive
 
     def copy_to(self, dest: Path) -> ModelBundle:

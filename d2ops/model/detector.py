@@ -159,7 +159,7 @@ class Detector:
         """Load a :class:`~d2ops.model.bundle.ModelBundle` (or the folder of one)."""
         if not isinstance(bundle, ModelBundle):
             bundle = ModelBundle.open(bundle)
-        return cls(bundle.d2_config(), str(bundle.weights), bundle.labels(), device)
+        return cls(load_d2_config(bundle.config_file), str(bundle.weights), bundle.labels(), device)
 
     @classmethod
     def from_files(

@@ -113,7 +113,8 @@ def resolve_model(ref: str, cache_dir: Path | str = "outputs/cache/models") -> P
     if parsed.kind == "path":
         return _local(Path(ref).expanduser(), ref, cache_dir)
     if parsed.kind == "s3":
-        from d2ops.storage import s3 as storage  # only here: serving a local bundle never loads boto3
+        # lazy: boto3; serving a local bundle never loads it
+        from d2ops.storage import s3 as storage
 
         dest = cache_dir / ("s3-" + hashlib.sha256(ref.encode()).hexdigest()[:16])
         return _local(storage.resolve_local(ref, dest, progress=False), ref, cache_dir)

@@ -58,6 +58,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from d2ops.model.bundle import ModelBundle, ModelNotFoundError
+from d2ops.model.detector import Detector
+from d2ops.model.source import resolve_model
+from d2ops.serving.payloads import DEFAULT_MAX_IMAGES, parse_detection_batch, parse_threshold
+from d2ops.serving.replies import to_cvat
+
 if TYPE_CHECKING:
     from d2ops.model.detector import Detection, Detector, Frame
 
@@ -83,8 +89,6 @@ StatsFn = Callable[[dict[str, Any]], None] | None
 
 def find_bundle(local: Path, cache_dir: Path) -> Path:
     """The bundle folder in what ClearML downloaded: the folder itself, one folder down, or a zip."""
-    from d2ops.model.bundle import ModelBundle, ModelNotFoundError
-    from d2ops.model.source import resolve_model
 
     try:
         return resolve_model(str(ModelBundle.find(local)), cache_dir)
@@ -112,7 +116,6 @@ class Preprocess:
     """
 
     def __init__(self) -> None:
-        from d2ops.serving.payloads import DEFAULT_MAX_IMAGES, parse_threshold
 
         self.detector: Detector | None = None
         self.device = os.environ.get("D2OPS_DEVICE", "auto")
@@ -126,7 +129,6 @@ class Preprocess:
 
         Under ``--engine custom_async`` this instance's three calls become coroutines (see the module docstring).
         """
-        from d2ops.model.detector import Detector
 
         if not local_file_name:
             raise ValueError("the endpoint has no model: register it with --model-id or --project/--name")
@@ -145,7 +147,6 @@ class Preprocess:
 
     def preprocess(self, body: Any, state: dict[str, Any], collect_custom_statistics_fn: StatsFn = None) -> list[Frame]:
         """Decode the request (JSON dict, JSON, image or multipart bytes) into frames; the rest goes in ``state``."""
-        from d2ops.serving.payloads import parse_detection_batch
 
         request = parse_detection_batch(body, self.default_threshold, max_images=self.max_images)
         state["threshold"] = request.threshold
@@ -165,7 +166,6 @@ class Preprocess:
         self, data: list[list[Detection]], state: dict[str, Any], collect_custom_statistics_fn: StatsFn = None
     ) -> dict[str, Any]:
         """``{"detections": ...}`` in CVAT's format; counts go to clearml-serving's statistics."""
-        from d2ops.serving.replies import to_cvat
 
         if collect_custom_statistics_fn is not None:
             collect_custom_statistics_fn({"detection_count": sum(len(dets) for dets in data), "image_count": len(data)})

@@ -34,6 +34,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from d2ops.model.bundle import InconsistentBundleError, ModelBundle
+from d2ops.model.detector import Detector
+from d2ops.model.source import model_registry, parse_model_ref, resolve_model
+from d2ops.serving.formats import base64_bytes, decode_frame
+from d2ops.serving.replies import cvat_label_type, to_cvat, to_torchserve
+
 if TYPE_CHECKING:
     from d2ops.model.detector import Detection, Detector, Frame
 
@@ -137,7 +143,6 @@ def load_settings(values: Mapping[str, Any], environ: Mapping[str, str] | None =
 
 def default_model_name(ref: str) -> str:
     """A served name from the model reference: the bundle folder or zip name, or the ClearML name."""
-    from d2ops.model.source import parse_model_ref
 
     parsed = parse_model_ref(ref)
     if parsed.kind == "clearml_query" and parsed.name:
@@ -194,7 +199,6 @@ class LoadedModel:
 
 def bundle_version(bundle_dir: Path) -> str:
     """The bundle's content hash (:meth:`~d2ops.model.bundle.ModelBundle.version`)."""
-    from d2ops.model.bundle import ModelBundle
 
     return ModelBundle(bundle_dir).version()
 
@@ -225,19 +229,16 @@ class DetectorAPI:
 
     def setup(self, bundle_dir: Path) -> Detector:
         """Load the detector from a bundle folder (imports torch and detectron2 on first use)."""
-        from d2ops.model.detector import Detector
 
         return Detector.from_bundle(bundle_dir, device=self.device)
 
     def payload_bytes(self, payload: bytes | str) -> bytes:
         """The image file's bytes: raw, or from a base64 string (CVAT); raises ``BadImageError``."""
-        from d2ops.serving.formats import base64_bytes
 
         return base64_bytes(payload) if isinstance(payload, str) else payload
 
     def decode_request(self, payload: bytes | str) -> Frame:
         """Raw image bytes or a base64 string (CVAT) into a frame for the model; raises ``BadImageError``."""
-        from d2ops.serving.formats import decode_frame
 
         data = self.payload_bytes(payload)
         return decode_frame(data, max_pixels=self.max_pixels, inference_pixels=self.inference_pixels)
@@ -251,16 +252,12 @@ class DetectorAPI:
 
     def encode_response(self, detections: Sequence[Detection], contract: Contract) -> list[dict[str, Any]]:
         """One image's detections in the CVAT nuclio or the TorchServe reply format."""
-        from d2ops.serving.replies import to_cvat, to_torchserve
 
         return to_cvat(detections, self.cvat_shape) if contract == "cvat" else to_torchserve(detections)
 
 
 def load_model(api: DetectorAPI, settings: ServeSettings) -> LoadedModel:
     """Resolve ``settings.model`` to a local bundle (downloading as needed) and set it up."""
-    from d2ops.model.bundle import InconsistentBundleError, ModelBundle
-    from d2ops.model.source import resolve_model
-    from d2ops.serving.replies import cvat_label_type
 
     bundle = resolve_model(settings.model, settings.cache_dir)
     started = time.perf_counter()
@@ -322,7 +319,6 @@ class SourceWatcher:
     """
 
     def __init__(self, ref: str) -> None:
-        from d2ops.model.source import parse_model_ref
 
         self.ref = ref
         self.parsed = parse_model_ref(ref)
@@ -353,6 +349,7 @@ class SourceWatcher:
         return "|".join(parts)
 
     def _s3_fingerprint(self) -> str:
+        # lazy: boto3; only an s3:// model source needs it
         from d2ops.storage import s3 as storage
 
         loc = storage.parse_s3_uri(self.ref)
@@ -360,7 +357,6 @@ class SourceWatcher:
         return storage.dataset_identity([r.info for r in remotes])
 
     def _clearml_fingerprint(self) -> str | None:
-        from d2ops.model.source import model_registry
 
         return model_registry().newest_id(self.parsed)
 

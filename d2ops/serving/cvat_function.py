@@ -31,6 +31,7 @@ from PIL import ImageOps
 
 from d2ops.model.bundle import ModelBundle
 from d2ops.model.detector import Detection, Detector
+from d2ops.model.source import resolve_model
 from d2ops.serving.replies import cvat_label_type
 
 __all__ = ["D2opsDetectionFunction", "create"]
@@ -53,7 +54,6 @@ class D2opsDetectionFunction:
         cache_dir: str = "outputs/cache/models",
         shape: str = "mask",
     ) -> None:
-        from d2ops.model.source import resolve_model
 
         if not 0.0 <= float(threshold) <= 1.0:
             raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")

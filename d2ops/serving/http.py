@@ -41,6 +41,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import d2ops
+from d2ops.model.bundle import InconsistentBundleError
 from d2ops.serving.core import (
     MIB,
     DetectorAPI,
@@ -54,6 +56,7 @@ from d2ops.serving.core import (
     load_model,
     load_settings,
 )
+from d2ops.serving.formats import BadImageError, UnsupportedFormatError, read_header
 from d2ops.utils.logs import setup_logging
 
 __all__ = ["SETTINGS_ENV", "create_app", "create_app_from_env"]
@@ -422,7 +425,6 @@ class ServerState:
 
     async def _reload(self, watcher: SourceWatcher, fingerprint: str | None) -> Literal["loaded", "rejected", "retry"]:
         log.info("--watch: %s changed; loading the new version", watcher.ref)
-        from d2ops.model.bundle import InconsistentBundleError
 
         try:
             loaded = await asyncio.to_thread(load_model, self.api, self.settings)
@@ -498,7 +500,6 @@ def create_app_from_env() -> FastAPI:
 
 
 def _package_version() -> str:
-    import d2ops
 
     return d2ops.__version__
 
@@ -551,7 +552,6 @@ def _check_request_bounds(state: ServerState, data: Sequence[bytes]) -> None:
 
     A request that can never fit gets 413 with what to change; one that only has to wait gets 503.
     """
-    from d2ops.serving.formats import read_header
 
     s = state.settings
     limit = min(s.max_request_images, s.max_queue_depth)
@@ -573,7 +573,6 @@ def _check_request_bounds(state: ServerState, data: Sequence[bytes]) -> None:
 
 async def _infer(state: ServerState, payloads: Sequence[bytes | str], threshold: float | None) -> list[tuple[Any, str]]:
     """Bound, decode, queue for the batcher and wait: 400/415 bad image, 413 too much, 503 overloaded, 504 late."""
-    from d2ops.serving.formats import BadImageError, UnsupportedFormatError
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + state.settings.request_timeout

@@ -141,6 +141,7 @@ def cvat_label_spec(labels: Sequence[str], shape_type: str) -> list[dict[str, An
 
 def bundle_shape_type(bundle_dir: Path, shape: str = "mask") -> str:
     """The CVAT label type: ``shape`` (``mask`` or ``polygon``) for segmenting bundles, else ``rectangle``."""
+    # lazy: torch, for the nuclio runtime only (`d2ops export` never loads it)
     from d2ops.serving.replies import cvat_label_type
 
     return cvat_label_type(ModelBundle(bundle_dir).segments(), shape)
@@ -339,6 +340,7 @@ def export_nuclio(
     failed export leaves nothing half-written. An existing ``out_dir`` is replaced only when it is
     empty or an earlier export (it has ``d2ops-export.json``), or with ``force``.
     """
+    # lazy: torch, for the nuclio runtime only (`d2ops export` never loads it)
     from d2ops.serving.payloads import parse_threshold
 
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir).absolute()
@@ -408,6 +410,7 @@ def init_context(
     ``shape`` (``D2OPS_CVAT_SHAPE``): how a segmenting model's objects are sent, ``mask`` or ``polygon``;
     anything else fails the function's start rather than silently sending another shape.
     """
+    # lazy: torch, for the nuclio runtime only (`d2ops export` never loads it)
     from d2ops.model.detector import Detector
     from d2ops.serving.replies import cvat_label_type
 
@@ -429,6 +432,7 @@ def _reply(context: Any, body: Any, status_code: int) -> Any:
 
 def handle_event(context: Any, event: Any) -> Any:
     """Answer one CVAT request: detections in CVAT's format, 400 for bad input, 500 without a traceback."""
+    # lazy: torch, for the nuclio runtime only (`d2ops export` never loads it)
     from d2ops.serving.formats import BadImageError
     from d2ops.serving.payloads import BadRequestError, parse_detection_request
     from d2ops.serving.replies import to_cvat

@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import threading
 import time
@@ -51,6 +50,7 @@ from botocore.config import Config
 from tqdm.auto import tqdm
 
 from d2ops.storage import credentials
+from d2ops.utils.files import atomic_write, temp_beside
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -389,7 +389,8 @@ def _copy_stream(body: Any, fh: Any, on_bytes: Callable[[int], None]) -> int:
 
 
 def _temp_path(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{secrets.token_hex(6)}.part")
+    """``.<name>.<12 hex>.part``: the name :data:`_PART_FILE` finds, to sweep what a killed transfer left."""
+    return temp_beside(target, ".part")
 
 
 def _safe_relative(key: str) -> PurePosixPath:
@@ -419,15 +420,11 @@ def _write_index(dest: Path, index: dict[str, dict[str, Any]]) -> None:
     index as it was and no temporary file behind.
     """
     path = dest / CACHE_INDEX_NAME
-    tmp = _temp_path(path)
     try:
-        tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        with atomic_write(path, "w", temp=_temp_path(path)) as handle:
+            handle.write(json.dumps(index, indent=1, sort_keys=True))
     except OSError as exc:
         raise _index_write_error(path, exc) from exc
-    finally:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
 
 
 def _index_write_error(path: Path, exc: OSError) -> StorageError:
@@ -520,20 +517,14 @@ def _fetch_once(
     The sha256 of the bytes written goes to ``hashes[key]`` (for the cache index).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(target)
-    try:
-        with progress.attempt() as on_bytes:
-            with open(tmp, "xb") as raw:
-                fh = _HashingWriter(raw)
-                response = client.get_object(Bucket=bucket, Key=remote.key)
-                expected = response["ContentLength"]
-                written = _copy_stream(response["Body"], fh, on_bytes)
-            if written != expected:
-                raise _TruncatedTransfer(f"got {written} of {expected} bytes")
-            os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # not fsynced (durable=False): the cache is re-fetched and checked by hash; a kill leaves no torn file
+    with progress.attempt() as on_bytes, atomic_write(target, "wb", temp=_temp_path(target), durable=False) as raw:
+        fh = _HashingWriter(raw)
+        response = client.get_object(Bucket=bucket, Key=remote.key)
+        expected = response["ContentLength"]
+        written = _copy_stream(response["Body"], fh, on_bytes)
+        if written != expected:
+            raise _TruncatedTransfer(f"got {written} of {expected} bytes")
     hashes[remote.info.key] = fh.hexdigest()
     return ObjectInfo(remote.info.key, response.get("ETag", remote.info.etag).strip('"'), written)
 
@@ -963,11 +954,9 @@ def upload(
 
 def s3_problem(uri: str, want: str) -> str | None:
     """Why ``uri`` is not there (one S3 request, boto's own retries only), or None."""
-    from d2ops.storage import s3 as storage
-
     try:
-        loc = storage.parse_s3_uri(uri)
-        client = storage.make_s3_client(loc, max_pool_connections=2)
+        loc = parse_s3_uri(uri)
+        client = make_s3_client(loc, max_pool_connections=2)
         if want == "bucket":
             try:
                 client.head_bucket(Bucket=loc.bucket)
@@ -987,13 +976,13 @@ def s3_problem(uri: str, want: str) -> str | None:
                 else:
                     return f"no objects under {uri}: check the bucket and prefix"
     except Exception as exc:  # boto, network and parse errors: said as the storage layer says them
-        if isinstance(exc, storage.StorageError):
+        if isinstance(exc, StorageError):
             return str(exc)
         try:
-            loc = storage.parse_s3_uri(uri)
+            loc = parse_s3_uri(uri)
         except Exception:  # parse failed above already
             return f"{type(exc).__name__}: {exc}"
-        return str(storage.as_storage_error(exc, uri, loc))
+        return str(as_storage_error(exc, uri, loc))
     return None
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from d2ops.utils.files import atomic_write
 
 __all__ = ["dumps", "strict", "write_json"]
 
@@ -44,15 +44,6 @@ def write_json(path: str | Path, value: Any, *, indent: int | None = 2, default:
     """Write ``value`` as strict JSON to ``path`` atomically: a reader sees the old file or the whole new one."""
     path = Path(path)
     text = dumps(value, indent=indent, default=default)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # readable as a plain write leaves it (mkstemp makes 0600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w") as handle:
+        handle.write(text)
     return path

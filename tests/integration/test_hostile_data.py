@@ -24,11 +24,11 @@ from d2ops.storage import credentials as s3_credentials
 from d2ops.storage import s3 as storage
 from d2ops.storage.local_s3 import LocalS3, local_s3_endpoint
 from d2ops.storage.s3 import CACHE_INDEX_NAME, StorageError
+from d2ops.utils import files
 
 # --------------------------------------------------------------------------- full disk: the cache index
 
 _buckets = itertools.count()
-
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +52,38 @@ def remote(s3: LocalS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def _disk_full_for_index(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Make writing the cache index fail half-way with ENOSPC; every other write goes through."""
-    real_write_text = Path.write_text
+    """Make writing the cache index fail half-way with ENOSPC; every other write goes through.
+
+    The index is written through :func:`d2ops.utils.files.atomic_write`, which opens its temporary file
+    with ``open``: that file gets half of the bytes, then the disk is full."""
+    real_open = open
     attempts: list[Path] = []
 
-    def write_text(self: Path, data: str, *args: Any, **kwargs: Any) -> int:
-        if self.name.startswith(f".{CACHE_INDEX_NAME}."):
-            attempts.append(self)
-            real_write_text(self, data[: len(data) // 2], *args, **kwargs)  # half of it got on disk
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write_text(self, data, *args, **kwargs)
+    class HalfWritten:
+        def __init__(self, handle: Any) -> None:
+            self.handle = handle
 
-    monkeypatch.setattr(Path, "write_text", write_text)
+        def __enter__(self) -> HalfWritten:
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            self.handle.close()
+
+        def write(self, data: str) -> int:
+            self.handle.write(data[: len(data) // 2])  # half of it got on disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.handle, name)
+
+    def fake_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        handle = real_open(file, mode, *args, **kwargs)
+        if Path(file).name.startswith(f".{CACHE_INDEX_NAME}."):
+            attempts.append(Path(file))
+            return HalfWritten(handle)
+        return handle
+
+    monkeypatch.setattr(files, "open", fake_open, raising=False)
     return attempts
 
 

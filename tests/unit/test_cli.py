@@ -11,7 +11,7 @@ from d2ops.cli.steps import step_main
 
 
 def _capture_run_step(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    import d2ops.clearml.step as step_module
+    import d2ops.cli.steps as step_module  # where step_main finds run_step
     import d2ops.pipeline.runner as pipeline
 
     seen: dict[str, Any] = {}
@@ -26,9 +26,9 @@ def _capture_run_step(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 def test_on_an_agent_the_script_starts_without_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     """clearml-agent runs tasks/<step>.py bare; the experiment and inputs then come from the task."""
-    import d2ops.clearml.session as session
+    import d2ops.cli.steps as step_module
 
-    monkeypatch.setattr(session, "on_agent", lambda: True)
+    monkeypatch.setattr(step_module, "on_agent", lambda: True)
     seen = _capture_run_step(monkeypatch)
     assert step_main("evaluate", []) == 0
     assert seen["params"] == {"config": "", "overrides": "", "weights": "", "d2_config": ""}
@@ -81,7 +81,7 @@ def test_a_detectron2_key_typo_fails_the_step_launch_with_the_closest_key(
 def test_the_pipeline_reports_every_config_mistake_before_anything_runs(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import d2ops.clearml.step as step_module
+    import d2ops.cli.pipeline as step_module  # where pipeline_main finds run_offline
     from d2ops.cli.pipeline import pipeline_main
 
     started: list[Any] = []
