@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2ops.data.validation import DataValidationError, _rle_runs, validate_coco, validate_dataset, validate_via
+from d2ops.data.coco import _rle_runs
+from d2ops.data.validation import DataValidationError, validate_coco, validate_dataset, validate_via
 from d2ops.storage import credentials as s3_credentials
 from d2ops.storage import s3 as storage
 from d2ops.storage.local_s3 import LocalS3, local_s3_endpoint
