@@ -5,6 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from d2ops.config import load_config
+from d2ops.data.registration import RegisteredDataset
+from d2ops.data.synthetic import SHAPE_CLASSES
+from d2ops.engine.d2config import build_d2_config
+from d2ops.model.bundle import build_bundle
+
 __all__ = ["build_tiny_bundle", "wait_until_ready"]
 
 _SMOKE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
@@ -22,12 +28,6 @@ def build_tiny_bundle(
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
-
-    from d2ops.config import load_config
-    from d2ops.data.registration import RegisteredDataset
-    from d2ops.data.synthetic import SHAPE_CLASSES
-    from d2ops.engine.d2config import build_d2_config
-    from d2ops.model.bundle import build_bundle
 
     cfg = load_config(_SMOKE_CONFIG, ["runtime.device=cpu"])
     dataset = RegisteredDataset(

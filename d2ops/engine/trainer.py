@@ -29,7 +29,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils.events import EventWriter, get_event_storage
 
 from d2ops.config import DataConfig, ExperimentConfig
-from d2ops.data.registration import RegisteredDataset
+from d2ops.data.registration import RegisteredDataset, register_splits
 from d2ops.engine.checkpoints import (
     RUN_RECORD,
     AtomicCheckpointer,
@@ -222,8 +222,6 @@ def _train_worker(job: TrainJob, events: Path, result: Path) -> None:
     """One process of a multi-process run (spawned by detectron2's launch): register the data,
     train; the first process reports through ``events`` and writes its outcome to ``result``."""
     from detectron2.utils import comm
-
-    from d2ops.data.registration import register_splits
 
     main = comm.is_main_process()
     if job.d2.MODEL.DEVICE == "cpu":

@@ -22,10 +22,13 @@ from typing import Any
 import yaml
 
 from d2ops.config import ExperimentConfig, config_hash
-from d2ops.model.bundle import ModelBundle
+from d2ops.data.validation import validate_dataset
+from d2ops.model.bundle import ModelBundle, build_bundle, zip_bundle
 from d2ops.registry.champion import ChampionStore, LocalChampionStore
+from d2ops.registry.gate import check_gate, decide, gate_headline, labels_mismatch, metric_value, report_gate
 from d2ops.reporting import Reporter
 from d2ops.storage import s3 as storage
+from d2ops.storage.s3 import s3_problem
 from d2ops.utils.jsonio import write_json
 
 __all__ = [
@@ -169,7 +172,6 @@ def dataset_dir(ctx: StepContext) -> Path:
 
 
 def _validated_dataset(ctx: StepContext, root: Path | None = None) -> tuple[Path, dict[str, Any]]:
-    from d2ops.data.validation import validate_dataset
 
     root = root or dataset_dir(ctx)
     data = ctx.cfg.data
@@ -189,6 +191,7 @@ def _validated_dataset(ctx: StepContext, root: Path | None = None) -> tuple[Path
 def _dataset_classes(root: Path, cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
     """The classes the model will have and how they were decided, said at WARNING where data and config
     disagree (a dropped Roboflow supercategory, an empty category, a single-class VIA label)."""
+    # lazy: torch and detectron2, only in the steps that use them (the controller imports STEPS)
     from d2ops.data.registration import dataset_classes
 
     classes, notes = dataset_classes(root, cfg.data)
@@ -199,6 +202,7 @@ def _dataset_classes(root: Path, cfg: ExperimentConfig) -> tuple[list[str], list
 
 def run_download(ctx: StepContext) -> StepOutput:
     """Fetch the dataset (and remote initial weights), validate it, and record its identity."""
+    # lazy: torch and detectron2, only in the steps that use them (the controller imports STEPS)
     from d2ops.engine.d2config import check_model_config
 
     _localize_config_file(ctx)
@@ -212,6 +216,7 @@ def run_download(ctx: StepContext) -> StepOutput:
     _, summaries = _validated_dataset(ctx, root)
     manifest["classes"], manifest["class_notes"] = _dataset_classes(root, ctx.cfg)
     if ctx.cfg.data.val_fraction is not None:
+        # lazy: torch and detectron2, only in the steps that use them (the controller imports STEPS)
         from d2ops.data.registration import carved_val_images
 
         manifest["val_carved_from_train"] = carved_val_images(root, ctx.cfg.data)
@@ -276,6 +281,7 @@ def run_train(ctx: StepContext) -> StepOutput:
     """
     import torch
 
+    # lazy: torch and detectron2, only in the steps that use them (the controller imports STEPS)
     from d2ops.data.registration import register_splits
     from d2ops.engine.checkpoints import model_weights, new_run_record
     from d2ops.engine.distributed import check_gpus, launch_plan
@@ -361,7 +367,6 @@ def _check_checkpoint_mirror(ctx: StepContext) -> str:
     """Where this step's checkpoints are mirrored, checked before the train step moves any data: an
     unreachable S3 bucket fails here, named by its key (``clearml.output_uri``, or the agent's default output
     URI), not later inside training. Returns the message's start for errors while training."""
-    from d2ops.storage.s3 import s3_problem
 
     own = ctx.cfg.clearml.output_uri
     key = "clearml.output_uri" if own else "the agent's sdk.development.default_output_uri"
@@ -388,6 +393,7 @@ def _checkpoint_uri(cfg: ExperimentConfig, run_key: str, task_output_uri: str | 
 
 
 def _detector(ctx: StepContext) -> tuple[Any, Any, Path]:
+    # lazy: torch and detectron2, only in the steps that use them (the controller imports STEPS)
     from d2ops.data.registration import register_splits
     from d2ops.model.detector import Detector
 
@@ -401,6 +407,7 @@ def _detector(ctx: StepContext) -> tuple[Any, Any, Path]:
 
 def run_evaluate(ctx: StepContext) -> StepOutput:
     """COCO AP and precision/recall/F-beta on the configured evaluation split."""
+    # lazy: torch and detectron2, only in the steps that use them (the controller imports STEPS)
     from d2ops.evaluation.metrics import evaluate
 
     detector, dataset, _ = _detector(ctx)
@@ -412,6 +419,7 @@ def run_evaluate(ctx: StepContext) -> StepOutput:
 
 def _eval_images(ctx: StepContext, root: Path) -> Path:
     """The folder of the eval split's images; a val split carved from train is linked into the workdir."""
+    # lazy: torch and detectron2, only in the steps that use them (the controller imports STEPS)
     from d2ops.data.registration import carved_val_images
 
     data = ctx.cfg.data
@@ -428,6 +436,7 @@ def _eval_images(ctx: StepContext, root: Path) -> Path:
 
 def run_infer(ctx: StepContext) -> StepOutput:
     """Batch inference over inference.source (a folder or S3 prefix), default the eval split."""
+    # lazy: torch and detectron2, only in the steps that use them (the controller imports STEPS)
     from d2ops.evaluation.inference import infer_folder
 
     detector, _, root = _detector(ctx)
@@ -458,10 +467,9 @@ def run_register(ctx: StepContext) -> StepOutput:
     can only differ by the models (the evaluate step may have run on another machine or device).
     Where the champion lives (ClearML registry or ``registry.local_dir``) is the store's business.
     """
+    # lazy: torch and detectron2, only in the steps that use them (the controller imports STEPS)
     from d2ops.data.registration import register_splits
     from d2ops.evaluation.metrics import evaluate_model
-    from d2ops.model.bundle import build_bundle, zip_bundle
-    from d2ops.registry.gate import check_gate, decide, gate_headline, labels_mismatch, metric_value, report_gate
 
     reg, gate_cfg = ctx.cfg.registry, ctx.cfg.registry.champion
     metrics = json.loads(ctx.input_path("metrics").read_text())

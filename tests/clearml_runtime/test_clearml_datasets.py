@@ -41,6 +41,9 @@ CHILD = textwrap.dedent(
     """
 )
 
+# over 10 s on 2 cores (a ClearML Dataset registered in a child process): `make test` runs these, not test-fast
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[LocalS3]:

@@ -117,6 +117,7 @@ def _play_steps(server: FakeClearmlServer, tmp_path: Path, controller: subproces
     return ran
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: `make test` runs it, `make test-fast` does not
 @pytest.mark.timeout(420)
 def test_the_agent_rebuilds_exactly_the_pipeline_the_laptop_launched(
     clearml_server: FakeClearmlServer, tmp_path: Path

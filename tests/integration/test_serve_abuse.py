@@ -268,6 +268,7 @@ def test_a_bundle_replaced_file_by_file_is_never_served_half_new(tiny_bundle: Pa
         proc.stop()
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: `make test` runs it, `make test-fast` does not
 def test_watching_a_zip_keeps_two_versions_in_the_cache(tiny_bundle: Path, logs: Path, tmp_path: Path) -> None:
     """Before: every new zip version was unzipped into the cache and never removed."""
     from d2ops.testing import build_tiny_bundle

@@ -412,6 +412,7 @@ def test_body_over_the_limit_is_a_413_while_streaming(client: httpx.Client, tiny
 # ------------------------------------------------------------------------------------------ load
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: `make test` runs it, `make test-fast` does not
 def test_16_concurrent_clients_no_server_errors_and_batches_form(server: ServerProcess, tiny_bundle: Path) -> None:
     data = _png(7)
     before = _get(f"{server.url}/metrics").text
