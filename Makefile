@@ -18,7 +18,7 @@ demo: $(VENV)/.ready
 test: $(VENV)/.ready
 	$(PY) -m pytest -q
 
-# every tier without the tests marked slow (training runs, ClearML's controller and agent loops): under 3 minutes
+# every tier without the tests marked slow (5 s or more each: training, ClearML's loops): under 3 minutes
 test-fast: $(VENV)/.ready
 	$(PY) -m pytest -q -m "not slow"
 

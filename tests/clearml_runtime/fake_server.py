@@ -2024,7 +2024,8 @@ def _parse_multipart(body: bytes, content_type: str) -> dict[str, bytes]:
     boundary = b"--" + match.group(1).encode()
     out: dict[str, bytes] = {}
     for part in body.split(boundary):
-        part = part.strip(b"\r\n")
+        # exactly the CRLF framing a part (RFC 2046): stripping every CR and LF would eat a file's own last bytes
+        part = part.removeprefix(b"\r\n").removesuffix(b"\r\n")
         if not part or part == b"--":
             continue
         head, _, data = part.partition(b"\r\n\r\n")

@@ -41,7 +41,7 @@ CHILD = textwrap.dedent(
     """
 )
 
-# over 10 s on 2 cores (a ClearML Dataset registered in a child process): `make test` runs these, not test-fast
+# 5 s or more on 2 cores (a ClearML Dataset registered in a child process): `make test` runs these, not test-fast
 pytestmark = pytest.mark.slow
 
 

@@ -132,7 +132,7 @@ from PIL import Image  # noqa: E402
 from d2ops.clearml.serving import EndpointRegistration, build_register_commands  # noqa: E402
 
 pytest.importorskip("clearml_serving")
-# over 10 s on 2 cores (clearml-serving's CLI and app in a child process): `make test` runs these, not test-fast
+# 5 s or more on 2 cores (clearml-serving's CLI and app in a child process): `make test` runs these, not test-fast
 pytestmark = pytest.mark.slow
 
 OLD_MODEL, NEW_MODEL = "a" * 32, "b" * 32

@@ -103,7 +103,7 @@ def _env(server: FakeClearmlServer, tmp_path: Path, **extra: str) -> dict[str, s
     return env
 
 
-@pytest.mark.slow  # over 10 s on 2 cores: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
 @pytest.mark.timeout(400)
 def test_a_step_clone_edited_in_the_ui_runs_the_edited_values(
     clearml_server: FakeClearmlServer, tmp_path: Path

@@ -117,7 +117,7 @@ def _play_steps(server: FakeClearmlServer, tmp_path: Path, controller: subproces
     return ran
 
 
-@pytest.mark.slow  # over 10 s on 2 cores: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
 @pytest.mark.timeout(420)
 def test_the_agent_rebuilds_exactly_the_pipeline_the_laptop_launched(
     clearml_server: FakeClearmlServer, tmp_path: Path
@@ -282,6 +282,7 @@ def test_a_step_past_its_time_limit_is_not_retried_even_after_the_agent_rewrites
     assert "pipeline step train failed" in caplog.text
 
 
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
 @pytest.mark.timeout(240)
 def test_a_lost_worker_is_retried_as_configured(clearml_server: FakeClearmlServer, tmp_path: Path) -> None:
     trains, pipe = _run_train_failure(clearml_server, tmp_path, time_limit=False)
@@ -289,6 +290,7 @@ def test_a_lost_worker_is_retried_as_configured(clearml_server: FakeClearmlServe
     assert clearml_server.tasks[pipe.task.id]["status"] == "failed"
 
 
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
 @pytest.mark.timeout(240)
 def test_the_pipeline_page_shows_what_the_evaluate_step_reported(
     clearml_server: FakeClearmlServer, tmp_path: Path

@@ -69,7 +69,7 @@ def _task_id_once_running(proc: subprocess.Popen[str], started: Path) -> str:
     return started.read_text()
 
 
-@pytest.mark.slow  # over 10 s on 2 cores: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
 @pytest.mark.timeout(240)
 def test_a_pre_empted_step_fails_with_its_reason_so_the_pipeline_retries_it(
     clearml_server: FakeClearmlServer, tmp_path: Path
@@ -84,6 +84,7 @@ def test_a_pre_empted_step_fails_with_its_reason_so_the_pipeline_retries_it(
     assert "d2ops:stopped" in task["tags"]
 
 
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
 @pytest.mark.timeout(240)
 def test_a_step_the_user_aborted_ends_aborted_not_failed(clearml_server: FakeClearmlServer, tmp_path: Path) -> None:
     proc, started = _start(clearml_server, tmp_path)
@@ -96,7 +97,7 @@ def test_a_step_the_user_aborted_ends_aborted_not_failed(clearml_server: FakeCle
     assert "d2ops:stopped" in task["tags"]
 
 
-@pytest.mark.slow  # over 10 s on 2 cores: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
 @pytest.mark.timeout(240)
 def test_a_step_past_its_time_limit_is_failed_and_tagged_on_the_server(
     clearml_server: FakeClearmlServer, tmp_path: Path

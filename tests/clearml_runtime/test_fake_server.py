@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from urllib3 import encode_multipart_formdata
 
-from .fake_server import SINGLE_SCALAR_ITERATION, ApiError, FakeAgent, FakeClearmlServer
+from .fake_server import SINGLE_SCALAR_ITERATION, ApiError, FakeAgent, FakeClearmlServer, _parse_multipart
 
 PROJECT = "d2ops-runtime-test"
 
@@ -529,3 +530,12 @@ def test_the_agent_reports_the_process_exit_code_as_clearml_agent_does(
     assert (held[-2]["status"], held[-2]["status_reason"]) == ("stopped", "user abort")
     assert all(t["status_message"] == "Changed by clearml-agent gpu-1" for t in held.values())
     assert all(t["completed"] >= t["started"] for t in held.values())
+
+
+@pytest.mark.parametrize("tail", [b"", b"\n", b"\r\n", b"\r", b"\n\n"])
+def test_the_files_host_keeps_every_byte_of_an_upload(tail: bytes) -> None:
+    """A weights file may end in CR or LF bytes; the stand-in's fileserver must store them (multipart framed
+    by urllib3, as ClearML's uploads through requests are)."""
+    data = bytes(range(256)) + tail
+    body, content_type = encode_multipart_formdata({"file": ("model_final.pth", data), "other": ("b.bin", tail)})
+    assert _parse_multipart(body, content_type) == {"model_final.pth": data, "b.bin": tail}

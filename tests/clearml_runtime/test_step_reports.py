@@ -20,6 +20,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 _SCRIPT = textwrap.dedent(
@@ -57,6 +59,7 @@ _SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
 def test_reports_survive_an_earlier_caught_sys_exit(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
     env.update(CLEARML_CACHE_DIR=str(tmp_path / "clearml"), PYTHONPATH=str(REPO))

@@ -112,6 +112,7 @@ def test_sigterm_stops_the_step_within_seconds_and_closes_its_session(tmp_path: 
     assert "d2ops:stopped" in task.get("tags", [])
 
 
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
 @pytest.mark.timeout(240)
 def test_a_step_past_its_time_limit_fails_tagged_so_it_is_not_retried(tmp_path: Path) -> None:
     proc, started = _start(tmp_path, minutes="0.02")  # 1.2 s

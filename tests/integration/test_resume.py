@@ -363,6 +363,7 @@ _SAVE_FOREVER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
 def test_a_kill_mid_write_never_leaves_a_torn_last_checkpoint(tmp_path: Path) -> None:
     """SIGKILL a process that does nothing but write 32 MB checkpoints: after every kill, the pointer
     names a complete, loadable checkpoint of the run; the torn temp file is ignored, then removed."""

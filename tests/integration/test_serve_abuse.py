@@ -235,6 +235,7 @@ def test_huge_headers_are_refused(server: ServerProcess, client: httpx.Client) -
 # ---------------------------------------------------------------------------------- hot swap, whole
 
 
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
 def test_a_bundle_replaced_file_by_file_is_never_served_half_new(tiny_bundle: Path, logs: Path, tmp_path: Path) -> None:
     """Before: labels.json replaced first, weights seconds later, served old weights with new labels."""
     from d2ops.testing import build_tiny_bundle
@@ -268,7 +269,7 @@ def test_a_bundle_replaced_file_by_file_is_never_served_half_new(tiny_bundle: Pa
         proc.stop()
 
 
-@pytest.mark.slow  # over 10 s on 2 cores: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
 def test_watching_a_zip_keeps_two_versions_in_the_cache(tiny_bundle: Path, logs: Path, tmp_path: Path) -> None:
     """Before: every new zip version was unzipped into the cache and never removed."""
     from d2ops.testing import build_tiny_bundle

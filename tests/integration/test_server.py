@@ -412,7 +412,7 @@ def test_body_over_the_limit_is_a_413_while_streaming(client: httpx.Client, tiny
 # ------------------------------------------------------------------------------------------ load
 
 
-@pytest.mark.slow  # over 10 s on 2 cores: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
 def test_16_concurrent_clients_no_server_errors_and_batches_form(server: ServerProcess, tiny_bundle: Path) -> None:
     data = _png(7)
     before = _get(f"{server.url}/metrics").text
@@ -538,6 +538,7 @@ def test_overload_is_refused_at_once_with_retry_after(guarded: ServerProcess) ->
 # ------------------------------------------------------------------------------------------ timeout
 
 
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
 def test_a_request_past_its_timeout_gets_504(tiny_bundle: Path, logs: Path) -> None:
     srv = ServerProcess(tiny_bundle, logs, "--request-timeout", "0.02", "--max-batch-size", "1")
     try:
@@ -567,6 +568,7 @@ def _wait_until_inside(srv: ServerProcess, images: int, timeout: float = 120.0) 
         time.sleep(0.02)
 
 
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
 def test_sigterm_finishes_requests_in_flight_refuses_new_ones_and_exits_0(tiny_bundle: Path, logs: Path) -> None:
     srv = ServerProcess(tiny_bundle, logs, "--max-batch-size", "1")
     body = {"images": [_b64(_png(i)) for i in range(4)]}
@@ -633,6 +635,7 @@ def _retrained(tiny_bundle: Path, out: Path, seed: int, *, corrupt: bool = False
     )
 
 
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
 def test_watch_swaps_in_new_versions_and_rejects_broken_ones(tiny_bundle: Path, logs: Path, tmp_path: Path) -> None:
     watched = tmp_path / "shapes"
     shutil.copytree(tiny_bundle, watched)

@@ -98,6 +98,7 @@ def _fresh_process_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
 def test_bad_data_stops_the_download_step_with_a_report(dataset: Path, tmp_path: Path) -> None:
     """tasks/download.py, offline, on a dataset with a box outside its image: exit 2, a readable report."""
     import shutil

@@ -550,6 +550,7 @@ def test_cluster_setup_names_the_problem_when_the_agent_keys_are_wrong(
     assert fake_api.queues == []
 
 
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
 def test_cluster_setup_gives_up_when_no_apiserver_answers(tmp_path: Path) -> None:
     done = _setup(tmp_path / ".env", "http://127.0.0.1:9", wait=1)
     assert done.returncode != 0
