@@ -104,9 +104,19 @@ class Trainer(DefaultTrainer):
     (:class:`AtomicCheckpointer`, keeping ``run_record`` up to date) and their mirror on
     ``checkpoint_uri``."""
 
-    reporter: Reporter = Reporter()
-    checkpoint_uri: str | None = None
-    run_record: RunRecord | None = None
+    def __init__(
+        self,
+        cfg: CfgNode,
+        *,
+        reporter: Reporter | None = None,
+        checkpoint_uri: str | None = None,
+        run_record: RunRecord | None = None,
+    ) -> None:
+        # Set before DefaultTrainer.__init__, which calls build_hooks (and through it build_writers): both read them.
+        self.reporter = reporter if reporter is not None else Reporter()
+        self.checkpoint_uri = checkpoint_uri
+        self.run_record = run_record
+        super().__init__(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> COCOEvaluator:
@@ -188,8 +198,7 @@ def load_resume_point(trainer: Trainer, point: ResumePoint) -> None:
 
 def _fit(job: TrainJob, reporter: Reporter) -> dict[str, Any]:
     """Build the trainer, load the resume point (or the initial weights) and train to max_iter."""
-    attrs = {"reporter": reporter, "checkpoint_uri": job.checkpoint_uri, "run_record": job.record}
-    trainer = type("BoundTrainer", (Trainer,), attrs)(job.d2)
+    trainer = Trainer(job.d2, reporter=reporter, checkpoint_uri=job.checkpoint_uri, run_record=job.record)
     if job.resume_from is not None:
         load_resume_point(trainer, job.resume_from)
     else:

@@ -24,8 +24,19 @@ import yaml
 from d2ops.config import ExperimentConfig, config_hash
 from d2ops.data.validation import validate_dataset
 from d2ops.model.bundle import ModelBundle, build_bundle, zip_bundle
-from d2ops.registry.champion import ChampionStore, LocalChampionStore
-from d2ops.registry.gate import check_gate, decide, gate_headline, labels_mismatch, metric_value, report_gate
+from d2ops.registry.champion import Champion, ChampionStore, LocalChampionStore, Promotion
+from d2ops.registry.gate import (
+    GateDecision,
+    ScoredChampion,
+    gate_decision,
+    gate_headline,
+    gate_metric_value,
+    gate_record,
+    labels_mismatch,
+    promotes,
+    registration_tags,
+    report_gate,
+)
 from d2ops.reporting import Reporter
 from d2ops.storage import s3 as storage
 from d2ops.storage.s3 import s3_problem
@@ -461,51 +472,78 @@ def run_register(ctx: StepContext) -> StepOutput:
 
     The candidate is published and tagged ``registry.champion.tag`` only if it passes the absolute
     ``quality_gate`` (a floor) and beats the current champion on ``registry.champion.metric`` by
-    ``min_improvement``; with no champion the floor alone decides. When there is a champion, both
-    models are evaluated here, on the configured eval split, by the same code on the same device:
-    the candidate is re-scored rather than taken from the evaluate step, so the two numbers compared
-    can only differ by the models (the evaluate step may have run on another machine or device).
+    ``min_improvement``; with no champion the floor alone decides (:func:`d2ops.registry.gate.gate_decision`).
+    When there is a champion, both models are evaluated here (:func:`_score_beside_champion`).
     Where the champion lives (ClearML registry or ``registry.local_dir``) is the store's business.
+    """
+    reg = ctx.cfg.registry
+    metrics = json.loads(ctx.input_path("metrics").read_text())
+    manifest = json.loads(ctx.input_path("dataset_manifest").read_text())
+    labels = json.loads(ctx.input_path("labels").read_text())
+    gate_metric_value(reg, metrics)  # a misspelt metric fails before any evaluation
+    store = ctx.runtime.champion_store(ctx.cfg)
+    champion = store.current() if reg.champion.enabled else None
+    scored, rescored_champion = (metrics, None) if champion is None else _score_beside_champion(ctx, champion, labels)
+    decision = gate_decision(reg, scored, rescored_champion)
+    record = gate_record(decision, rescored=champion is not None)
+    lineage = _lineage(ctx, manifest)
+    bundle = build_bundle(
+        ctx.workdir / "bundle" / reg.model_name,
+        weights=ctx.input_path("weights"),
+        d2_config=ctx.input_path("d2_config"),
+        labels=labels,
+        metrics=metrics,
+        metadata={**lineage, "quality_gate": decision.floor.to_dict(), "champion_gate": record},
+    )
+    archive = zip_bundle(bundle)
+    registration, promotion = _register_and_promote(ctx, store, bundle, archive, labels, decision, champion)
+    report_gate(ctx.reporter, decision, record)
+    log.info("%s", gate_headline(decision, reg.champion.tag))
+    return StepOutput(
+        # The registered model is the bundle's one copy on ClearML; an artifact would be a second one.
+        files={} if registration else {"model_bundle": archive},
+        values={
+            "bundle": str(bundle),
+            "gate": decision.floor.to_dict(),
+            "champion_gate": record,
+            "promotion": promotion.to_dict() if promotion else None,
+            "lineage": {**lineage, "code_version": ModelBundle(bundle).metadata()["code_version"]},
+            "registration": registration,
+        },
+    )
+
+
+def _score_beside_champion(
+    ctx: StepContext, champion: Champion, labels: list[str]
+) -> tuple[dict[str, Any], ScoredChampion]:
+    """The candidate's and the champion's metrics on the configured eval split, by the same code on the same device.
+
+    The candidate is re-scored rather than taken from the evaluate step, so the two numbers compared can only
+    differ by the models (the evaluate step may have run on another machine or device). A champion whose labels
+    differ from the dataset's is not scored (``not_comparable`` says why).
     """
     # lazy: torch and detectron2, only in the steps that use them (the controller imports STEPS)
     from d2ops.data.registration import register_splits
     from d2ops.evaluation.metrics import evaluate_model
 
-    reg, gate_cfg = ctx.cfg.registry, ctx.cfg.registry.champion
-    metrics = json.loads(ctx.input_path("metrics").read_text())
-    manifest = json.loads(ctx.input_path("dataset_manifest").read_text())
-    labels = json.loads(ctx.input_path("labels").read_text())
-    metric = gate_cfg.metric if gate_cfg.enabled else reg.quality_gate.metric
-    metric_value(metrics, metric, "registry.champion.metric")  # a misspelt metric fails before any evaluation
-    store = ctx.runtime.champion_store(ctx.cfg)
-    champion = store.current() if gate_cfg.enabled else None
-    scored, champion_score, not_comparable = metrics, None, None
-    if champion is not None:
-        root, _ = _validated_dataset(ctx)
-        dataset = register_splits(root, ctx.cfg.data)
-        split, device, out = dataset.name(ctx.cfg.eval.split), ctx.cfg.runtime.device, ctx.workdir / "register"
-        candidate = (ctx.input_path("d2_config"), ctx.input_path("weights"), labels)
-        scored = evaluate_model(*candidate, split, ctx.cfg.eval, out / "candidate", device)
-        champion_bundle = ModelBundle(champion.bundle)
-        champion_labels = champion_bundle.labels()
-        not_comparable = labels_mismatch(champion_labels, dataset.class_names)
-        if not not_comparable:
-            champ = (champion_bundle.config_file, champion_bundle.weights, champion_labels)
-            champion_metrics = evaluate_model(*champ, split, ctx.cfg.eval, out / "champion", device)
-            champion_score = metric_value(champion_metrics, gate_cfg.metric, "registry.champion.metric")
-    floor = check_gate(scored, reg.quality_gate.metric, reg.quality_gate.min_value)
-    decision = decide(
-        floor,
-        metric=metric,
-        candidate_score=metric_value(scored, metric, "registry.champion.metric"),
-        champion_id=champion.id if champion else None,
-        champion_score=champion_score,
-        min_improvement=gate_cfg.min_improvement,
-        not_comparable=not_comparable,
-        compare=gate_cfg.enabled,
-    )
-    gate_record = {**decision.to_dict(), "scored_in": "register step" if champion else "evaluate step"}
-    lineage = {
+    root, _ = _validated_dataset(ctx)
+    dataset = register_splits(root, ctx.cfg.data)
+    split, device, out = dataset.name(ctx.cfg.eval.split), ctx.cfg.runtime.device, ctx.workdir / "register"
+    candidate = (ctx.input_path("d2_config"), ctx.input_path("weights"), labels)
+    scored = evaluate_model(*candidate, split, ctx.cfg.eval, out / "candidate", device)
+    champion_bundle = ModelBundle(champion.bundle)
+    champion_labels = champion_bundle.labels()
+    not_comparable = labels_mismatch(champion_labels, dataset.class_names)
+    if not_comparable:
+        return scored, ScoredChampion(champion.id, not_comparable=not_comparable)
+    champ = (champion_bundle.config_file, champion_bundle.weights, champion_labels)
+    return scored, ScoredChampion(champion.id, evaluate_model(*champ, split, ctx.cfg.eval, out / "champion", device))
+
+
+def _lineage(ctx: StepContext, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Where the model came from, recorded with the bundle: the dataset (``manifest``, the download step's),
+    the step task and pipeline run, the run it resumed, the config."""
+    return {
         "dataset_source": ctx.cfg.data.source,
         "dataset_identity": manifest.get("identity"),
         "dataset_clearml_id": manifest.get("clearml_dataset_id") or manifest.get("dataset_id"),
@@ -515,46 +553,38 @@ def run_register(ctx: StepContext) -> StepOutput:
         "config_hash": config_hash(ctx.cfg),
         "experiment": ctx.cfg.name,
     }
-    bundle = build_bundle(
-        ctx.workdir / "bundle" / reg.model_name,
-        weights=ctx.input_path("weights"),
-        d2_config=ctx.input_path("d2_config"),
-        labels=labels,
-        metrics=metrics,
-        metadata={**lineage, "quality_gate": floor.to_dict(), "champion_gate": gate_record},
-    )
-    archive = zip_bundle(bundle)
-    headline = gate_headline(decision, gate_cfg.tag)
-    promoting = decision.promote and gate_cfg.enabled
+
+
+def _register_and_promote(
+    ctx: StepContext,
+    store: ChampionStore,
+    bundle: Path,
+    archive: Path,
+    labels: list[str],
+    decision: GateDecision,
+    champion: Champion | None,
+) -> tuple[dict[str, Any], Promotion | None]:
+    """Register the bundle where the runtime keeps models (published when the gate passed it), then make it
+    the champion when it won (:func:`d2ops.registry.gate.promotes`), retiring ``champion``.
+    Returns the registration (empty without a model registry) and the promotion (None when not promoted)."""
+    reg = ctx.cfg.registry
+    promoting = promotes(decision, reg.champion)
     registration: dict[str, Any] = {}
     if ctx.runtime.registers_models:
+        model = ModelBundle(bundle)
         registration = ctx.runtime.register_model(
             archive,
             name=reg.model_name,
-            tags=[*reg.tags, *([gate_cfg.tag] if promoting and store.tag_on_register else [])],
+            tags=registration_tags(reg, promoting, store.tag_on_register),
             labels=labels,
-            metadata=ModelBundle(bundle).metadata(),
+            metadata=model.metadata(),
             publish=decision.promote,
-            config=yaml.safe_load(ModelBundle(bundle).config_file.read_text()),
-            headline=headline,
+            config=yaml.safe_load(model.config_file.read_text()),
+            headline=gate_headline(decision, reg.champion.tag),
         )
-    promotion = None
-    if promoting:
-        promotion = store.promote(bundle, registration=registration, decision=decision, previous=champion)
-    report_gate(ctx.reporter, decision, gate_record)
-    log.info("%s", headline)
-    return StepOutput(
-        # The registered model is the bundle's one copy on ClearML; an artifact would be a second one.
-        files={} if registration else {"model_bundle": archive},
-        values={
-            "bundle": str(bundle),
-            "gate": floor.to_dict(),
-            "champion_gate": gate_record,
-            "promotion": promotion.to_dict() if promotion else None,
-            "lineage": {**lineage, "code_version": ModelBundle(bundle).metadata()["code_version"]},
-            "registration": registration,
-        },
-    )
+    if not promoting:
+        return registration, None
+    return registration, store.promote(bundle, registration=registration, decision=decision, previous=champion)
 
 
 def _resumed_from(ctx: StepContext) -> dict[str, Any] | None:

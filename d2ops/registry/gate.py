@@ -4,10 +4,12 @@ A bundle holds ``model_final.pth``, the detectron2 ``config.yaml``, ``labels.jso
 ``metrics.json`` and ``metadata.json`` (lineage: dataset identity, pipeline run, code version,
 config hash; and the gate decision).
 
-The champion/challenger gate (:func:`decide`) is a pure function of two scores. Where the
-current champion lives is behind the small :class:`ChampionStore` protocol, so the register
-step reads the same in every mode: :class:`LocalChampionStore` (a folder; offline and tests)
-here, ``ClearMLChampionStore`` (the ClearML model registry) in :mod:`d2ops.clearml.models`.
+The champion/challenger gate (:func:`decide`) is a pure function of two scores, and
+:func:`gate_decision` takes them from the metrics dicts and the registry config: the whole policy
+is testable without a model. Where the current champion lives is behind the small
+:class:`ChampionStore` protocol, so the register step reads the same in every mode:
+:class:`LocalChampionStore` (a folder; offline and tests) here, ``ClearMLChampionStore`` (the
+ClearML model registry) in :mod:`d2ops.clearml.models`.
 This module is pure files.
 """
 
@@ -19,16 +21,24 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from d2ops.config import ChampionGate, RegistryConfig
     from d2ops.reporting import Reporter
 
 __all__ = [
     "GateDecision",
     "GateResult",
+    "ScoredChampion",
     "check_gate",
     "decide",
+    "gate_decision",
     "gate_headline",
+    "gate_metric",
+    "gate_metric_value",
+    "gate_record",
     "labels_mismatch",
     "metric_value",
+    "promotes",
+    "registration_tags",
     "report_gate",
 ]
 
@@ -155,3 +165,70 @@ def labels_mismatch(champion_labels: list[str], dataset_labels: list[str]) -> st
     if list(champion_labels) == list(dataset_labels):
         return None
     return f"its labels {list(champion_labels)} differ from the dataset's {list(dataset_labels)}"
+
+
+@dataclass(frozen=True)
+class ScoredChampion:
+    """The current champion as the register step scored it: its metrics on the candidate's split, or
+    why it could not be scored comparably (``not_comparable``, e.g. from :func:`labels_mismatch`)."""
+
+    id: str
+    metrics: dict[str, Any] | None = None
+    not_comparable: str | None = None
+
+
+def gate_metric(registry: RegistryConfig) -> str:
+    """The metric the verdict is taken on: ``registry.champion.metric`` when champion/challenger is on,
+    else the quality floor's ``registry.quality_gate.metric``."""
+    return registry.champion.metric if registry.champion.enabled else registry.quality_gate.metric
+
+
+def gate_metric_value(registry: RegistryConfig, metrics: dict[str, Any]) -> float:
+    """The :func:`gate_metric` of a metrics dict; a missing one raises :class:`KeyError` naming its config key."""
+    setting = "registry.champion.metric" if registry.champion.enabled else "registry.quality_gate.metric"
+    return metric_value(metrics, gate_metric(registry), setting)
+
+
+def gate_decision(
+    registry: RegistryConfig, candidate: dict[str, Any], champion: ScoredChampion | None = None
+) -> GateDecision:
+    """The register step's verdict from the candidate's metrics, the champion's (scored on the same split)
+    and the registry config: the quality floor, then champion/challenger (:func:`decide`).
+
+    ``champion`` is None when there is none (or champion/challenger is off). A metric missing from a
+    metrics dict raises :class:`KeyError` naming it and its config key.
+    """
+    gate = registry.champion
+    metric = gate_metric(registry)
+    champion_score = None
+    if champion is not None and champion.metrics is not None and not champion.not_comparable:
+        champion_score = metric_value(champion.metrics, gate.metric, "registry.champion.metric")
+    floor = check_gate(candidate, registry.quality_gate.metric, registry.quality_gate.min_value)
+    return decide(
+        floor,
+        metric=metric,
+        candidate_score=gate_metric_value(registry, candidate),
+        champion_id=champion.id if champion else None,
+        champion_score=champion_score,
+        min_improvement=gate.min_improvement,
+        not_comparable=champion.not_comparable if champion else None,
+        compare=gate.enabled,
+    )
+
+
+def gate_record(decision: GateDecision, rescored: bool) -> dict[str, Any]:
+    """The decision as recorded with the bundle and reported; ``rescored``: the candidate was scored again
+    in the register step (beside a champion), not taken from the evaluate step."""
+    return {**decision.to_dict(), "scored_in": "register step" if rescored else "evaluate step"}
+
+
+def promotes(decision: GateDecision, gate: ChampionGate) -> bool:
+    """Whether the candidate becomes the champion (``gate.tag``, the old one retired). With champion/challenger
+    off (``registry.champion.enabled: false``) a model that passes the floor is published, never promoted."""
+    return decision.promote and gate.enabled
+
+
+def registration_tags(registry: RegistryConfig, promoting: bool, tag_on_register: bool) -> list[str]:
+    """The registered model's tags: ``registry.tags``, plus the champion tag when it is promoted and the
+    store tags at registration (:attr:`d2ops.registry.champion.ChampionStore.tag_on_register`)."""
+    return [*registry.tags, *([registry.champion.tag] if promoting and tag_on_register else [])]

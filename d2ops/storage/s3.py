@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from hashlib import sha256
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import boto3
 import botocore.exceptions as bce
@@ -357,7 +357,7 @@ class _Progress:
 class _HashingWriter:
     """A write-only file wrapper that hashes what goes through it (``name`` as the file's)."""
 
-    def __init__(self, fh: BinaryIO) -> None:
+    def __init__(self, fh: IO[bytes]) -> None:
         self._fh = fh
         self.name = fh.name
         self._hash = sha256()

@@ -174,6 +174,7 @@ def test_cache_key_follows_the_data_not_the_run(dag: dict[str, Any], tmp_path: P
     with local_s3_endpoint() as s3:
         uri = s3.uri("cache-key", "shapes/")
         storage.upload(tmp_path / "data", uri, create_bucket=True, progress=False)
+
         def launch_hash() -> tuple[str, str]:
             params = {**_resolved(pipe, node), "data/source": uri}
             assert download_cache_key(pipe, node, params) is True

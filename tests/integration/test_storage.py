@@ -25,7 +25,6 @@ _names = itertools.count()
 Uploaded = tuple[str, storage.TransferStats]  # (prefix URI, upload stats)
 
 
-
 @pytest.fixture(scope="module")
 def s3() -> Iterator[LocalS3]:
     with local_s3_endpoint() as endpoint:
