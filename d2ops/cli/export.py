@@ -1,4 +1,5 @@
-"""``d2ops export nuclio``: a model as CVAT serverless (nuclio) functions, CPU and GPU."""
+"""``d2ops export``: a bundle with a faster runtime's graph (``torchscript``, ``onnx``, ``openvino``, checked for
+parity with PyTorch before it is written), or a model as CVAT serverless (nuclio) functions, CPU and GPU."""
 
 from __future__ import annotations
 
@@ -16,17 +17,30 @@ log = logging.getLogger(__name__)
 __all__ = ["export_main"]
 
 
-def export_main(argv: Sequence[str] | None = None) -> int:
-    """``d2ops export nuclio --model M --out DIR [--name N] [--threshold T] [--force]``."""
+RUNTIME_TARGETS = ("torchscript", "onnx", "openvino")
 
-    parser = argparse.ArgumentParser(prog="d2ops export", description="export a model for another serving platform")
-    parser.add_argument("target", choices=["nuclio"], help="nuclio: a CVAT serverless function (CPU and GPU)")
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """``d2ops export torchscript|onnx|openvino --model M --out DIR --images IMAGES [--force]``, or
+    ``d2ops export nuclio --model M --out DIR [--name N] [--threshold T] [--force]``."""
+
+    parser = argparse.ArgumentParser(prog="d2ops export", description="export a model for another runtime or platform")
+    parser.add_argument(
+        "target",
+        choices=[*RUNTIME_TARGETS, "nuclio"],
+        help="torchscript|onnx|openvino: the bundle plus that runtime's graph (d2ops serve --runtime); "
+        "nuclio: a CVAT serverless function (CPU and GPU)",
+    )
     parser.add_argument(
         "--model",
         required=True,
         help="bundle folder or zip, s3:// URI, ClearML model id or clearml://<project>/<name>[@<tag>]",
     )
-    parser.add_argument("--out", required=True, help="folder to write (DIR/cpu and DIR/gpu)")
+    parser.add_argument("--out", required=True, help="folder to write (nuclio: DIR/cpu and DIR/gpu)")
+    parser.add_argument(
+        "--images",
+        help="runtime exports: a folder of held-out images (e.g. the test split) the graph must match PyTorch on",
+    )
     parser.add_argument("--name", help="nuclio function name (default: d2ops-<model>)")
     parser.add_argument("--threshold", type=float, default=0.5, help="default score threshold (default 0.5)")
     parser.add_argument(
@@ -41,6 +55,8 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier export")
     args = parser.parse_args(argv)
     setup_logging()
+    if args.target in RUNTIME_TARGETS:
+        return _export_runtime(args)
     try:
         bundle = resolve_model(args.model, args.cache_dir)
         export = export_nuclio(
@@ -60,4 +76,21 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     print("deploy one of:")
     for command in export.deploy_commands():
         print(f"  {command}")
+    return 0
+
+
+def _export_runtime(args: argparse.Namespace) -> int:
+    # lazy: torch, detectron2 and the exporters, only for these targets (nuclio's export is pure files)
+    from d2ops.model.export import describe, export_bundle, read_images
+
+    if not args.images:
+        return fail(ValueError(f"d2ops export {args.target} needs --images: a folder of held-out images to check the "
+                               "exported graph against PyTorch on (e.g. the dataset's test split)"))  # fmt: skip
+    try:
+        bundle = resolve_model(args.model, args.cache_dir)
+        result = export_bundle(bundle, args.target, args.out, images=read_images(args.images), force=args.force)
+    except user_errors_types() as err:
+        return fail(err)
+    print(describe(result))
+    print(f"serve it: d2ops serve --model {result.path} --runtime {args.target}")
     return 0

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=defaults["port"].default)
     p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own model copy")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--runtime", default="auto", choices=["auto", "pytorch", "torchscript", "onnx", "openvino"],
+                   help=defaults["runtime"].description)  # fmt: skip
+    p.add_argument("--threads", type=int, help=defaults["threads"].description)
     p.add_argument("--threshold", type=float, default=defaults["threshold"].default, help="default score threshold")
     p.add_argument("--max-batch-size", type=int, default=defaults["max_batch_size"].default,
                    help="images per forward pass (1 disables micro-batching)")  # fmt: skip

@@ -162,7 +162,7 @@ def evaluate(
     tasks = ("bbox", "segm") if detector.cfg.MODEL.MASK_ON else ("bbox",)
     evaluator = COCOEvaluator(dataset_name, tasks=tasks, output_dir=str(output_dir))
     loader = build_detection_test_loader(detector.cfg, dataset_name)
-    coco_results = inference_on_dataset(detector.model, loader, evaluator)
+    coco_results = inference_on_dataset(detector, loader, evaluator)
     results = json.loads((output_dir / "coco_instances_results.json").read_text())
     coco_gt = COCO(MetadataCatalog.get(dataset_name).json_file)
     category_ids = sorted(coco_gt.cats)

@@ -8,6 +8,10 @@ A bundle is a folder::
     metrics.json      evaluation metrics (optional for loading)
     metadata.json     who built it, from what, and the sha256 of each file above (optional for loading)
 
+An exported bundle (``d2ops export onnx|torchscript|openvino``, :mod:`d2ops.model.export`) adds each runtime's
+graph (``model.onnx``, ``model.ts``, ``model.xml`` + ``model.bin``), listed with their sha256 under
+``metadata.json``'s ``runtimes``; it keeps the model's version (``model_version``): the same model, run faster.
+
 Every other module reaches these files through :class:`ModelBundle`. It imports neither torch nor
 detectron2 at module level, so anything that only describes a bundle stays light.
 """
@@ -44,6 +48,7 @@ __all__ = [
     "ModelNotFoundError",
     "build_bundle",
     "code_version",
+    "sha256_file",
     "zip_bundle",
 ]
 
@@ -61,7 +66,7 @@ class InconsistentBundleError(ModelNotFoundError):
     """The bundle's files are not the set its metadata.json names: it is being replaced, or was edited by hand."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(4 * MIB), b""):
@@ -123,7 +128,7 @@ class ModelBundle:
     @classmethod
     def extract(cls, archive: Path, cache_dir: Path) -> Path:
         """Unzip a bundle zip into ``cache_dir/bundle-<content hash>`` (atomic, reused); returns the folder."""
-        digest = _sha256(archive)[:16]
+        digest = sha256_file(archive)[:16]
         target = cache_dir / f"bundle-{digest}"
         if target.is_dir():
             return target
@@ -161,8 +166,16 @@ class ModelBundle:
         return self.path / self.CONFIG
 
     def files(self) -> Iterator[Path]:
-        """The bundle files present, in :attr:`FILES` order."""
-        return (self.path / n for n in self.FILES if (self.path / n).is_file())
+        """The bundle files present, in :attr:`FILES` order, then the exported runtimes' files."""
+        names = [*self.FILES, *(name for entry in self.runtimes().values() for name in entry.get("files", {}))]
+        return (self.path / n for n in dict.fromkeys(names) if (self.path / n).is_file())
+
+    def runtimes(self) -> dict[str, dict[str, Any]]:
+        """The exported runtimes recorded in metadata.json (``{"onnx": {"file": "model.onnx", ...}}``)."""
+        runtimes = self.metadata().get("runtimes")
+        if not isinstance(runtimes, Mapping):
+            return {}
+        return {str(k): dict(v) for k, v in runtimes.items() if isinstance(v, Mapping) and "file" in v}
 
     def labels(self) -> list[str]:
         labels = self._json(self.LABELS, None)
@@ -184,7 +197,11 @@ class ModelBundle:
         return bool((config.get("MODEL") or {}).get("MASK_ON"))
 
     def version(self) -> str:
-        """A content hash of the bundle files: equal files, equal version."""
+        """A content hash of the bundle files: equal files, equal version. An exported bundle keeps the version
+        of the bundle it was exported from (``model_version`` in metadata.json): it is the same model."""
+        exported_from = self.metadata().get("model_version")
+        if isinstance(exported_from, str) and exported_from:
+            return exported_from
         digest = hashlib.sha256()
         for path in self.files():
             digest.update(path.name.encode() + b"\0")
@@ -201,10 +218,14 @@ class ModelBundle:
         recorded = self.metadata().get("files")
         if not isinstance(recorded, Mapping):
             return
+        recorded = {
+            **{name: digest for name, digest in recorded.items() if name in self.HASHED},
+            **{name: digest for entry in self.runtimes().values() for name, digest in entry.get("files", {}).items()},
+        }
         changed = [
             name
             for name, digest in recorded.items()
-            if name in self.HASHED and (not (self.path / name).is_file() or _sha256(self.path / name) != digest)
+            if not (self.path / name).is_file() or sha256_file(self.path / name) != digest
         ]
         if changed:
             raise InconsistentBundleError(
@@ -257,7 +278,7 @@ class ModelBundle:
             meta = {
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 **metadata,
-                "files": {name: _sha256(staging / name) for name in cls.HASHED},
+                "files": {name: sha256_file(staging / name) for name in cls.HASHED},
             }
             (staging / cls.METADATA).write_text(jsonio.dumps(meta, indent=2))
             if out_dir.exists():

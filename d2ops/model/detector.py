@@ -1,8 +1,10 @@
 """A batched detectron2 predictor that loads a model bundle (weights, config.yaml, labels).
 
-It is detectron2's DefaultPredictor generalised to a list of images per forward pass, so that
-evaluation, batch inference and the serving layer all share one implementation. It imports no
-training, checkpointing or S3 code: the serving stack loads it alone.
+It is detectron2's DefaultPredictor generalised to a list of images per forward pass and to the runtimes of
+:mod:`d2ops.model.runtimes` (eager PyTorch, or the TorchScript, ONNX or OpenVINO graph of an exported bundle),
+so that evaluation, batch inference and every serving front end share one implementation. The resize before
+the graph and detectron2's postprocessing after it (rescaling to the original image, pasting masks) are done
+here, once, for every runtime. It imports no training or S3 code: the serving stack loads it alone.
 
 An image is a BGR uint8 array, or a :class:`Frame`: pixels decoded at a reduced size plus the size of
 the original frame, so that detections come back in the original frame's coordinates (detectron2's
@@ -19,13 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import transforms as T
-from detectron2.modeling import build_model
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Instances
 
 from d2ops.model.bundle import ModelBundle
-from d2ops.utils.device import resolve_device
+from d2ops.model.runtimes import Runtime, choose_runtime, load_runtime
+from d2ops.utils.device import machine_threads, resolve_device
 
 __all__ = ["Detection", "Detector", "Frame", "load_d2_config", "mask_polygon"]
 
@@ -135,9 +138,25 @@ def _mask_crop(
 
 
 class Detector:
-    """Runs a trained detectron2 model over batches of BGR uint8 images."""
+    """Runs a trained detectron2 model over batches of BGR uint8 images, on one of the bundle's runtimes.
 
-    def __init__(self, d2_cfg: CfgNode, weights: str, labels: Sequence[str], device: str = "auto") -> None:
+    ``runtime``: ``pytorch`` (eager), an exported one the bundle has (``torchscript``, ``onnx``, ``openvino``),
+    or ``auto``: the fastest the bundle has for the device (:func:`~d2ops.model.runtimes.choose_runtime`).
+    ``threads``: intra-op threads (default: this process's CPUs, :func:`~d2ops.model.runtimes.machine_threads`;
+    a server with N model replicas passes its share).
+    """
+
+    def __init__(
+        self,
+        d2_cfg: CfgNode,
+        weights: str,
+        labels: Sequence[str],
+        device: str = "auto",
+        *,
+        bundle: ModelBundle | None = None,
+        runtime: str = "pytorch",
+        threads: int | None = None,
+    ) -> None:
         cfg = d2_cfg.clone()
         cfg.defrost()
         cfg.MODEL.DEVICE = resolve_device(device)
@@ -149,24 +168,39 @@ class Detector:
             )
         self.cfg = cfg
         self.labels = list(labels)
-        self.model = build_model(cfg).eval()
-        DetectionCheckpointer(self.model).load(weights)
+        self.threads = threads or machine_threads()
+        if cfg.MODEL.DEVICE == "cpu":
+            torch.set_num_threads(self.threads)  # torch's default is every core of the host, not of this process
+        name = choose_runtime(bundle, cfg.MODEL.DEVICE, runtime) if bundle is not None else runtime
+        self.runtime: Runtime = load_runtime(name, bundle, cfg, weights, self.threads)
         self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
 
     @classmethod
-    def from_bundle(cls, bundle: ModelBundle | str | Path, device: str = "auto") -> Detector:
-        """Load a :class:`~d2ops.model.bundle.ModelBundle` (or the folder of one)."""
+    def from_bundle(
+        cls,
+        bundle: ModelBundle | str | Path,
+        device: str = "auto",
+        runtime: str = "auto",
+        threads: int | None = None,
+    ) -> Detector:
+        """Load a :class:`~d2ops.model.bundle.ModelBundle` (or the folder of one) on ``runtime``."""
         if not isinstance(bundle, ModelBundle):
             bundle = ModelBundle.open(bundle)
-        return cls(load_d2_config(bundle.config_file), str(bundle.weights), bundle.labels(), device)
+        config, weights, labels = load_d2_config(bundle.config_file), str(bundle.weights), bundle.labels()
+        return cls(config, weights, labels, device, bundle=bundle, runtime=runtime, threads=threads)
 
     @classmethod
     def from_files(
         cls, d2_config: str | Path, weights: str | Path, labels: Sequence[str], device: str = "auto"
     ) -> Detector:
-        """Load weights and a detectron2 config file that are not (yet) a bundle, e.g. a training run's output."""
+        """Load weights and a detectron2 config file that are not (yet) a bundle, e.g. a training run's output
+        (eager PyTorch: there is no exported graph yet)."""
         return cls(load_d2_config(d2_config), str(weights), labels, device)
+
+    @property
+    def runtime_name(self) -> str:
+        return self.runtime.name
 
     def input_problem(self, image: Image) -> str | None:
         """Why the model cannot take this image (None when it can): an aspect ratio so extreme that the
@@ -184,7 +218,9 @@ class Detector:
             )
         return None
 
-    def _inputs(self, frame: Image, at_original_size: bool = True) -> dict[str, Any]:
+    def model_inputs(self, frame: Image, at_original_size: bool = True) -> dict[str, Any]:
+        """detectron2's input dict for one image: resized ``image`` (CHW float32) and the ``height``/``width`` to
+        postprocess to (the original frame's, or with ``at_original_size=False`` the decoded pixels')."""
         if isinstance(frame, Frame) and at_original_size:
             image, height, width = frame.pixels, frame.height, frame.width
         else:
@@ -201,14 +237,30 @@ class Detector:
         :meth:`input_problem` refuses."""
         return self._run(images, at_original_size=True)
 
-    @torch.inference_mode()
     def _run(self, images: Sequence[Image], at_original_size: bool) -> list[Any]:
         for image in images:
             problem = self.input_problem(image)
             if problem:
                 raise ValueError(problem)
-        outputs = self.model([self._inputs(img, at_original_size) for img in images])
+        outputs = self([self.model_inputs(img, at_original_size) for img in images])
         return [out["instances"].to("cpu") for out in outputs]
+
+    @torch.inference_mode()
+    def __call__(self, batched_inputs: Sequence[dict[str, Any]]) -> list[dict[str, Instances]]:
+        """detectron2's model interface on any runtime: dicts with the resized ``image`` (CHW, ``INPUT.FORMAT``)
+        and the original ``height`` and ``width`` in; ``{"instances": ...}`` in the original frame out.
+
+        This is what ``GeneralizedRCNN.forward`` does at inference, with the graph in the middle swappable:
+        ``inference(..., do_postprocess=False)`` then ``detector_postprocess`` (``GeneralizedRCNN._postprocess``),
+        so :func:`detectron2.evaluation.inference_on_dataset` evaluates every runtime alike.
+        """
+        raw = self.runtime.infer([inputs["image"] for inputs in batched_inputs])
+        outputs = []
+        for inputs, instances in zip(batched_inputs, raw, strict=True):
+            height = inputs.get("height", instances.image_size[0])
+            width = inputs.get("width", instances.image_size[1])
+            outputs.append({"instances": detector_postprocess(instances, height, width)})
+        return outputs
 
     def predict(self, images: Sequence[Image], score_threshold: float = 0.0) -> list[list[Detection]]:
         """Detections per image with score >= ``score_threshold``, in each original frame.

@@ -85,6 +85,12 @@ class ServeSettings(BaseModel):
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    runtime: Literal["auto", "pytorch", "torchscript", "onnx", "openvino"] = Field(
+        "auto", description="auto: the fastest the bundle has for the device (d2ops export adds runtimes)"
+    )
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="intra-op threads per worker (default: this process's CPUs / workers)"
+    )
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="default score threshold")
     cvat_shape: Literal["mask", "polygon"] = Field("mask", description="a segmenting model's CVAT shapes")
     max_batch_size: int = Field(8, ge=1, le=1024, description="1 disables micro-batching")
@@ -170,6 +176,7 @@ class ModelInfo:
     device: str
     loaded_at: str
     label_type: str = "rectangle"
+    runtime: str = "pytorch"
 
     def public(self) -> ModelInfo:
         """What anyone may see when the server has no token: no filesystem paths, no storage URIs."""
@@ -217,6 +224,8 @@ class DetectorAPI:
         max_pixels: int = 60_000_000,
         inference_pixels: int = 12_000_000,
         cvat_shape: str = "mask",
+        runtime: str = "auto",
+        threads: int | None = None,
     ) -> None:
         if max_pixels < 1:
             raise ValueError(f"max_pixels must be a positive pixel count, got {max_pixels}")
@@ -226,11 +235,13 @@ class DetectorAPI:
         self.max_pixels = max_pixels
         self.inference_pixels = inference_pixels
         self.cvat_shape = cvat_shape
+        self.runtime = runtime
+        self.threads = threads
 
     def setup(self, bundle_dir: Path) -> Detector:
-        """Load the detector from a bundle folder (imports torch and detectron2 on first use)."""
+        """Load the detector from a bundle folder on the asked runtime (imports torch and detectron2 on first use)."""
 
-        return Detector.from_bundle(bundle_dir, device=self.device)
+        return Detector.from_bundle(bundle_dir, device=self.device, runtime=self.runtime, threads=self.threads)
 
     def payload_bytes(self, payload: bytes | str) -> bytes:
         """The image file's bytes: raw, or from a base64 string (CVAT); raises ``BadImageError``."""
@@ -281,9 +292,10 @@ def load_model(api: DetectorAPI, settings: ServeSettings) -> LoadedModel:
             device=str(detector.cfg.MODEL.DEVICE),
             loaded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             label_type=cvat_label_type(snapshot.segments(), settings.cvat_shape),
+            runtime=detector.runtime_name,
         )
-    log.info("model %s version %s loaded from %s in %.1f s", info.name, info.version, bundle,
-             time.perf_counter() - started)  # fmt: skip
+    log.info("model %s version %s loaded from %s on %s (%d threads) in %.1f s", info.name, info.version, bundle,
+             info.runtime, detector.threads, time.perf_counter() - started)  # fmt: skip
     return LoadedModel(detector, info)
 
 

@@ -57,6 +57,7 @@ from d2ops.serving.core import (
     load_settings,
 )
 from d2ops.serving.formats import BadImageError, UnsupportedFormatError, read_header
+from d2ops.utils.device import machine_threads
 from d2ops.utils.logs import setup_logging
 
 __all__ = ["SETTINGS_ENV", "create_app", "create_app_from_env"]
@@ -459,6 +460,8 @@ def create_app(
         max_pixels=settings.max_pixels,
         inference_pixels=settings.max_inference_pixels,
         cvat_shape=settings.cvat_shape,
+        runtime=settings.runtime,
+        threads=settings.threads or machine_threads(settings.workers),
     )
     state = ServerState(settings, api, on_fatal or (lambda err: None))
 

@@ -1,0 +1,364 @@
+"""``d2ops export torchscript|onnx|openvino``: a bundle plus a graph for a faster runtime, checked before it is kept.
+
+The graph is detectron2's own export path: :class:`detectron2.export.TracingAdapter` around
+``GeneralizedRCNN.inference(..., do_postprocess=False)``, traced with ``torch.jit.trace`` (TorchScript) or
+exported by ``torch.onnx.export(..., dynamo=False)`` (ONNX, opset 17); OpenVINO converts that ONNX graph
+(``openvino.convert_model``) and keeps its IR at f32 (``compress_to_fp16=False``).
+
+**Variable input sizes.** The test-time resize (``ResizeShortestEdge`` to ``INPUT.MIN_SIZE_TEST`` /
+``MAX_SIZE_TEST``) is done *outside* the graph, by the same :class:`~d2ops.model.detector.Detector` code
+for every runtime; the graph takes the resized ``[3, H, W]`` image with ``H`` and ``W`` dynamic and does the
+normalisation and the padding to the backbone's ``size_divisibility`` inside (traced from detectron2's
+``ImageList.from_tensors``, which computes the padding from the input's shape while tracing). Rescaling to the
+original image, the score threshold and pasting masks are done after the graph by detectron2's
+``detector_postprocess``, again the same code as the PyTorch path.
+
+**Parity gate.** Before the bundle is written, the exported graph is loaded by its runtime and run on held-out
+images beside the PyTorch predictor: every detection must match (same class, boxes within
+:attr:`Tolerance.box_px` pixels, scores within :attr:`Tolerance.score`, masks with IoU of at least
+:attr:`Tolerance.mask_iou`). A graph the runtime cannot load or run, or one that loses parity, raises
+:class:`ExportError` naming the image and the difference, and leaves nothing at ``--out``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from detectron2.export import TracingAdapter
+
+from d2ops.model.bundle import ModelBundle, ModelNotFoundError, sha256_file
+from d2ops.model.detector import Detection, Detector
+from d2ops.model.runtimes import EXPORTED, OUTPUT_FIELDS
+from d2ops.utils import jsonio
+
+__all__ = [
+    "ARTIFACTS",
+    "ExportError",
+    "ExportResult",
+    "ImageParity",
+    "Tolerance",
+    "compare",
+    "describe",
+    "export_bundle",
+    "read_images",
+]
+
+log = logging.getLogger(__name__)
+
+#: The file each runtime's graph is kept in (OpenVINO's IR has a ``.bin`` of weights beside its ``.xml``).
+ARTIFACTS = {"torchscript": ("model.ts",), "onnx": ("model.onnx",), "openvino": ("model.xml", "model.bin")}
+ONNX_OPSET = 17
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+MAX_PARITY_IMAGES = 50
+
+
+class ExportError(ModelNotFoundError):
+    """The export cannot be made or would not give the PyTorch model's answers; nothing was written."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close the exported graph's detections must be to PyTorch's (original-image pixels, score units).
+
+    Detections whose PyTorch score is within ``score`` of the graph's own score threshold
+    (``MODEL.ROI_HEADS.SCORE_THRESH_TEST``) may be missing on either side: a float rounding there decides
+    whether they are kept at all.
+    """
+
+    box_px: float = 0.5
+    score: float = 0.005
+    mask_iou: float = 0.98
+
+
+@dataclass
+class ImageParity:
+    """One held-out image's comparison: detection counts and the largest differences found."""
+
+    image: str
+    pytorch: int
+    exported: int
+    max_box_px: float = 0.0
+    max_score: float = 0.0
+    min_mask_iou: float | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """The exported bundle, its runtime and the parity measured on the held-out images."""
+
+    path: Path
+    runtime: str
+    parity: list[ImageParity]
+
+    def summary(self) -> dict[str, Any]:
+        return _parity_summary(self.parity)
+
+
+def read_images(source: str | Path, limit: int = MAX_PARITY_IMAGES) -> list[tuple[str, np.ndarray]]:
+    """BGR images from a folder (sorted; its image files only) or one file, at most ``limit``."""
+    import cv2  # lazy: OpenCV only where images are read from disk
+
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif path.is_file():
+        files = [path]
+    else:
+        raise ExportError(f"--images {source} does not exist; pass a folder of held-out images (e.g. a test split)")
+    if not files:
+        raise ExportError(f"--images {source} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    images = []
+    for file in files[:limit]:
+        pixels = cv2.imread(str(file), cv2.IMREAD_COLOR)
+        if pixels is None:
+            raise ExportError(f"{file} is not a readable image; remove it from --images")
+        images.append((file.name, pixels))
+    return images
+
+
+def export_bundle(
+    source: ModelBundle | str | Path,
+    runtime: str,
+    out: str | Path,
+    *,
+    images: Sequence[tuple[str, np.ndarray]],
+    tolerance: Tolerance = Tolerance(),
+    force: bool = False,
+) -> ExportResult:
+    """Write ``out``: the bundle ``source`` plus its ``runtime`` graph, after the parity gate passes.
+
+    ``images``: held-out BGR images (:func:`read_images`) the graph is checked on; at least one must give
+    the PyTorch model a detection, or parity could not be shown. ``out`` is replaced only when it is an
+    earlier bundle (or ``force``); it is written beside itself and renamed into place.
+    """
+    if runtime not in EXPORTED:
+        raise ExportError(f"cannot export to {runtime!r}; choose one of {', '.join(EXPORTED)}")
+    bundle = source if isinstance(source, ModelBundle) else ModelBundle.open(source)
+    bundle.verify()
+    out = Path(out)
+    _check_out(out, bundle, force)
+    if not images:
+        raise ExportError("no held-out images to check the export on; pass --images with a folder of them")
+    reference = Detector.from_bundle(bundle, device="cpu", runtime="pytorch")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        staging.chmod(0o755)
+        copied = bundle.copy_to(staging)
+        entry = _export_graph(reference, runtime, staging, images[0][1])
+        _write_metadata(copied, bundle, runtime, entry, parity=None)
+        candidate = Detector.from_bundle(copied, device="cpu", runtime=runtime)
+        parity = compare(reference, candidate, images, tolerance)
+        failures = [p for p in parity if p.problems]
+        if failures:
+            raise ExportError(_parity_message(runtime, failures, tolerance))
+        if not any(p.pytorch for p in parity):
+            raise ExportError(
+                f"the model detects nothing on the {len(parity)} --images given, so parity with PyTorch cannot be "
+                "shown; pass held-out images with objects the model finds (e.g. the dataset's test split)"
+            )
+        measured = {**_parity_summary(parity), "tolerance": asdict(tolerance)}
+        _write_metadata(copied, bundle, runtime, entry, parity=measured)
+        ModelBundle(staging).verify()
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, (ExportError, KeyboardInterrupt, SystemExit)):
+            raise
+        raise ExportError(f"the {runtime} export of {bundle.path} failed: {type(err).__name__}: {err}") from err
+    log.info("%s export of %s written to %s (parity on %d images)", runtime, bundle.path, out, len(parity))
+    return ExportResult(out, runtime, parity)
+
+
+def _check_out(out: Path, bundle: ModelBundle, force: bool) -> None:
+    if out.resolve() == bundle.path.resolve():
+        raise ExportError(f"--out {out} is the source bundle; write the export to another folder")
+    if out.exists() and not force and not (out.is_dir() and (out / ModelBundle.WEIGHTS).is_file()):
+        raise ExportError(f"--out {out} exists and is not a model bundle; pick another folder or pass --force")
+
+
+def _export_graph(detector: Detector, runtime: str, staging: Path, sample: np.ndarray) -> dict[str, Any]:
+    """Trace the eager model on ``sample`` and write ``runtime``'s graph into ``staging``; its metadata entry."""
+    model = detector.runtime.model  # type: ignore[attr-defined]  # the reference is eager PyTorch (PyTorchRuntime)
+    image = detector.model_inputs(sample)["image"]  # the detector's own resize, as at inference
+
+    def inference(model: Any, inputs: Any) -> list[dict[str, Any]]:
+        return [{"instances": model.inference(inputs, do_postprocess=False)[0]}]
+
+    adapter = TracingAdapter(model, [{"image": image}], inference)
+    with torch.no_grad():
+        adapter(*adapter.flattened_inputs)  # one eager run records the outputs' schema
+    fields = adapter.outputs_schema.schemas[0].schemas[0].keys  # the Instances fields, in flattened order
+    outputs = [*(OUTPUT_FIELDS[f] for f in fields), "image_size"]
+    entry: dict[str, Any] = {"outputs": outputs, "device": "cpu", "torch": torch.__version__}
+    try:
+        with torch.no_grad():
+            if runtime == "torchscript":
+                traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
+                traced.save(str(staging / "model.ts"))
+            else:
+                entry["opset"] = ONNX_OPSET
+                if runtime == "onnx":
+                    _export_onnx(adapter, outputs, staging / "model.onnx")
+                else:  # OpenVINO converts the ONNX graph; that one is not kept (an onnx export of its own may be)
+                    with tempfile.TemporaryDirectory(prefix="d2ops-onnx-") as tmp:
+                        _export_onnx(adapter, outputs, Path(tmp) / "model.onnx")
+                        _convert_openvino(Path(tmp) / "model.onnx", staging / "model.xml")
+    finally:
+        model.eval()  # tracing may leave submodules in training mode
+    names = ARTIFACTS[runtime]
+    entry.update(file=names[0], files={name: sha256_file(staging / name) for name in names})
+    return entry
+
+
+def _export_onnx(adapter: TracingAdapter, outputs: list[str], path: Path) -> None:
+    try:
+        import onnx  # noqa: F401  # lazy: torch.onnx.export needs it; only ONNX and OpenVINO exports do
+    except ImportError as err:
+        raise ExportError("the onnx package is missing; install d2ops with its dependencies (make setup)") from err
+    dynamic = {"image": {1: "height", 2: "width"}, **{name: {0: "detections"} for name in outputs[:-1]}}
+    torch.onnx.export(
+        adapter,
+        adapter.flattened_inputs,
+        str(path),
+        dynamo=False,
+        opset_version=ONNX_OPSET,
+        input_names=["image"],
+        output_names=outputs,
+        dynamic_axes=dynamic,
+    )
+
+
+def _convert_openvino(onnx_path: Path, xml_path: Path) -> None:
+    import openvino as ov  # lazy: only the OpenVINO export needs it
+
+    ov.save_model(ov.convert_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
+
+
+def _write_metadata(
+    bundle: ModelBundle, source: ModelBundle, runtime: str, entry: dict[str, Any], parity: dict[str, Any] | None
+) -> None:
+    meta = bundle.metadata()
+    runtimes = dict(meta.get("runtimes") or {})
+    runtimes[runtime] = {
+        **entry,
+        "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "parity": parity,
+    }
+    meta.update(model_version=source.version(), runtimes=runtimes)
+    (bundle.path / ModelBundle.METADATA).write_text(jsonio.dumps(meta, indent=2))
+
+
+# --------------------------------------------------------------------------------------------- parity
+
+
+def compare(
+    reference: Detector, candidate: Detector, images: Iterable[tuple[str, np.ndarray]], tolerance: Tolerance
+) -> list[ImageParity]:
+    """Each image through both detectors (all detections the graph keeps), matched within ``tolerance``."""
+    floor = float(reference.cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)
+    report = []
+    for name, pixels in images:
+        (ref,) = reference.predict([pixels])
+        (got,) = candidate.predict([pixels])
+        report.append(_match(name, ref, got, floor, tolerance))
+    return report
+
+
+def _match(name: str, ref: list[Detection], got: list[Detection], floor: float, tol: Tolerance) -> ImageParity:
+    """Greedy one-to-one matching of PyTorch's detections (by score) to the exported graph's."""
+    result = ImageParity(name, len(ref), len(got))
+    unused = list(range(len(got)))
+    for det in sorted(ref, key=lambda d: -d.score):
+        best, best_gap = None, float("inf")
+        for j in unused:
+            other = got[j]
+            if other.category_index != det.category_index:
+                continue
+            gap = max(abs(a - b) for a, b in zip(det.box, other.box, strict=True))
+            if gap < best_gap:
+                best, best_gap = j, gap
+        near_floor = det.score < floor + tol.score
+        if best is None or best_gap > tol.box_px or abs(got[best].score - det.score) > tol.score:
+            if not near_floor:
+                result.problems.append(f"PyTorch's {det.label} {det.score:.3f} at {_box(det.box)} has no match")
+            continue
+        other = got[best]
+        unused.remove(best)
+        result.max_box_px = max(result.max_box_px, best_gap)
+        result.max_score = max(result.max_score, abs(other.score - det.score))
+        if det.mask is not None and other.mask is not None:
+            iou = _mask_iou(det, other)
+            result.min_mask_iou = iou if result.min_mask_iou is None else min(result.min_mask_iou, iou)
+            if iou < tol.mask_iou:
+                result.problems.append(f"the mask of {det.label} {det.score:.3f} at {_box(det.box)} has IoU {iou:.3f}")
+    for j in unused:
+        if got[j].score >= floor + tol.score:
+            extra = got[j]
+            result.problems.append(f"an extra {extra.label} {extra.score:.3f} at {_box(extra.box)}")
+    return result
+
+
+def _mask_iou(a: Detection, b: Detection) -> float:
+    """IoU of two detections' masks, each a crop at its own ``mask_box``, on the union of the two boxes."""
+    assert a.mask is not None and b.mask is not None and a.mask_box is not None and b.mask_box is not None
+    x0, y0 = min(a.mask_box[0], b.mask_box[0]), min(a.mask_box[1], b.mask_box[1])
+    x1, y1 = max(a.mask_box[2], b.mask_box[2]), max(a.mask_box[3], b.mask_box[3])
+    canvas = np.zeros((2, y1 - y0 + 1, x1 - x0 + 1), dtype=bool)
+    for i, det in enumerate((a, b)):
+        bx, by = det.mask_box[0] - x0, det.mask_box[1] - y0  # type: ignore[index]
+        h, w = det.mask.shape  # type: ignore[union-attr]
+        canvas[i, by : by + h, bx : bx + w] = det.mask
+    union = np.logical_or(canvas[0], canvas[1]).sum()
+    return 1.0 if union == 0 else float(np.logical_and(canvas[0], canvas[1]).sum() / union)
+
+
+def _box(box: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:.1f}" for v in box) + "]"
+
+
+def _parity_summary(parity: Sequence[ImageParity]) -> dict[str, Any]:
+    ious = [p.min_mask_iou for p in parity if p.min_mask_iou is not None]
+    return {
+        "images": len(parity),
+        "detections": sum(p.pytorch for p in parity),
+        "max_box_px": max((p.max_box_px for p in parity), default=0.0),
+        "max_score": max((p.max_score for p in parity), default=0.0),
+        "min_mask_iou": min(ious) if ious else None,
+    }
+
+
+def _parity_message(runtime: str, failures: Sequence[ImageParity], tol: Tolerance) -> str:
+    lines = [
+        f"the {runtime} graph does not give the PyTorch model's answers on {len(failures)} image(s) "
+        f"(tolerance: boxes {tol.box_px} px, scores {tol.score}, mask IoU {tol.mask_iou}); nothing was written:"
+    ]
+    for parity in failures[:5]:
+        problems = "; ".join(parity.problems[:3])
+        lines.append(f"  {parity.image}: {parity.pytorch} vs {parity.exported} detections; {problems}")
+    lines.append("serve this model with --runtime pytorch, or report the model's config with this message")
+    return "\n".join(lines)
+
+
+def describe(result: ExportResult) -> str:
+    """One line for the CLI: where, which runtime, the parity measured."""
+    summary = result.summary()
+    masks = "" if summary["min_mask_iou"] is None else f", mask IoU >= {summary['min_mask_iou']:.4f}"
+    return (
+        f"{result.runtime} bundle written to {result.path}: parity on {summary['images']} images, "
+        f"{summary['detections']} detections, boxes within {summary['max_box_px']:.4f} px, "
+        f"scores within {summary['max_score']:.5f}{masks}"
+    )
