@@ -39,6 +39,7 @@ bench: $(VENV)/.ready
 	$(PY) bench/bench_s3.py --latency-ms 10 --json bench/results.json
 	$(PY) bench/bench_train.py --json bench/results.json
 	$(PY) bench/bench_serve.py --json bench/results.json
+	$(PY) bench/bench_runtimes.py --json bench/results.json
 	$(PY) bench/bench_pipeline.py --json bench/results.json
 
 lint: $(VENV)/.ready

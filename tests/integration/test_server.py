@@ -690,3 +690,35 @@ def test_watch_swaps_in_new_versions_and_rejects_broken_ones(tiny_bundle: Path, 
     assert versions[0] == first and versions[-1] == second
     assert versions == sorted(versions, key=[first, second].index), "a request went back to the old version"
     assert "does not load; the old one keeps serving" in srv.log()
+
+
+# ------------------------------------------------------------------------------------------ exported runtimes
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
+def test_an_exported_bundle_serves_pytorchs_answers_on_its_runtime(
+    runtime: str, tiny_bundle: Path, logs: Path, tmp_path: Path, detector: Detector, images: list[bytes]
+) -> None:
+    """``d2ops serve --runtime onnx|openvino`` over a real socket: the same boxes as eager PyTorch in-process."""
+    from d2ops.model.export import export_bundle
+
+    arrays = [(f"{i}.png", decode_image(data)) for i, data in enumerate(images)]
+    exported = export_bundle(tiny_bundle, runtime, tmp_path / runtime, images=arrays).path
+    srv = ServerProcess(exported, logs, "--runtime", runtime, "--threads", "1")
+    try:
+        srv.wait_listening()
+        srv.wait_ready()
+        (model,) = httpx.get(f"{srv.url}/v1/models", timeout=30).json()["models"]
+        assert model["runtime"] == runtime and model["version"] == bundle_version(tiny_bundle)
+        for data in images:
+            reply = httpx.post(f"{srv.url}/predict", json={"image": _b64(data)}, timeout=60)
+            assert reply.status_code == 200, reply.text
+            expected = detector.predict([decode_image(data)])[0]
+            assert expected
+            assert_same(_normalise_cvat(reply.json()), expected, score_tol=1e-4)
+        assert f"on {runtime} (1 threads)" in srv.log()
+    finally:
+        srv.stop()
+    broken = ServerProcess(tiny_bundle, logs, "--runtime", runtime)
+    assert broken.proc.wait(120) != 0, "a bundle without that runtime must not be served"
+    assert f"has no {runtime} model for cpu" in broken.log() and f"d2ops export {runtime}" in broken.log()

@@ -1,0 +1,102 @@
+"""cpu_runtime_speedup: images/s of the fastest exported runtime over the eager PyTorch predictor, batch 1, CPU.
+
+Same bundle (the smoke architecture, Faster R-CNN R18-FPN, seeded random weights as the serving benchmark uses;
+score threshold 0, so every image carries 100 detections through postprocessing on every runtime), exported with
+``d2ops export`` to TorchScript, ONNX and OpenVINO; the same images (``--size`` px JPEG-decoded arrays); the same
+call, :meth:`d2ops.model.detector.Detector.predict` on one image, so the resize before the graph and detectron2's
+postprocessing after it are inside every figure. Rounds alternate between runtimes; medians are reported.
+
+Threads: each runtime is measured with the threads d2ops sets from the machine (this process's CPUs) and with
+one thread, to show the effect of the setting (``threads_effect``).
+
+    .venv/bin/python bench/bench_runtimes.py [--images 24] [--rounds 3] [--json bench/results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from results_io import merge_into
+
+from d2ops.model.detector import Detector
+from d2ops.model.export import export_bundle
+from d2ops.testing import build_tiny_bundle
+from d2ops.utils.device import machine_threads
+
+RUNTIMES = ("pytorch", "torchscript", "onnx", "openvino")
+
+
+def make_images(n: int, size: int) -> list[tuple[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        pixels = rng.integers(0, 255, size=(size, size * 4 // 3, 3), dtype=np.uint8)
+        x, y = rng.integers(0, size // 2, size=2)
+        pixels[y : y + size // 3, x : x + size // 3] = rng.integers(0, 255, size=3)
+        out.append((f"{i}.png", pixels))
+    return out
+
+
+def throughput(detector: Detector, images: list[np.ndarray]) -> float:
+    detector.predict([images[0]])  # warm-up (lazy allocations, TorchScript's profiling run)
+    started = time.perf_counter()
+    for image in images:
+        detector.predict([image])
+    return len(images) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=24)
+    parser.add_argument("--size", type=int, default=128, help="image height (width 4/3 of it)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    images = make_images(args.images, args.size)
+    arrays = [p for _, p in images]
+    threads = machine_threads()
+    with tempfile.TemporaryDirectory(prefix="d2ops-bench-runtimes-") as tmp:
+        bundle = build_tiny_bundle(Path(tmp) / "tiny")
+        exported = bundle
+        for runtime in RUNTIMES[1:]:
+            exported = export_bundle(exported, runtime, Path(tmp) / runtime, images=images[:4]).path
+        settings = [(rt, threads) for rt in RUNTIMES] + ([(rt, 1) for rt in RUNTIMES] if threads > 1 else [])
+        detectors = {(rt, n): Detector.from_bundle(exported, device="cpu", runtime=rt, threads=n) for rt, n in settings}
+        rounds: dict[str, list[float]] = {f"{rt}@{n}": [] for rt, n in settings}
+        for r in range(args.rounds):
+            for (rt, n), detector in detectors.items():
+                torch.set_num_threads(n)  # the process-wide torch setting follows the detector measured
+                rounds[f"{rt}@{n}"].append(throughput(detector, arrays))
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rounds.items()), flush=True)
+    median = {k: statistics.median(v) for k, v in rounds.items()}
+    exported_best = max(RUNTIMES[1:], key=lambda rt: median[f"{rt}@{threads}"])
+    figures = {
+        "cpu_runtime_speedup": median[f"{exported_best}@{threads}"] / median[f"pytorch@{threads}"],
+        "fastest_runtime": exported_best,
+        "images_per_s": median,
+        "rounds": rounds,
+        "threads": threads,
+        "threads_effect": {
+            rt: median[f"{rt}@{threads}"] / median[f"{rt}@1"] for rt in RUNTIMES if f"{rt}@1" in median
+        },
+        "images": args.images,
+        "image_size": [args.size, args.size * 4 // 3],
+        "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {threads} CPUs usable",
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    print({k: v for k, v in figures.items() if k != "rounds"})
+    if args.json:
+        merge_into(args.json, "runtimes", figures)
+
+
+if __name__ == "__main__":
+    main()
