@@ -119,6 +119,7 @@ class Preprocess:
 
         self.detector: Detector | None = None
         self.device = os.environ.get("D2OPS_DEVICE", "auto")
+        self.runtime = os.environ.get("D2OPS_RUNTIME", "auto")  # auto: the fastest the exported bundle has
         self.default_threshold = parse_threshold(os.environ.get("D2OPS_SCORE_THRESHOLD"), 0.5)
         self.cache_dir = Path(os.environ.get("D2OPS_MODEL_CACHE", Path(tempfile.gettempdir()) / "d2ops-models"))
         self.max_images = _positive_int("D2OPS_MAX_IMAGES", DEFAULT_MAX_IMAGES)
@@ -133,7 +134,7 @@ class Preprocess:
         if not local_file_name:
             raise ValueError("the endpoint has no model: register it with --model-id or --project/--name")
         bundle = find_bundle(Path(local_file_name), self.cache_dir)
-        self.detector = Detector.from_bundle(bundle, device=self.device)
+        self.detector = Detector.from_bundle(bundle, device=self.device, runtime=self.runtime)
         engine = getattr(getattr(self, "model_endpoint", None), "engine_type", None)
         if engine == ASYNC_ENGINE:
             # clearml-serving looks the methods up on the instance on every request.

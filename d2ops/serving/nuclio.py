@@ -103,6 +103,7 @@ def init_context(context):
         device=os.environ.get("D2OPS_DEVICE", "cpu"),
         default_threshold=float(os.environ.get("D2OPS_SCORE_THRESHOLD", "{threshold}")),
         shape=os.environ.get("D2OPS_CVAT_SHAPE", "{shape}"),
+        runtime=os.environ.get("D2OPS_RUNTIME", "auto"),
     )
 
 
@@ -403,9 +404,16 @@ def export_nuclio(
 
 
 def init_context(
-    context: Any, model_dir: str | Path, *, device: str = "cpu", default_threshold: float = 0.5, shape: str = "mask"
+    context: Any,
+    model_dir: str | Path,
+    *,
+    device: str = "cpu",
+    default_threshold: float = 0.5,
+    shape: str = "mask",
+    runtime: str = "auto",
 ) -> None:
-    """Load the bundle once per nuclio worker into ``context.user_data.model``.
+    """Load the bundle once per nuclio worker into ``context.user_data.model``, on ``runtime``
+    (``D2OPS_RUNTIME``; ``auto``: the fastest the exported bundle has, :mod:`d2ops.model.runtimes`).
 
     ``shape`` (``D2OPS_CVAT_SHAPE``): how a segmenting model's objects are sent, ``mask`` or ``polygon``;
     anything else fails the function's start rather than silently sending another shape.
@@ -419,11 +427,12 @@ def init_context(
     except ValueError as err:
         raise ValueError(f"D2OPS_CVAT_SHAPE: {err}") from None
     context.logger.info(f"d2ops: loading model from {model_dir} on {device}")
-    detector = Detector.from_bundle(model_dir, device=device)
+    detector = Detector.from_bundle(model_dir, device=device, runtime=runtime)
     context.user_data.model = detector
     context.user_data.default_threshold = default_threshold
     context.user_data.shape = shape
-    context.logger.info(f"d2ops: model ready ({len(detector.labels)} labels: {', '.join(detector.labels)})")
+    labels = ", ".join(detector.labels)
+    context.logger.info(f"d2ops: model ready on {detector.runtime_name} ({len(detector.labels)} labels: {labels})")
 
 
 def _reply(context: Any, body: Any, status_code: int) -> Any:
