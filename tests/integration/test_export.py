@@ -25,6 +25,7 @@ from d2ops.model.runtimes import RuntimeUnavailableError, available_runtimes
 from d2ops.testing import build_tiny_bundle
 
 RUNTIMES = ("torchscript", "onnx", "openvino")
+SMOKE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 
 
 def _images(n: int = 4) -> list[tuple[str, np.ndarray]]:
@@ -153,7 +154,6 @@ def _ap(detector: Detector, root: Path, cfg: Any, tmp: Path) -> float:
 def test_the_trained_faster_rcnn_keeps_its_ap_on_every_runtime(pipeline_run: dict[str, Any], tmp_path: Path) -> None:
     """bbox AP on the demo test split, through detectron2's COCOEvaluator, within 0.5 of PyTorch's."""
     from d2ops.config import load_config
-    from tests.conftest import SMOKE_CONFIG
 
     bundle = Path(pipeline_run["summary"]["model_bundle"])
     root = pipeline_run["out"] / "dataset"
@@ -175,9 +175,14 @@ def test_a_trained_mask_rcnn_exports_with_its_masks(tmp_path: Path) -> None:
     from d2ops.data.synthetic import generate_shapes_dataset
     from d2ops.model.bundle import build_bundle
     from d2ops.pipeline.steps import StepContext, run_train
-    from tests.conftest import SMOKE_CONFIG
 
-    root = generate_shapes_dataset(tmp_path / "data", counts={"train": 8, "val": 2, "test": 4})
+    root = generate_shapes_dataset(tmp_path / "data", counts={"train": 8, "valid": 2, "test": 4})
+    for annotations in Path(root).glob("*/_annotations.coco.json"):  # a polygon per object: its box's outline
+        coco = json.loads(annotations.read_text())
+        for ann in coco["annotations"]:
+            x, y, w, h = ann["bbox"]
+            ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+        annotations.write_text(json.dumps(coco))
     cfg = load_config(
         SMOKE_CONFIG,
         [
