@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 from collections.abc import Sequence
 
 from d2ops.cli.common import fail, user_errors_types
@@ -27,9 +28,10 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="d2ops export", description="export a model for another runtime or platform")
     parser.add_argument(
         "target",
-        choices=[*RUNTIME_TARGETS, "nuclio"],
+        choices=[*RUNTIME_TARGETS, "triton", "nuclio"],
         help="torchscript|onnx|openvino: the bundle plus that runtime's graph (d2ops serve --runtime); "
-        "nuclio: a CVAT serverless function (CPU and GPU)",
+        "triton: a Triton model repository and preprocess.py for clearml-serving --engine triton (from an ONNX "
+        "export); nuclio: a CVAT serverless function (CPU and GPU)",
     )
     parser.add_argument(
         "--model",
@@ -57,6 +59,8 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     if args.target in RUNTIME_TARGETS:
         return _export_runtime(args)
+    if args.target == "triton":
+        return _export_triton(args)
     try:
         bundle = resolve_model(args.model, args.cache_dir)
         export = export_nuclio(
@@ -93,4 +97,19 @@ def _export_runtime(args: argparse.Namespace) -> int:
         return fail(err)
     print(describe(result))
     print(f"serve it: d2ops serve --model {result.path} --runtime {args.target}")
+    return 0
+
+
+def _export_triton(args: argparse.Namespace) -> int:
+    # lazy: the onnx package, only for this target
+    from d2ops.serving.triton import TritonExportError, write_triton_repository
+
+    try:
+        bundle = resolve_model(args.model, args.cache_dir)
+        repo = write_triton_repository(bundle, args.out, model_name=args.name or bundle.name)
+    except (TritonExportError, *user_errors_types()) as err:  # type: ignore[misc]  # a tuple of error types
+        return fail(err)
+    print(f"Triton model {repo.model_name} ({repo.config}, {repo.model}) and {repo.preprocess} written; serve it:")
+    for command in repo.commands:
+        print("  " + shlex.join(command))
     return 0

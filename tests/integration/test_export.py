@@ -177,12 +177,12 @@ def test_a_trained_mask_rcnn_exports_with_its_masks(tmp_path: Path) -> None:
     from d2ops.pipeline.steps import StepContext, run_train
 
     root = generate_shapes_dataset(tmp_path / "data", counts={"train": 8, "valid": 2, "test": 4})
-    for annotations in Path(root).glob("*/_annotations.coco.json"):  # a polygon per object: its box's outline
-        coco = json.loads(annotations.read_text())
+    for coco_file in Path(root).glob("*/_annotations.coco.json"):  # a polygon per object: its box's outline
+        coco = json.loads(coco_file.read_text())
         for ann in coco["annotations"]:
             x, y, w, h = ann["bbox"]
             ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
-        annotations.write_text(json.dumps(coco))
+        coco_file.write_text(json.dumps(coco))
     cfg = load_config(
         SMOKE_CONFIG,
         [
