@@ -18,45 +18,24 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import torch
-from PIL import Image
 from results_io import merge_into
+from serve_clients import REPO, Server, make_images, p99, served
 
 from d2ops.testing import build_tiny_bundle
 
-REPO = Path(__file__).resolve().parent.parent
 CONCURRENCY = 16
-
-
-def make_images(n: int) -> list[bytes]:
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        pixels = rng.integers(0, 255, size=(128, 128, 3), dtype=np.uint8)
-        x, y = rng.integers(0, 80, size=2)
-        pixels[y : y + 40, x : x + 40] = rng.integers(0, 255, size=3)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
 
 
 def raw_predictor(bundle: Path) -> Any:
@@ -76,65 +55,6 @@ def raw_throughput(predictor: Any, arrays: list[np.ndarray]) -> float:
     for image in arrays:
         predictor(image)
     return len(arrays) / (time.perf_counter() - tic)
-
-
-class Server:
-    def __init__(self, bundle: Path, log: Path, *args: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "d2ops", "serve", "--model", str(bundle), "--port", str(self.port),
-                   "--device", "cpu", "--threshold", "0", "--no-access-log", *args]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if k != "D2OPS_SERVE_TOKEN"}
-        with log.open("wb") as fh:
-            self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/ready").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready: {log.read_text()[-2000:]}")
-
-    def batch_totals(self) -> tuple[float, float]:
-        """Images and forward passes so far (the batch-size histogram's sum and count)."""
-        text = httpx.get(f"{self.url}/metrics").text
-        values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("d2ops_batch_size_"))
-        return float(values.get("d2ops_batch_size_sum", 0)), float(values.get("d2ops_batch_size_count", 0))
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(60)
-
-
-def served(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, list[float]]:
-    """Images/s and per-request latencies (s) of ``concurrency`` clients posting every body once."""
-    shards = [bodies[i::concurrency] for i in range(concurrency)]
-
-    def client(shard: list[bytes]) -> list[float]:
-        latencies = []
-        with httpx.Client(base_url=url, timeout=300, headers={"content-type": "application/json"}) as c:
-            for body in shard:
-                tic = time.perf_counter()
-                reply = c.post("/predict", content=body)
-                latencies.append(time.perf_counter() - tic)
-                if reply.status_code != 200:
-                    raise RuntimeError(f"{reply.status_code}: {reply.text[:200]}")
-        return latencies
-
-    tic = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        latencies = [lat for shard in pool.map(client, shards) for lat in shard]
-    return len(bodies) / (time.perf_counter() - tic), latencies
-
-
-def p99(values: list[float]) -> float:
-    return float(np.percentile(values, 99))
 
 
 def main() -> None:
