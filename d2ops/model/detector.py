@@ -142,7 +142,7 @@ class Detector:
 
     ``runtime``: ``pytorch`` (eager), an exported one the bundle has (``torchscript``, ``onnx``, ``openvino``),
     or ``auto``: the fastest the bundle has for the device (:func:`~d2ops.model.runtimes.choose_runtime`).
-    ``threads``: intra-op threads (default: this process's CPUs, :func:`~d2ops.model.runtimes.machine_threads`;
+    ``threads``: intra-op threads (default: this process's CPUs, :func:`~d2ops.utils.device.machine_threads`;
     a server with N model replicas passes its share).
     """
 

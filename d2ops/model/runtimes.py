@@ -15,8 +15,8 @@ The exported graph (see :mod:`d2ops.model.export`) is detectron2's ``TracingAdap
 - outputs ``boxes`` ``[N, 4]``, ``classes`` ``[N]`` (int64), ``masks`` ``[N, 1, M, M]`` (Mask R-CNN only),
   ``scores`` ``[N]``, ``image_size`` ``[2]``, in the order ``metadata.json`` records under ``runtimes.<name>.outputs``.
 
-Threads are set from the machine, not from library defaults: :func:`machine_threads` divides the CPUs this
-process may use (its affinity mask, which containers and ``taskset`` narrow) among the model replicas.
+Threads are set from the machine, not from library defaults: :func:`d2ops.utils.device.machine_threads` divides
+the CPUs this process may use (its affinity mask, which containers and ``taskset`` narrow) among the replicas.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from d2ops.model.bundle import ModelBundle, ModelNotFoundError
-from d2ops.utils.device import machine_threads
 
 __all__ = [
     "EXPORTED",
@@ -48,7 +47,6 @@ __all__ = [
     "available_runtimes",
     "choose_runtime",
     "load_runtime",
-    "machine_threads",
 ]
 
 log = logging.getLogger(__name__)
