@@ -34,6 +34,10 @@ clients, one keep-alive connection each, posting the ``--images`` JPEGs cyclical
 seconds per server per round. Every server first gets the same warm-up (``--warmup`` requests at the same
 concurrency), and one image is checked to give the same detections on every server (same model, same
 weights). Rounds alternate: round r starts with server r mod N, so no server always runs first or last.
+All servers stay up for the whole run, but only the one under load runs: the others are stopped with SIGSTOP
+(their whole process groups) and continued for their own turn. An idle server is not idle everywhere: the CPU
+each uses with no request in flight is measured first (``idle_cpu_percent``, over 10 s), and a busy-polling
+peer would otherwise slow whichever server is being measured beside it.
 
     bash bench/setup_peers.sh        # once: TorchServe, torch-model-archiver, LitServe into bench/.peers
     .venv/bin/python bench/bench_peers.py [--images 48] [--rounds 5] [--duration-s 10] [--json bench/results.json]
@@ -70,6 +74,7 @@ BENCH = REPO / "bench"
 PEERS = BENCH / ".peers"
 MODEL = "tiny"
 MAX_BATCH, BATCH_WAIT_MS = 8, 5
+IDLE_WINDOW_S = 10.0
 JPEG, JSON = "image/jpeg", "application/json"
 
 
@@ -199,6 +204,15 @@ def start_litserve(bundle: Path, work: Path) -> tuple[ServerProcess, str]:
     return server, url
 
 
+def idle_cpu_percent(targets: list[Target], window_s: float) -> dict[str, float]:
+    """CPU % each server's processes use while no request reaches any of them, over ``window_s`` seconds."""
+    before = {t.name: t.server.cpu_seconds() for t in targets}
+    tic = time.perf_counter()
+    time.sleep(window_s)
+    elapsed = time.perf_counter() - tic
+    return {t.name: round(100 * (t.server.cpu_seconds() - before[t.name]) / elapsed, 1) for t in targets}
+
+
 def same_detections(reference: list[dict[str, Any]], other: list[dict[str, Any]], tolerance_px: float) -> str | None:
     """None when both replies hold the same detections (label, box within ``tolerance_px``), else why not."""
     if len(reference) != len(other):
@@ -285,16 +299,26 @@ def main() -> None:
                 print(f"WARNING: {t.name} disagrees with d2ops_pytorch: {agreement[t.name]}", file=sys.stderr)
         for t in targets:
             t.post_all(args.concurrency, args.warmup)
+        idle_cpu = idle_cpu_percent(targets, IDLE_WINDOW_S)
+        print("idle CPU %: " + ", ".join(f"{name} {v}" for name, v in idle_cpu.items()), flush=True)
         batch_before = {name: s.batch_totals() for name, s in d2ops_servers.items()}
+        for t in targets:
+            t.server.pause()
         for r in range(args.rounds):
             order = targets[r % len(targets) :] + targets[: r % len(targets)]
             for t in order:
-                throughput, lat = served_for(t.url, t.bodies, args.concurrency, args.duration_s, t.path,
-                                             t.content_type)  # fmt: skip
+                t.server.resume()  # only the server under load runs; the others are stopped (SIGSTOP)
+                try:
+                    throughput, lat = served_for(t.url, t.bodies, args.concurrency, args.duration_s, t.path,
+                                                 t.content_type)  # fmt: skip
+                finally:
+                    t.server.pause()
                 t.throughput.append(throughput)
                 t.latencies += lat
                 t.requests += len(lat)
             print(f"round {r}: " + ", ".join(f"{t.name} {t.throughput[-1]:.2f} img/s" for t in targets), flush=True)
+        for t in targets:
+            t.server.resume()
         batch_after = {name: s.batch_totals() for name, s in d2ops_servers.items()}
     finally:
         for t in targets:
@@ -330,6 +354,8 @@ def main() -> None:
             "rounds_images_per_s": {t.name: [round(v, 2) for v in t.throughput] for t in targets},
             "requests_c16": {t.name: t.requests for t in targets},
             "mean_batch_size_c16": mean_batch,
+            "idle_cpu_percent": idle_cpu,
+            "others_paused": True,
             "servers": {t.name: t.describe for t in targets},
             "agreement_with_d2ops_pytorch": agreement,
             "skipped": skipped,

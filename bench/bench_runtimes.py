@@ -84,9 +84,7 @@ def main() -> None:
         "images_per_s": median,
         "rounds": rounds,
         "threads": threads,
-        "threads_effect": {
-            rt: median[f"{rt}@{threads}"] / median[f"{rt}@1"] for rt in RUNTIMES if f"{rt}@1" in median
-        },
+        "threads_effect": {rt: median[f"{rt}@{threads}"] / median[f"{rt}@1"] for rt in RUNTIMES if f"{rt}@1" in median},
         "images": args.images,
         "image_size": [args.size, args.size * 4 // 3],
         "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {threads} CPUs usable",

@@ -94,7 +94,29 @@ class ServerProcess:
         except ProcessLookupError:
             pass
 
+    def pause(self) -> None:
+        """SIGSTOP the server (its whole group with ``group_kill``): it takes no CPU while another is measured."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds used so far by the server's processes (its group with ``group_kill``)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited meanwhile
+            pid, pgid = int(stat.parent.name), int(fields[2])
+            if pid == self.proc.pid or (self.group_kill and pgid == self.proc.pid):
+                total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        return total
+
     def stop(self, timeout: float = 60) -> None:
+        self.resume()  # a paused server cannot act on SIGTERM
         if self.proc.poll() is None:
             self._signal(signal.SIGTERM)
             try:
@@ -128,7 +150,7 @@ class Server(ServerProcess):
         command = [sys.executable, "-m", "d2ops", "serve", "--model", str(bundle), "--port", str(self.port),
                    "--device", "cpu", "--threshold", "0", "--no-access-log", *args]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k != "D2OPS_SERVE_TOKEN"}
-        super().__init__(command, log, f"{self.url}/ready", env=env, timeout=120)
+        super().__init__(command, log, f"{self.url}/ready", env=env, timeout=120, group_kill=True)
 
     def batch_totals(self) -> tuple[float, float]:
         """Images and forward passes so far (the batch-size histogram's sum and count)."""
