@@ -346,6 +346,12 @@ class InferenceConfig(_Strict):
     source: str | None = Field(default=None, description="folder or s3:// prefix; null = the eval split's images")
     score_threshold: float = Field(default=0.5, ge=0, le=1)
     debug_images: int = Field(default=8, ge=0, description="how many raw/drawn image pairs to report")
+    runtime: Literal["auto", "pytorch", "torchscript", "onnx", "openvino"] = Field(
+        default="pytorch",
+        description="pytorch: the trained model as is; auto: the fastest runtime installed for the step's device "
+        "(on the CPU ONNX Runtime, on CUDA eager PyTorch); an exported runtime is exported in the step and "
+        "checked against PyTorch on the source's first images before it predicts",
+    )
 
 
 class QualityGate(_Strict):

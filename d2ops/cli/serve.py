@@ -18,6 +18,7 @@ from d2ops.serving.core import (
     load_settings,
 )
 from d2ops.serving.http import OPEN_PATHS, SETTINGS_ENV, create_app
+from d2ops.utils.device import machine_threads
 from d2ops.utils.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="served model name (default: the bundle's folder name or ClearML name)")
     p.add_argument("--host", default=defaults["host"].default)
     p.add_argument("--port", type=int, default=defaults["port"].default)
-    p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own model copy")
+    p.add_argument("--workers", type=int, help=defaults["workers"].description)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--runtime", default="auto", choices=["auto", "pytorch", "torchscript", "onnx", "openvino"],
                    help=defaults["runtime"].description)  # fmt: skip
@@ -83,8 +84,15 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     except (ServeSettingsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    log.info("serving %s as %r on http://%s:%d (token %s)", settings.model, settings.served_name, settings.host,
-             settings.port, "required" if settings.token else "not required")  # fmt: skip
+    try:
+        settings = settings.model_copy(update={"workers": settings.replicas})
+    except RuntimeError as err:  # --device cuda without a GPU
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    threads = settings.threads or machine_threads(settings.replicas)
+    log.info("serving %s as %r on http://%s:%d (token %s; %d worker(s) x %d intra-op thread(s))", settings.model,
+             settings.served_name, settings.host, settings.port, "required" if settings.token else "not required",
+             settings.replicas, threads)  # fmt: skip
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
@@ -96,9 +104,9 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     }
     # uvicorn re-raises SIGTERM after its graceful shutdown; a finished shutdown is a clean exit.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    if settings.workers > 1:
+    if settings.replicas > 1:
         os.environ[SETTINGS_ENV] = settings.model_dump_json(exclude={"token"})
-        uvicorn.run("d2ops.serving.http:create_app_from_env", factory=True, workers=settings.workers, **common)
+        uvicorn.run("d2ops.serving.http:create_app_from_env", factory=True, workers=settings.replicas, **common)
         return 0
     fatal: list[BaseException] = []
     server: uvicorn.Server | None = None

@@ -31,6 +31,7 @@ class InferResult:
     predictions_json: str
     coco_results_json: str
     seconds_per_image: float
+    runtime: str
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,5 +122,6 @@ def infer_folder(
     write_json(results, [{k: a[k] for k in keys} for a in annotations], indent=None)
     reporter.artifact("predictions", predictions)
     reporter.artifact("coco_results", results)
-    log.info("inferred %d images, %d detections, %.3f s/image", len(paths), len(annotations), seconds)
-    return InferResult(len(paths), len(annotations), str(predictions), str(results), seconds)
+    log.info("inferred %d images, %d detections, %.3f s/image on %s", len(paths), len(annotations), seconds,
+             detector.runtime_name)  # fmt: skip
+    return InferResult(len(paths), len(annotations), str(predictions), str(results), seconds, detector.runtime_name)

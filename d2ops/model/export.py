@@ -50,6 +50,7 @@ __all__ = [
     "compare",
     "describe",
     "export_bundle",
+    "read_image_files",
     "read_images",
 ]
 
@@ -107,8 +108,6 @@ class ExportResult:
 
 def read_images(source: str | Path, limit: int = MAX_PARITY_IMAGES) -> list[tuple[str, np.ndarray]]:
     """BGR images from a folder (sorted; its image files only) or one file, at most ``limit``."""
-    import cv2  # lazy: OpenCV only where images are read from disk
-
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -118,11 +117,18 @@ def read_images(source: str | Path, limit: int = MAX_PARITY_IMAGES) -> list[tupl
         raise ExportError(f"--images {source} does not exist; pass a folder of held-out images (e.g. a test split)")
     if not files:
         raise ExportError(f"--images {source} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return read_image_files(files[:limit], "--images")
+
+
+def read_image_files(files: Iterable[Path], option: str) -> list[tuple[str, np.ndarray]]:
+    """``(name, BGR pixels)`` of each file; one that does not decode is an error naming ``option``."""
+    import cv2  # lazy: OpenCV only where images are read from disk
+
     images = []
-    for file in files[:limit]:
+    for file in files:
         pixels = cv2.imread(str(file), cv2.IMREAD_COLOR)
         if pixels is None:
-            raise ExportError(f"{file} is not a readable image; remove it from --images")
+            raise ExportError(f"{file} is not a readable image; remove it from {option}")
         images.append((file.name, pixels))
     return images
 

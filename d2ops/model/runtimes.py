@@ -21,6 +21,7 @@ the CPUs this process may use (its affinity mask, which containers and ``taskset
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -46,6 +47,8 @@ __all__ = [
     "RuntimeUnavailableError",
     "available_runtimes",
     "choose_runtime",
+    "fastest_runtime",
+    "installed_runtimes",
     "load_runtime",
 ]
 
@@ -76,6 +79,22 @@ def available_runtimes(bundle: ModelBundle, device: str) -> list[str]:
     kind = _device_kind(device)
     usable = {"pytorch"} | {name for name, entry in exported.items() if entry.get("device", "cpu") == kind}
     return [name for name in PREFERENCE[kind] if name in usable] + sorted(usable - set(PREFERENCE[kind]))
+
+
+#: The package each exported runtime needs at inference (TorchScript needs only torch).
+RUNTIME_PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino"}
+
+
+def installed_runtimes() -> list[str]:
+    """The runtimes whose packages this interpreter can import, in :data:`RUNTIMES` order."""
+    return [name for name in RUNTIMES if importlib.util.find_spec(RUNTIME_PACKAGES.get(name, "torch")) is not None]
+
+
+def fastest_runtime(device: str) -> str:
+    """The fastest runtime for ``device`` (resolved: ``cpu`` or ``cuda[:N]``) that is installed here, by
+    :data:`PREFERENCE`; what a model exported for it would best run on."""
+    installed = installed_runtimes()
+    return next(name for name in PREFERENCE[_device_kind(device)] if name in installed)
 
 
 def choose_runtime(bundle: ModelBundle, device: str, requested: str = "auto") -> str:

@@ -74,6 +74,8 @@ def summarize(run: Any, seconds: float) -> dict[str, Any]:
         "model_bundle": register["bundle"],
         "model_registration": register["registration"],
         "predictions": run.steps["infer"].values.get("predictions_json"),
+        "inference_runtime": run.steps["infer"].values.get("runtime"),
+        "inference_seconds_per_image": run.steps["infer"].values.get("seconds_per_image"),
         "clearml_sessions": run.sessions,
         "train_seconds": run.steps["train"].values.get("seconds"),
         "device": run.steps["train"].values.get("device"),
@@ -108,7 +110,12 @@ def format_summary(summary: dict[str, Any], path: Path, report: Path | None = No
         f"  quality gate {gate['metric']} >= {gate['min_value']}: {'PASSED' if gate['passed'] else 'FAILED'}",
         *_champion_line(summary.get("champion_gate")),
         f"  model bundle      {summary['model_bundle']}",
-        f"  predictions       {summary['predictions']}",
+        f"  predictions       {summary['predictions']}"
+        + (
+            f"  ({runtime}, {_num(summary.get('inference_seconds_per_image'), 3)} s/image)"
+            if (runtime := summary.get("inference_runtime"))
+            else ""
+        ),
         "  ClearML offline sessions (import each with Task.import_offline_session(<zip>)):",
         *(f"    {step:<9} {session}" for step, session in summary["clearml_sessions"].items()),
         f"  trained on {summary['device']} in {_num(summary['train_seconds'], 0)} s;"

@@ -50,6 +50,7 @@ __all__ = [
     "StepOutput",
     "StepRuntime",
     "fetch",
+    "inference_detector",
 ]
 
 log = logging.getLogger(__name__)
@@ -450,11 +451,11 @@ def run_infer(ctx: StepContext) -> StepOutput:
     # lazy: torch and detectron2, only in the steps that use them (the controller imports STEPS)
     from d2ops.evaluation.inference import infer_folder
 
-    detector, _, root = _detector(ctx)
+    detector, dataset, root = _detector(ctx)
     source = ctx.cfg.inference.source
     folder = fetch(source, ctx.workdir / "infer_source") if source else _eval_images(ctx, root)
     result = infer_folder(
-        detector,
+        inference_detector(ctx, detector, dataset.class_names, folder),
         folder,
         ctx.workdir / "infer",
         score_threshold=ctx.cfg.inference.score_threshold,
@@ -465,6 +466,49 @@ def run_infer(ctx: StepContext) -> StepOutput:
         files={"predictions": Path(result.predictions_json), "coco_results": Path(result.coco_results_json)},
         values=result.to_dict(),
     )
+
+
+def inference_detector(ctx: StepContext, eager: Any, labels: list[str], folder: Path) -> Any:
+    """The detector batch inference runs: ``eager`` for ``inference.runtime: pytorch`` (or when ``auto`` finds
+    nothing faster installed for the device), else the trained model exported to that runtime in the step's
+    work folder, through the same parity gate as ``d2ops export``, checked on the source's first images.
+
+    With ``auto`` an export that fails the gate falls back to eager PyTorch with a warning; a runtime asked for
+    by name fails the step instead, so a run never predicts with a graph that gives other answers.
+    """
+    # lazy: torch and detectron2, only in the steps that use them (the controller imports STEPS)
+    from d2ops.evaluation.inference import list_images
+    from d2ops.model.detector import Detector
+    from d2ops.model.export import MAX_PARITY_IMAGES, ExportError, export_bundle, read_image_files
+    from d2ops.model.runtimes import fastest_runtime
+
+    requested, device = ctx.cfg.inference.runtime, eager.cfg.MODEL.DEVICE
+    runtime = fastest_runtime(device) if requested == "auto" else requested
+    if runtime == "pytorch":
+        return eager
+    models = ctx.workdir / "infer_model"
+    shutil.rmtree(models, ignore_errors=True)
+    source = build_bundle(
+        models / "pytorch",
+        weights=ctx.input_path("weights"),
+        d2_config=ctx.input_path("d2_config"),
+        labels=labels,
+        metrics={},
+        metadata={"experiment": ctx.cfg.name, "purpose": "batch inference"},
+    )
+    try:
+        images = read_image_files(list_images(folder)[:MAX_PARITY_IMAGES], "the inference source")
+        exported = export_bundle(source, runtime, models / runtime, images=images)
+    except ExportError as err:
+        if requested == "auto":
+            log.warning("inference.runtime auto: %s; predicting with eager PyTorch instead", err)
+            return eager
+        raise ExportError(
+            f"inference.runtime {runtime}: {err}. Set inference.runtime: pytorch (or auto, which falls back to it), "
+            "or point inference.source at images the model finds objects in"
+        ) from err
+    log.info("batch inference on %s (%s)", runtime, exported.summary())
+    return Detector.from_bundle(exported.path, device=device, runtime=runtime, threads=eager.threads)
 
 
 def run_register(ctx: StepContext) -> StepOutput:

@@ -39,6 +39,7 @@ from d2ops.model.detector import Detector
 from d2ops.model.source import model_registry, parse_model_ref, resolve_model
 from d2ops.serving.formats import base64_bytes, decode_frame
 from d2ops.serving.replies import cvat_label_type, to_cvat, to_torchserve
+from d2ops.utils.device import machine_replicas, resolve_device
 
 if TYPE_CHECKING:
     from d2ops.model.detector import Detection, Detector, Frame
@@ -83,13 +84,22 @@ class ServeSettings(BaseModel):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="served model name")
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
-    workers: int = Field(1, ge=1, le=64)
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="model replicas, one worker process each (default: from the machine, "
+        "d2ops.utils.device.machine_replicas: one per 4 CPUs the process may use, one on CUDA)",
+    )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     runtime: Literal["auto", "pytorch", "torchscript", "onnx", "openvino"] = Field(
         "auto", description="auto: the fastest the bundle has for the device (d2ops export adds runtimes)"
     )
     threads: int | None = Field(
-        None, ge=1, le=1024, description="intra-op threads per worker (default: this process's CPUs / workers)"
+        None,
+        ge=1,
+        le=1024,
+        description="intra-op threads per worker (default: the CPUs this process may use / workers)",
     )
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="default score threshold")
     cvat_shape: Literal["mask", "polygon"] = Field("mask", description="a segmenting model's CVAT shapes")
@@ -120,6 +130,13 @@ class ServeSettings(BaseModel):
     @classmethod
     def _empty_token_is_none(cls, value: Any) -> Any:
         return None if value in ("", None) else value
+
+    @property
+    def replicas(self) -> int:
+        """``workers``, else what the machine gives the device (:func:`~d2ops.utils.device.machine_replicas`)."""
+        if self.workers is not None:
+            return self.workers
+        return machine_replicas(resolve_device(self.device))
 
     @property
     def served_name(self) -> str:

@@ -461,7 +461,7 @@ def create_app(
         inference_pixels=settings.max_inference_pixels,
         cvat_shape=settings.cvat_shape,
         runtime=settings.runtime,
-        threads=settings.threads or machine_threads(settings.workers),
+        threads=settings.threads or machine_threads(settings.workers or 1),
     )
     state = ServerState(settings, api, on_fatal or (lambda err: None))
 

@@ -37,6 +37,7 @@ from d2ops.serving.core import (
 )
 from d2ops.serving.formats import DEFAULT_MAX_PIXELS, decode_image
 from d2ops.serving.http import create_app
+from d2ops.utils.device import CPU_THREADS_PER_REPLICA, machine_cpus, machine_replicas
 
 # ------------------------------------------------------------------------------------------- settings
 
@@ -45,7 +46,10 @@ def test_defaults() -> None:
     s = load_settings({"model": "bundle"}, environ={})
     assert s.max_body_size == 32 * MIB
     assert s.max_pixels == DEFAULT_MAX_PIXELS
-    assert (s.max_batch_size, s.workers, s.token, s.watch) == (8, 1, None, False)
+    assert (s.max_batch_size, s.workers, s.token, s.watch) == (8, None, None, False)
+    # replicas from the machine: no GPU here, so one per CPU_THREADS_PER_REPLICA CPUs, at least one
+    assert s.replicas == machine_replicas("cpu") == max(1, machine_cpus() // CPU_THREADS_PER_REPLICA)
+    assert load_settings({"model": "bundle", "workers": 3}, environ={}).replicas == 3
 
 
 @pytest.mark.parametrize(
