@@ -93,6 +93,10 @@ class Summary(_Schema):
     model_bundle: str = Field(description="the model bundle folder")
     model_registration: dict[str, Any] = Field(description="the registered model: name, id, tags, labels, metadata")
     predictions: str | None = Field(description="the batch inference's COCO predictions file")
+    inference_runtime: str | None = Field(
+        description="the runtime the batch inference ran on (inference.runtime: pytorch, torchscript, onnx, openvino)"
+    )
+    inference_seconds_per_image: float | None = Field(description="the batch inference's wall time per image")
     clearml_sessions: dict[str, str] = Field(description="step -> its offline session zip (import_offline_session)")
     train_seconds: float | None
     device: str | None
