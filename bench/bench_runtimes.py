@@ -1,7 +1,6 @@
 """cpu_runtime_speedup: images/s of the fastest exported runtime over the eager PyTorch predictor, batch 1, CPU.
 
-Same bundle (the smoke architecture, Faster R-CNN R18-FPN, seeded random weights as the serving benchmark uses;
-score threshold 0, so every image carries 100 detections through postprocessing on every runtime), exported with
+Same bundle, exported with
 ``d2ops export`` to TorchScript, ONNX and OpenVINO; the same images (``--size`` px JPEG-decoded arrays); the same
 call, :meth:`d2ops.model.detector.Detector.predict` on one image, so the resize before the graph and detectron2's
 postprocessing after it are inside every figure. Rounds alternate between runtimes; medians are reported.
@@ -9,7 +8,16 @@ postprocessing after it are inside every figure. Rounds alternate between runtim
 Threads: each runtime is measured with the threads d2ops sets from the machine (this process's CPUs) and with
 one thread, to show the effect of the setting (``threads_effect``).
 
-    .venv/bin/python bench/bench_runtimes.py [--images 24] [--rounds 3] [--json bench/results.json]
+Two models (``--model``), both with score threshold 0, so every image carries 100 detections through
+postprocessing on every runtime:
+
+- ``smoke`` (results key ``runtimes``): the demo's architecture, Faster R-CNN R18-FPN at 128 px, seeded random
+  weights as the serving benchmarks use;
+- ``r50`` (key ``runtimes_r50``): the architecture users deploy, the model zoo's Faster R-CNN R50-FPN (FrozenBN)
+  at 800 px, seeded random weights calibrated to behave like trained ones
+  (:func:`d2ops.testing.build_production_standin`).
+
+    .venv/bin/python bench/bench_runtimes.py [--model smoke|r50] [--images N] [--rounds 3] [--json bench/results.json]
 """
 
 from __future__ import annotations
@@ -28,10 +36,14 @@ from results_io import merge_into
 
 from d2ops.model.detector import Detector
 from d2ops.model.export import export_bundle
-from d2ops.testing import build_tiny_bundle
+from d2ops.testing import build_production_standin, build_tiny_bundle
 from d2ops.utils.device import machine_threads
 
 RUNTIMES = ("pytorch", "torchscript", "onnx", "openvino")
+MODELS = {
+    "smoke": {"images": 24, "size": 128, "key": "runtimes"},
+    "r50": {"images": 6, "size": 800, "key": "runtimes_r50"},
+}
 
 
 def make_images(n: int, size: int) -> list[tuple[str, np.ndarray]]:
@@ -55,16 +67,22 @@ def throughput(detector: Detector, images: list[np.ndarray]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=24)
-    parser.add_argument("--size", type=int, default=128, help="image height (width 4/3 of it)")
+    parser.add_argument("--model", choices=MODELS, default="smoke")
+    parser.add_argument("--images", type=int, help="images per round (default: 24 smoke, 6 r50)")
+    parser.add_argument("--size", type=int, help="image height, width 4/3 of it (default: the model's test size)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    args.images = args.images or MODELS[args.model]["images"]
+    args.size = args.size or MODELS[args.model]["size"]
     images = make_images(args.images, args.size)
     arrays = [p for _, p in images]
     threads = machine_threads()
     with tempfile.TemporaryDirectory(prefix="d2ops-bench-runtimes-") as tmp:
-        bundle = build_tiny_bundle(Path(tmp) / "tiny")
+        if args.model == "r50":
+            bundle = build_production_standin(Path(tmp) / "r50", arrays[0])
+        else:
+            bundle = build_tiny_bundle(Path(tmp) / "tiny")
         exported = bundle
         for runtime in RUNTIMES[1:]:
             exported = export_bundle(exported, runtime, Path(tmp) / runtime, images=images[:4]).path
@@ -79,6 +97,7 @@ def main() -> None:
     median = {k: statistics.median(v) for k, v in rounds.items()}
     exported_best = max(RUNTIMES[1:], key=lambda rt: median[f"{rt}@{threads}"])
     figures = {
+        "model": args.model,
         "cpu_runtime_speedup": median[f"{exported_best}@{threads}"] / median[f"pytorch@{threads}"],
         "fastest_runtime": exported_best,
         "images_per_s": median,
@@ -93,7 +112,7 @@ def main() -> None:
     }
     print({k: v for k, v in figures.items() if k != "rounds"})
     if args.json:
-        merge_into(args.json, "runtimes", figures)
+        merge_into(args.json, MODELS[args.model]["key"], figures)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ class Tolerance:
 
     Detections whose PyTorch score is within ``score`` of the graph's own score threshold
     (``MODEL.ROI_HEADS.SCORE_THRESH_TEST``) may be missing on either side: a float rounding there decides
-    whether they are kept at all.
+    whether they are kept at all. So may those within ``score`` of the lowest kept score when a side kept
+    its full ``TEST.DETECTIONS_PER_IMAGE``: there a rounding decides which candidate makes the top k.
     """
 
     box_px: float = 0.5
@@ -276,17 +277,29 @@ def compare(
 ) -> list[ImageParity]:
     """Each image through both detectors (all detections the graph keeps), matched within ``tolerance``."""
     floor = float(reference.cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)
+    top_k = int(reference.cfg.TEST.DETECTIONS_PER_IMAGE)
     report = []
     for name, pixels in images:
         (ref,) = reference.predict([pixels])
         (got,) = candidate.predict([pixels])
-        report.append(_match(name, ref, got, floor, tolerance))
+        report.append(_match(name, ref, got, floor, tolerance, top_k))
     return report
 
 
-def _match(name: str, ref: list[Detection], got: list[Detection], floor: float, tol: Tolerance) -> ImageParity:
+def _cut(detections: list[Detection], floor: float, top_k: int) -> float:
+    """The score below which a detection may be absent on this side: the threshold, or the lowest kept
+    score when the top ``top_k`` filled up (candidates ranked just below it were dropped)."""
+    if top_k > 0 and len(detections) >= top_k:
+        return max(floor, min(d.score for d in detections))
+    return floor
+
+
+def _match(
+    name: str, ref: list[Detection], got: list[Detection], floor: float, tol: Tolerance, top_k: int = 0
+) -> ImageParity:
     """Greedy one-to-one matching of PyTorch's detections (by score) to the exported graph's."""
     result = ImageParity(name, len(ref), len(got))
+    ref_cut, got_cut = _cut(ref, floor, top_k), _cut(got, floor, top_k)
     unused = list(range(len(got)))
     for det in sorted(ref, key=lambda d: -d.score):
         best, best_gap = None, float("inf")
@@ -297,7 +310,7 @@ def _match(name: str, ref: list[Detection], got: list[Detection], floor: float, 
             gap = max(abs(a - b) for a, b in zip(det.box, other.box, strict=True))
             if gap < best_gap:
                 best, best_gap = j, gap
-        near_floor = det.score < floor + tol.score
+        near_floor = det.score < got_cut + tol.score
         if best is None or best_gap > tol.box_px or abs(got[best].score - det.score) > tol.score:
             if not near_floor:
                 result.problems.append(f"PyTorch's {det.label} {det.score:.3f} at {_box(det.box)} has no match")
@@ -312,7 +325,7 @@ def _match(name: str, ref: list[Detection], got: list[Detection], floor: float, 
             if iou < tol.mask_iou:
                 result.problems.append(f"the mask of {det.label} {det.score:.3f} at {_box(det.box)} has IoU {iou:.3f}")
     for j in unused:
-        if got[j].score >= floor + tol.score:
+        if got[j].score >= ref_cut + tol.score:
             extra = got[j]
             result.problems.append(f"an extra {extra.label} {extra.score:.3f} at {_box(extra.box)}")
     return result
