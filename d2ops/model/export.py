@@ -18,6 +18,12 @@ images beside the PyTorch predictor: every detection must match (same class, box
 :attr:`Tolerance.box_px` pixels, scores within :attr:`Tolerance.score`, masks with IoU of at least
 :attr:`Tolerance.mask_iou`). A graph the runtime cannot load or run, or one that loses parity, raises
 :class:`ExportError` naming the image and the difference, and leaves nothing at ``--out``.
+
+**Speed.** The parity check alternates the two predictors image by image, so it also measures them side by
+side: the runtime's entry in ``metadata.json`` records ``speed`` (median seconds per image of both, the
+speedup over PyTorch, threads and CPUs). ``--runtime auto`` picks the bundle's fastest runtime by these
+figures (:func:`d2ops.model.runtimes.available_runtimes`): which runtime wins depends on the model and the
+input size (bench/RESULTS.md), so it is measured rather than assumed.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import statistics
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -40,6 +48,7 @@ from d2ops.model.bundle import ModelBundle, ModelNotFoundError, sha256_file
 from d2ops.model.detector import Detection, Detector
 from d2ops.model.runtimes import EXPORTED, OUTPUT_FIELDS
 from d2ops.utils import jsonio
+from d2ops.utils.device import machine_cpus
 
 __all__ = [
     "ARTIFACTS",
@@ -93,6 +102,8 @@ class ImageParity:
     max_score: float = 0.0
     min_mask_iou: float | None = None
     problems: list[str] = field(default_factory=list)
+    pytorch_seconds: float = 0.0  # wall time of each side's predict on this image
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,9 @@ class ExportResult:
 
     def summary(self) -> dict[str, Any]:
         return _parity_summary(self.parity)
+
+    def speed(self) -> dict[str, Any] | None:
+        return measured_speed(self.parity)
 
 
 def read_images(source: str | Path, limit: int = MAX_PARITY_IMAGES) -> list[tuple[str, np.ndarray]]:
@@ -176,6 +190,8 @@ def export_bundle(
                 "shown; pass held-out images with objects the model finds (e.g. the dataset's test split)"
             )
         measured = {**_parity_summary(parity), "tolerance": asdict(tolerance)}
+        speed = measured_speed(parity)
+        entry["speed"] = speed and {**speed, "threads": candidate.threads, "machine_cpus": machine_cpus()}
         _write_metadata(copied, bundle, runtime, entry, parity=measured)
         ModelBundle(staging).verify()
         if out.exists():
@@ -280,10 +296,30 @@ def compare(
     top_k = int(reference.cfg.TEST.DETECTIONS_PER_IMAGE)
     report = []
     for name, pixels in images:
+        started = time.perf_counter()
         (ref,) = reference.predict([pixels])
+        middle = time.perf_counter()
         (got,) = candidate.predict([pixels])
-        report.append(_match(name, ref, got, floor, tolerance, top_k))
+        parity = _match(name, ref, got, floor, tolerance, top_k)
+        parity.pytorch_seconds, parity.seconds = middle - started, time.perf_counter() - middle
+        report.append(parity)
     return report
+
+
+def measured_speed(parity: Sequence[ImageParity]) -> dict[str, Any] | None:
+    """The exported graph's speed against PyTorch's, measured side by side during the parity check (the two
+    alternate image by image; the first image, a warm-up for both, is left out). ``None`` under 2 images."""
+    timed = parity[1:]
+    if not timed:
+        return None
+    seconds = statistics.median(p.seconds for p in timed)
+    pytorch = statistics.median(p.pytorch_seconds for p in timed)
+    return {
+        "images": len(timed),
+        "seconds_per_image": seconds,
+        "pytorch_seconds_per_image": pytorch,
+        "speedup": pytorch / seconds if seconds > 0 else None,
+    }
 
 
 def _cut(detections: list[Detection], floor: float, top_k: int) -> float:

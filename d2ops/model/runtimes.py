@@ -47,7 +47,6 @@ __all__ = [
     "RuntimeUnavailableError",
     "available_runtimes",
     "choose_runtime",
-    "fastest_runtime",
     "installed_runtimes",
     "load_runtime",
 ]
@@ -57,9 +56,10 @@ log = logging.getLogger(__name__)
 RUNTIMES = ("pytorch", "torchscript", "onnx", "openvino")
 #: The runtimes that run an exported graph (``d2ops export <runtime>``).
 EXPORTED = ("torchscript", "onnx", "openvino")
-#: ``--runtime auto``: the fastest runtime the bundle has, per device, fastest first. The CPU order is measured
-#: by bench/bench_runtimes.py (bench/RESULTS.md, ``cpu_runtime_speedup``). On CUDA only eager PyTorch is
-#: chosen: the exported graphs are traced on the CPU and this onnxruntime build has no CUDA provider.
+#: ``--runtime auto`` for a bundle without measured export speeds (see :func:`available_runtimes`), per device,
+#: fastest first on the demo model (bench/bench_runtimes.py; at 800 px OpenVINO overtakes ONNX Runtime, which is
+#: why exports measure). On CUDA only eager PyTorch is chosen: the exported graphs are traced on the CPU and this
+#: onnxruntime build has no CUDA provider.
 PREFERENCE = {"cpu": ("onnx", "openvino", "torchscript", "pytorch"), "cuda": ("pytorch",)}
 #: detectron2 ``Instances`` field -> the graph's output name.
 OUTPUT_FIELDS = {"pred_boxes": "boxes", "pred_classes": "classes", "pred_masks": "masks", "scores": "scores"}
@@ -74,11 +74,26 @@ def _device_kind(device: str) -> str:
 
 
 def available_runtimes(bundle: ModelBundle, device: str) -> list[str]:
-    """The runtimes that can run ``bundle`` on ``device`` (resolved: ``cpu`` or ``cuda[:N]``), fastest first."""
+    """The runtimes that can run ``bundle`` on ``device`` (resolved: ``cpu`` or ``cuda[:N]``), fastest first.
+
+    Fastest by the speedup over PyTorch each export measured beside it (``speed`` in the runtime's entry,
+    :func:`d2ops.model.export.measured_speed`; PyTorch counts 1.0) when every exported runtime usable here has
+    one; otherwise (bundles exported before speeds were recorded) by :data:`PREFERENCE`.
+    """
     exported = bundle.runtimes()
     kind = _device_kind(device)
     usable = {"pytorch"} | {name for name, entry in exported.items() if entry.get("device", "cpu") == kind}
-    return [name for name in PREFERENCE[kind] if name in usable] + sorted(usable - set(PREFERENCE[kind]))
+    by_preference = [name for name in PREFERENCE[kind] if name in usable] + sorted(usable - set(PREFERENCE[kind]))
+    speedups = {"pytorch": 1.0} | {name: _speedup(exported[name]) for name in usable - {"pytorch"}}
+    if kind != "cpu" or any(v is None for v in speedups.values()):
+        return by_preference
+    return sorted(by_preference, key=lambda name: -float(speedups[name] or 0.0))  # stable: ties keep preference
+
+
+def _speedup(entry: dict[str, Any]) -> float | None:
+    speed = entry.get("speed")
+    value = speed.get("speedup") if isinstance(speed, dict) else None
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 #: The package each exported runtime needs at inference (TorchScript needs only torch).
@@ -88,13 +103,6 @@ RUNTIME_PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino"}
 def installed_runtimes() -> list[str]:
     """The runtimes whose packages this interpreter can import, in :data:`RUNTIMES` order."""
     return [name for name in RUNTIMES if importlib.util.find_spec(RUNTIME_PACKAGES.get(name, "torch")) is not None]
-
-
-def fastest_runtime(device: str) -> str:
-    """The fastest runtime for ``device`` (resolved: ``cpu`` or ``cuda[:N]``) that is installed here, by
-    :data:`PREFERENCE`; what a model exported for it would best run on."""
-    installed = installed_runtimes()
-    return next(name for name in PREFERENCE[_device_kind(device)] if name in installed)
 
 
 def choose_runtime(bundle: ModelBundle, device: str, requested: str = "auto") -> str:

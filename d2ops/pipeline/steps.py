@@ -469,26 +469,29 @@ def run_infer(ctx: StepContext) -> StepOutput:
 
 
 def inference_detector(ctx: StepContext, eager: Any, labels: list[str], folder: Path) -> Any:
-    """The detector batch inference runs: ``eager`` for ``inference.runtime: pytorch`` (or when ``auto`` finds
-    nothing faster installed for the device), else the trained model exported to that runtime in the step's
-    work folder, through the same parity gate as ``d2ops export``, checked on the source's first images.
+    """The detector batch inference runs: ``eager`` for ``inference.runtime: pytorch``, else the trained model
+    exported in the step's work folder through the same parity gate as ``d2ops export``, checked (and timed
+    beside PyTorch) on the source's first images.
 
-    With ``auto`` an export that fails the gate falls back to eager PyTorch with a warning; a runtime asked for
-    by name fails the step instead, so a run never predicts with a graph that gives other answers.
+    ``auto`` exports to every runtime installed for the device and predicts with the fastest measured, eager
+    PyTorch included; a runtime whose export fails the gate is skipped with a warning. A runtime asked for by
+    name fails the step instead, so a run never predicts with a graph that gives other answers.
     """
     # lazy: torch and detectron2, only in the steps that use them (the controller imports STEPS)
     from d2ops.evaluation.inference import list_images
     from d2ops.model.detector import Detector
     from d2ops.model.export import MAX_PARITY_IMAGES, ExportError, export_bundle, read_image_files
-    from d2ops.model.runtimes import fastest_runtime
+    from d2ops.model.runtimes import EXPORTED, available_runtimes, installed_runtimes
 
     requested, device = ctx.cfg.inference.runtime, eager.cfg.MODEL.DEVICE
-    runtime = fastest_runtime(device) if requested == "auto" else requested
-    if runtime == "pytorch":
+    if requested == "pytorch":
         return eager
+    candidates = [rt for rt in installed_runtimes() if rt in EXPORTED] if requested == "auto" else [requested]
+    if requested == "auto" and (device != "cpu" or not candidates):
+        return eager  # the exported graphs run on the CPU only
     models = ctx.workdir / "infer_model"
     shutil.rmtree(models, ignore_errors=True)
-    source = build_bundle(
+    bundle = build_bundle(
         models / "pytorch",
         weights=ctx.input_path("weights"),
         d2_config=ctx.input_path("d2_config"),
@@ -496,19 +499,23 @@ def inference_detector(ctx: StepContext, eager: Any, labels: list[str], folder: 
         metrics={},
         metadata={"experiment": ctx.cfg.name, "purpose": "batch inference"},
     )
-    try:
-        images = read_image_files(list_images(folder)[:MAX_PARITY_IMAGES], "the inference source")
-        exported = export_bundle(source, runtime, models / runtime, images=images)
-    except ExportError as err:
-        if requested == "auto":
-            log.warning("inference.runtime auto: %s; predicting with eager PyTorch instead", err)
-            return eager
-        raise ExportError(
-            f"inference.runtime {runtime}: {err}. Set inference.runtime: pytorch (or auto, which falls back to it), "
-            "or point inference.source at images the model finds objects in"
-        ) from err
-    log.info("batch inference on %s (%s)", runtime, exported.summary())
-    return Detector.from_bundle(exported.path, device=device, runtime=runtime, threads=eager.threads)
+    images = read_image_files(list_images(folder)[:MAX_PARITY_IMAGES], "the inference source")
+    for runtime in candidates:  # each export adds its graph to the bundle before it
+        try:
+            bundle = export_bundle(bundle, runtime, models / runtime, images=images).path
+        except ExportError as err:
+            if requested != "auto":
+                raise ExportError(
+                    f"inference.runtime {runtime}: {err}. Set inference.runtime: pytorch (or auto, which skips a "
+                    "runtime that fails), or point inference.source at images the model finds objects in"
+                ) from err
+            log.warning("inference.runtime auto: %s; not predicting with %s", err, runtime)
+    chosen = available_runtimes(ModelBundle(bundle), device)[0] if requested == "auto" else requested
+    speeds = {rt: entry.get("speed") for rt, entry in ModelBundle(bundle).runtimes().items()}
+    log.info("batch inference on %s (measured beside PyTorch: %s)", chosen, speeds)
+    if chosen == "pytorch":
+        return eager
+    return Detector.from_bundle(bundle, device=device, runtime=chosen, threads=eager.threads)
 
 
 def run_register(ctx: StepContext) -> StepOutput:

@@ -93,7 +93,9 @@ class ServeSettings(BaseModel):
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     runtime: Literal["auto", "pytorch", "torchscript", "onnx", "openvino"] = Field(
-        "auto", description="auto: the fastest the bundle has for the device (d2ops export adds runtimes)"
+        "auto",
+        description="auto: the fastest the bundle has for the device, by the speeds its exports measured "
+        "(d2ops export adds runtimes)",
     )
     threads: int | None = Field(
         None,

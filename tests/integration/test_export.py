@@ -84,13 +84,33 @@ def test_an_export_runs_on_its_runtime_and_gives_pytorchs_answers(
         assert min(p.min_mask_iou for p in parity if p.min_mask_iou is not None) >= loose.mask_iou
 
 
-def test_auto_picks_the_fastest_runtime_the_bundle_has(tiny: Path, tmp_path: Path) -> None:
-    onnx = export_bundle(tiny, "onnx", tmp_path / "onnx", images=_images(2)).path
-    both = export_bundle(onnx, "torchscript", tmp_path / "both", images=_images(2)).path
-    assert available_runtimes(ModelBundle(both), "cpu") == ["onnx", "torchscript", "pytorch"]
-    assert Detector.from_bundle(both, device="cpu").runtime_name == "onnx"
+def _set_speedups(bundle: Path, speedups: dict[str, float | None]) -> None:
+    meta = json.loads((bundle / "metadata.json").read_text())
+    for name, value in speedups.items():
+        entry = meta["runtimes"][name]
+        entry["speed"] = None if value is None else {**entry["speed"], "speedup": value}
+    (bundle / "metadata.json").write_text(json.dumps(meta))
+
+
+def test_auto_picks_the_fastest_runtime_the_bundle_has_by_its_measured_speed(tiny: Path, tmp_path: Path) -> None:
+    onnx = export_bundle(tiny, "onnx", tmp_path / "onnx", images=_images(3)).path
+    both = export_bundle(onnx, "torchscript", tmp_path / "both", images=_images(3)).path
+    recorded = ModelBundle(both).runtimes()
+    for name in ("onnx", "torchscript"):  # measured beside PyTorch during the parity check, first image left out
+        speed = recorded[name]["speed"]
+        assert speed["images"] == 2 and speed["threads"] >= 1, speed
+        assert speed["speedup"] == pytest.approx(speed["pytorch_seconds_per_image"] / speed["seconds_per_image"])
+    measured = {"pytorch": 1.0} | {name: recorded[name]["speed"]["speedup"] for name in ("onnx", "torchscript")}
+    assert available_runtimes(ModelBundle(both), "cpu") == sorted(measured, key=lambda n: -measured[n])
     assert Detector.from_bundle(tiny, device="cpu").runtime_name == "pytorch"
     assert available_runtimes(ModelBundle(both), "cuda:0") == ["pytorch"], "the graphs were traced on the CPU"
+    # the order follows the figures: a graph slower than PyTorch comes after it
+    _set_speedups(both, {"onnx": 0.8, "torchscript": 1.3})
+    assert available_runtimes(ModelBundle(both), "cpu") == ["torchscript", "pytorch", "onnx"]
+    assert Detector.from_bundle(both, device="cpu").runtime_name == "torchscript"
+    # a bundle exported before speeds were recorded: the fixed preference
+    _set_speedups(both, {"onnx": None})
+    assert available_runtimes(ModelBundle(both), "cpu") == ["onnx", "torchscript", "pytorch"]
     with pytest.raises(RuntimeUnavailableError, match=r"has no openvino model for cpu .*d2ops export openvino"):
         Detector.from_bundle(both, device="cpu", runtime="openvino")
 

@@ -68,19 +68,37 @@ def test_the_infer_step_predicts_on_the_runtime_it_exported_with_pytorchs_answer
         np.testing.assert_allclose([d.score for d in got], [d.score for d in ref], atol=tol.score)
 
 
-def test_auto_is_the_fastest_runtime_installed_and_pytorch_is_the_trained_model_as_is(
-    tiny_bundle: Path, tmp_path: Path
-) -> None:
-    from d2ops.model.runtimes import PREFERENCE, fastest_runtime, installed_runtimes
-
-    assert installed_runtimes() == ["pytorch", "torchscript", "onnx", "openvino"]  # the project's dependencies
-    assert fastest_runtime("cpu") == PREFERENCE["cpu"][0] == "onnx"
-    assert fastest_runtime("cuda:0") == "pytorch"  # exported graphs are traced on the CPU
+def test_pytorch_is_the_trained_model_as_is(tiny_bundle: Path, tmp_path: Path) -> None:
     folder = _images(tmp_path / "images", 2)
     ctx = _ctx(tmp_path, tiny_bundle, "pytorch")
     eager = _eager(ctx)
     assert inference_detector(ctx, eager, LABELS, folder) is eager
     assert not (ctx.workdir / "infer_model").exists(), "nothing is exported for pytorch"
+
+
+def test_auto_exports_every_installed_runtime_and_predicts_with_the_fastest_measured(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    from d2ops.model.runtimes import available_runtimes, installed_runtimes
+
+    assert installed_runtimes() == ["pytorch", "torchscript", "onnx", "openvino"]  # the project's dependencies
+    folder = _images(tmp_path / "images", 3)
+    ctx = _ctx(tmp_path, tiny_bundle, "auto")
+    eager = _eager(ctx)
+    detector = inference_detector(ctx, eager, LABELS, folder)
+    bundle = ModelBundle.open(ctx.workdir / "infer_model" / "openvino")  # the last export holds all three graphs
+    runtimes = bundle.runtimes()
+    assert sorted(runtimes) == ["onnx", "openvino", "torchscript"]
+    for name, entry in runtimes.items():
+        speed = entry["speed"]
+        assert speed["images"] == 2 and speed["seconds_per_image"] > 0 and speed["speedup"] > 0, (name, speed)
+    fastest = available_runtimes(bundle, "cpu")[0]
+    speedups = {"pytorch": 1.0} | {name: entry["speed"]["speedup"] for name, entry in runtimes.items()}
+    assert speedups[fastest] == max(speedups.values()), speedups
+    if fastest == "pytorch":
+        assert detector is eager
+    else:
+        assert detector.runtime_name == fastest
 
 
 @pytest.fixture
@@ -107,7 +125,7 @@ def test_a_named_runtime_that_cannot_show_parity_fails_the_step_and_says_what_to
     assert not (ctx.workdir / "infer_model" / "openvino").exists(), "no unchecked graph is left to predict with"
 
 
-def test_auto_falls_back_to_eager_pytorch_with_a_warning_when_the_export_cannot_show_parity(
+def test_auto_falls_back_to_eager_pytorch_with_a_warning_when_no_export_can_show_parity(
     tiny_bundle: Path, tmp_path: Path, blind_config: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     folder = _images(tmp_path / "images", 2)
@@ -115,5 +133,8 @@ def test_auto_falls_back_to_eager_pytorch_with_a_warning_when_the_export_cannot_
     eager = _eager(ctx)
     with caplog.at_level(logging.WARNING, logger="d2ops.pipeline.steps"):
         assert inference_detector(ctx, eager, LABELS, folder) is eager
-    assert any("predicting with eager PyTorch instead" in r.getMessage() for r in caplog.records), caplog.text
-    assert not (ctx.workdir / "infer_model" / "onnx").exists()
+    skipped = [r.getMessage() for r in caplog.records if "inference.runtime auto:" in r.getMessage()]
+    assert [m.rsplit(" ", 1)[-1] for m in skipped] == ["torchscript", "onnx", "openvino"], caplog.text
+    assert all("detects nothing" in m for m in skipped), skipped
+    for runtime in ("torchscript", "onnx", "openvino"):
+        assert not (ctx.workdir / "infer_model" / runtime).exists()
