@@ -40,6 +40,7 @@ bench: $(VENV)/.ready
 	$(PY) bench/bench_train.py --json bench/results.json
 	$(PY) bench/bench_serve.py --json bench/results.json
 	$(PY) bench/bench_runtimes.py --json bench/results.json
+	$(PY) bench/bench_runtimes.py --model r50 --json bench/results.json
 	$(PY) bench/bench_replicas.py --json bench/results.json
 	bash bench/setup_peers.sh
 	$(PY) bench/bench_peers.py --rounds 5 --duration-s 10 --json bench/results.json
