@@ -348,9 +348,9 @@ class InferenceConfig(_Strict):
     debug_images: int = Field(default=8, ge=0, description="how many raw/drawn image pairs to report")
     runtime: Literal["auto", "pytorch", "torchscript", "onnx", "openvino"] = Field(
         default="pytorch",
-        description="pytorch: the trained model as is; auto: on the CPU, exported to every installed runtime and "
-        "the fastest measured beside PyTorch (eager PyTorch included) predicts, on CUDA eager PyTorch; a runtime "
-        "named is exported in the step; every export is checked against PyTorch on the source's first images "
+        description="pytorch: the trained model as is; auto: on the CPU, exported to ONNX and OpenVINO (where "
+        "installed) and the fastest measured beside PyTorch (eager included) predicts, on CUDA eager PyTorch; a "
+        "runtime named is exported in the step; every export is checked against PyTorch on the source's first images "
         "before it predicts",
     )
 

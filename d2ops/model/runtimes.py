@@ -78,16 +78,20 @@ def available_runtimes(bundle: ModelBundle, device: str) -> list[str]:
 
     Fastest by the speedup over PyTorch each export measured beside it (``speed`` in the runtime's entry,
     :func:`d2ops.model.export.measured_speed`; PyTorch counts 1.0) when every exported runtime usable here has
-    one; otherwise (bundles exported before speeds were recorded) by :data:`PREFERENCE`.
+    one; otherwise (bundles exported before speeds were recorded) by :data:`PREFERENCE`. The speeds are the
+    export machine's (its CPUs and threads are recorded beside them): serving on very different hardware,
+    name the runtime (``--runtime``) if it measures otherwise there. Runtimes this version does not know
+    come last.
     """
     exported = bundle.runtimes()
     kind = _device_kind(device)
     usable = {"pytorch"} | {name for name, entry in exported.items() if entry.get("device", "cpu") == kind}
-    by_preference = [name for name in PREFERENCE[kind] if name in usable] + sorted(usable - set(PREFERENCE[kind]))
-    speedups = {"pytorch": 1.0} | {name: _speedup(exported[name]) for name in usable - {"pytorch"}}
+    known = [name for name in PREFERENCE[kind] if name in usable]
+    unknown = sorted(usable - set(known))
+    speedups = {name: 1.0 if name == "pytorch" else _speedup(exported[name]) for name in known}
     if kind != "cpu" or any(v is None for v in speedups.values()):
-        return by_preference
-    return sorted(by_preference, key=lambda name: -float(speedups[name] or 0.0))  # stable: ties keep preference
+        return known + unknown
+    return sorted(known, key=lambda name: -(speedups[name] or 0.0)) + unknown  # stable: ties keep preference
 
 
 def _speedup(entry: dict[str, Any]) -> float | None:

@@ -468,25 +468,31 @@ def run_infer(ctx: StepContext) -> StepOutput:
     )
 
 
+#: ``inference.runtime: auto`` exports to these (where installed) and keeps the fastest measured.
+AUTO_EXPORTS = ("onnx", "openvino")
+
+
 def inference_detector(ctx: StepContext, eager: Any, labels: list[str], folder: Path) -> Any:
     """The detector batch inference runs: ``eager`` for ``inference.runtime: pytorch``, else the trained model
     exported in the step's work folder through the same parity gate as ``d2ops export``, checked (and timed
     beside PyTorch) on the source's first images.
 
-    ``auto`` exports to every runtime installed for the device and predicts with the fastest measured, eager
-    PyTorch included; a runtime whose export fails the gate is skipped with a warning. A runtime asked for by
-    name fails the step instead, so a run never predicts with a graph that gives other answers.
+    ``auto`` (on the CPU) exports to ONNX Runtime and OpenVINO where installed, the runtimes that optimise the
+    graph (TorchScript runs eager PyTorch's kernels: 0.99-1.02x in bench/RESULTS.md, not worth its export),
+    and predicts with the fastest measured, eager PyTorch included; a runtime whose export fails the gate is
+    skipped with a warning. A runtime asked for by name fails the step instead, so a run never predicts with a
+    graph that gives other answers.
     """
     # lazy: torch and detectron2, only in the steps that use them (the controller imports STEPS)
     from d2ops.evaluation.inference import list_images
     from d2ops.model.detector import Detector
     from d2ops.model.export import MAX_PARITY_IMAGES, ExportError, export_bundle, read_image_files
-    from d2ops.model.runtimes import EXPORTED, available_runtimes, installed_runtimes
+    from d2ops.model.runtimes import available_runtimes, installed_runtimes
 
     requested, device = ctx.cfg.inference.runtime, eager.cfg.MODEL.DEVICE
     if requested == "pytorch":
         return eager
-    candidates = [rt for rt in installed_runtimes() if rt in EXPORTED] if requested == "auto" else [requested]
+    candidates = [rt for rt in installed_runtimes() if rt in AUTO_EXPORTS] if requested == "auto" else [requested]
     if requested == "auto" and (device != "cpu" or not candidates):
         return eager  # the exported graphs run on the CPU only
     models = ctx.workdir / "infer_model"
@@ -499,23 +505,38 @@ def inference_detector(ctx: StepContext, eager: Any, labels: list[str], folder: 
         metrics={},
         metadata={"experiment": ctx.cfg.name, "purpose": "batch inference"},
     )
-    images = read_image_files(list_images(folder)[:MAX_PARITY_IMAGES], "the inference source")
+    try:
+        images = read_image_files(list_images(folder)[:MAX_PARITY_IMAGES], "the inference source")
+    except ExportError as err:
+        return _export_failed(requested, " or ".join(candidates), err, eager)
     for runtime in candidates:  # each export adds its graph to the bundle before it
         try:
-            bundle = export_bundle(bundle, runtime, models / runtime, images=images).path
+            exported = export_bundle(bundle, runtime, models / runtime, images=images).path
         except ExportError as err:
-            if requested != "auto":
-                raise ExportError(
-                    f"inference.runtime {runtime}: {err}. Set inference.runtime: pytorch (or auto, which skips a "
-                    "runtime that fails), or point inference.source at images the model finds objects in"
-                ) from err
-            log.warning("inference.runtime auto: %s; not predicting with %s", err, runtime)
+            _export_failed(requested, runtime, err, eager)
+            continue
+        if bundle.name != "pytorch":
+            shutil.rmtree(bundle)  # the new bundle holds the earlier graphs too
+        bundle = exported
     chosen = available_runtimes(ModelBundle(bundle), device)[0] if requested == "auto" else requested
     speeds = {rt: entry.get("speed") for rt, entry in ModelBundle(bundle).runtimes().items()}
     log.info("batch inference on %s (measured beside PyTorch: %s)", chosen, speeds)
     if chosen == "pytorch":
         return eager
     return Detector.from_bundle(bundle, device=device, runtime=chosen, threads=eager.threads)
+
+
+def _export_failed(requested: str, runtime: str, err: Exception, eager: Any) -> Any:
+    """``auto``: warn and go on (``eager`` is the fallback); a runtime named: fail the step, saying what to set."""
+    from d2ops.model.export import ExportError  # lazy: torch and detectron2, as in inference_detector
+
+    if requested != "auto":
+        raise ExportError(
+            f"inference.runtime {runtime}: {err}. Set inference.runtime: pytorch (or auto, which skips a runtime "
+            "that fails), or point inference.source at images the model finds objects in"
+        ) from err
+    log.warning("inference.runtime auto: %s; not predicting with %s", err, runtime)
+    return eager
 
 
 def run_register(ctx: StepContext) -> StepOutput:
