@@ -429,8 +429,21 @@ class RegistryConfig(_Strict):
         default="outputs/registry",
         description="offline model registry: <local_dir>/<model_name>/ holds promoted bundles and the champion",
     )
+    export: list[Literal["torchscript", "onnx", "openvino"]] = Field(
+        default_factory=list,
+        description="runtimes the registered bundle also carries (d2ops export, checked against PyTorch on the "
+        "eval split before registration; a failed check fails the step), so `d2ops serve --runtime auto` and "
+        "clearml-serving's Triton engine get them from the registry; [] registers the PyTorch bundle alone",
+    )
 
     _placeholder = field_validator("model_name", "tags")(_no_placeholder)
+
+    @field_validator("export")
+    @classmethod
+    def _export_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"registry.export names a runtime twice: {value}; list each once")
+        return value
 
     @model_validator(mode="after")
     def _gate_tags_not_static(self) -> RegistryConfig:

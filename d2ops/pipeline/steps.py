@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -559,14 +559,20 @@ def run_register(ctx: StepContext) -> StepOutput:
     decision = gate_decision(reg, scored, rescored_champion)
     record = gate_record(decision, rescored=champion is not None)
     lineage = _lineage(ctx, manifest)
+    exports = reg.export if decision.promote else []
+    if reg.export and not decision.promote:
+        log.info("registry.export %s: skipped, the candidate is not promoted", ", ".join(reg.export))
+    registered = ctx.workdir / "bundle" / reg.model_name  # the bundle registered, with its exports if any
     bundle = build_bundle(
-        ctx.workdir / "bundle" / reg.model_name,
+        ctx.workdir / "exported" / "pytorch" / reg.model_name if exports else registered,
         weights=ctx.input_path("weights"),
         d2_config=ctx.input_path("d2_config"),
         labels=labels,
         metrics=metrics,
         metadata={**lineage, "quality_gate": decision.floor.to_dict(), "champion_gate": record},
     )
+    if exports:
+        bundle = _with_exports(ctx, bundle, exports, registered)
     archive = zip_bundle(bundle)
     registration, promotion = _register_and_promote(ctx, store, bundle, archive, labels, decision, champion)
     report_gate(ctx.reporter, decision, record)
@@ -583,6 +589,32 @@ def run_register(ctx: StepContext) -> StepOutput:
             "registration": registration,
         },
     )
+
+
+def _with_exports(ctx: StepContext, bundle: Path, runtimes: Sequence[str], out: Path) -> Path:
+    """``bundle`` exported to each of ``runtimes`` in turn (the last export written to ``out``), each checked
+    against PyTorch on the eval split's images. A failed export fails the step: the registry never holds a graph
+    that gives other answers, and a promoted model is not registered without the runtimes asked for."""
+    # lazy: torch and detectron2, only in the steps that use them (the controller imports STEPS)
+    from d2ops.evaluation.inference import list_images
+    from d2ops.model.export import MAX_PARITY_IMAGES, ExportError, export_bundle, read_image_files
+
+    split = ctx.cfg.eval.split
+    images = read_image_files(
+        list_images(_eval_images(ctx, dataset_dir(ctx)))[:MAX_PARITY_IMAGES], f"eval.split {split}"
+    )
+    for i, runtime in enumerate(runtimes):
+        target = out if i == len(runtimes) - 1 else ctx.workdir / "exported" / runtime / out.name
+        try:
+            result = export_bundle(bundle, runtime, target, images=images, force=True)
+        except ExportError as err:
+            raise ExportError(
+                f"registry.export {runtime}: {err}. Remove {runtime} from registry.export to register the model "
+                "without it"
+            ) from err
+        log.info("registry.export %s: parity %s, speed %s", runtime, result.summary(), result.speed())
+        bundle = result.path
+    return bundle
 
 
 def _score_beside_champion(

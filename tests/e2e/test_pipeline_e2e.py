@@ -198,6 +198,15 @@ def test_bundle_reloads_and_predicts_the_same_boxes(pipeline_run: dict[str, Any]
         assert (bundle / name).is_file(), name
     meta = json.loads((bundle / "metadata.json").read_text())
     assert meta["dataset_identity"] and meta["code_version"] and meta["config_hash"]
+    # registry.export: [onnx] (demo.yaml): the promoted model is registered with its ONNX graph, checked on the
+    # eval split's images and timed beside PyTorch; what `d2ops serve --runtime auto` then runs
+    from d2ops.evaluation.inference import list_images
+
+    test_images = len(list_images(pipeline_run["out"] / "dataset" / "test"))
+    onnx = meta["runtimes"]["onnx"]
+    assert (bundle / onnx["file"]).is_file() and onnx["parity"]["images"] == min(test_images, 50), onnx
+    assert onnx["speed"]["images"] == onnx["parity"]["images"] - 1 and onnx["speed"]["speedup"] > 0, onnx
+    assert Detector.from_bundle(bundle, device="cpu").runtime_name in ("onnx", "pytorch")
 
     predictions = json.loads(Path(pipeline_run["summary"]["predictions"]).read_text())
     folder = pipeline_run["out"] / "dataset" / "test"

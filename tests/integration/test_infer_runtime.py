@@ -140,3 +140,65 @@ def test_auto_falls_back_to_eager_pytorch_with_a_warning_when_no_export_can_show
     assert all("detects nothing" in m for m in skipped), skipped
     for runtime in ("onnx", "openvino"):
         assert not (ctx.workdir / "infer_model" / runtime).exists()
+
+
+# --------------------------------------------------------------------------------------------- registry.export
+
+
+def _register_ctx(tmp_path: Path, bundle: Path, config: Path | None = None) -> StepContext:
+    from d2ops.data.synthetic import generate_shapes_dataset
+
+    root = generate_shapes_dataset(tmp_path / "shapes", counts={"train": 2, "valid": 2, "test": 3})
+    cfg = load_config(
+        REPO / "configs" / "smoke.yaml",
+        ["runtime.device=cpu", f"data.source={root}", f"data.cache_dir={tmp_path / 'cache'}"],
+    )
+    inputs = {"d2_config": str(config or bundle / "config.yaml"), "weights": str(bundle / "model_final.pth")}
+    return StepContext(cfg=cfg, workdir=tmp_path / "work", inputs=inputs)
+
+
+def test_registry_export_checks_each_runtime_on_the_eval_split_and_writes_the_registered_bundle(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    from d2ops.pipeline.steps import _with_exports
+
+    ctx = _register_ctx(tmp_path, tiny_bundle)
+    assert ctx.cfg.registry.export == ["onnx"], "demo.yaml's (smoke.yaml inherits it)"
+    out = tmp_path / "work" / "bundle" / "m"
+    got = _with_exports(ctx, tiny_bundle, ["onnx", "openvino"], out)
+    assert got == out
+    runtimes = ModelBundle.open(out).runtimes()
+    assert sorted(runtimes) == ["onnx", "openvino"]
+    assert all(entry["parity"]["images"] == 3 for entry in runtimes.values()), "the eval split (test): 3 images"
+    assert ModelBundle.open(out).labels() == LABELS
+
+
+def test_a_registry_export_that_cannot_show_parity_fails_the_step_and_writes_nothing(
+    tiny_bundle: Path, tmp_path: Path, blind_config: Path
+) -> None:
+    from d2ops.model.bundle import build_bundle
+    from d2ops.pipeline.steps import _with_exports
+
+    blind = build_bundle(
+        tmp_path / "blind_bundle",
+        weights=tiny_bundle / "model_final.pth",
+        d2_config=blind_config,
+        labels=LABELS,
+        metrics={},
+        metadata={"experiment": "blind"},
+    )
+    ctx = _register_ctx(tmp_path, blind)
+    out = tmp_path / "work" / "bundle" / "m"
+    with pytest.raises(ExportError) as info:
+        _with_exports(ctx, blind, ["onnx"], out)
+    message = str(info.value)
+    assert message.startswith("registry.export onnx: ") and "detects nothing" in message, message
+    assert "Remove onnx from registry.export" in message, message
+    assert not out.exists(), "no bundle is left to register"
+
+
+def test_registry_export_names_each_runtime_once() -> None:
+    from d2ops.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"registry\.export names a runtime twice: \['onnx', 'onnx'\]"):
+        load_config(REPO / "configs" / "smoke.yaml", ["registry.export=[onnx, onnx]"])
