@@ -26,31 +26,11 @@ def build_tiny_bundle(
     it is a Mask R-CNN (``MODEL.MASK_ON``), whose random mask head gives non-empty masks.
     """
     import torch
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    cfg = load_config(_SMOKE_CONFIG, ["runtime.device=cpu"])
-    dataset = RegisteredDataset(
-        names={"train": "unused", "val": "unused"}, class_names=list(SHAPE_CLASSES), json_files={}
-    )
-    train_dir = work / "train"
-    d2 = build_d2_config(cfg, dataset, train_dir)
-    d2.defrost()
-    d2.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
-    d2.MODEL.MASK_ON = masks
-    d2.freeze()
+    d2 = _random_model_config(work, masks)
     torch.manual_seed(seed)
-    train_dir.mkdir(parents=True, exist_ok=True)
-    DetectionCheckpointer(build_model(d2), save_dir=str(train_dir)).save("model_final")
-    (train_dir / "config.yaml").write_text(d2.dump())
-    return build_bundle(
-        work / "bundle",
-        weights=train_dir / "model_final.pth",
-        d2_config=train_dir / "config.yaml",
-        labels=list(SHAPE_CLASSES),
-        metrics={"bbox": {"AP50": 0.0}},
-        metadata=metadata or {"experiment": "tiny", "dataset_identity": "none"},
-    )
+    return _save_bundle(work, build_model(d2), d2, metadata or {"experiment": "tiny", "dataset_identity": "none"})
 
 
 def build_production_standin(work: Path, calibration_image: Any, *, seed: int = 0, masks: bool = False) -> Path:
@@ -66,20 +46,10 @@ def build_production_standin(work: Path, calibration_image: Any, *, seed: int = 
     ``TEST.DETECTIONS_PER_IMAGE`` through postprocessing.
     """
     import torch
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.layers import FrozenBatchNorm2d
     from detectron2.modeling import build_model
 
-    cfg = load_config(_SMOKE_CONFIG, ["runtime.device=cpu", "model.overrides={}"])
-    dataset = RegisteredDataset(
-        names={"train": "unused", "val": "unused"}, class_names=list(SHAPE_CLASSES), json_files={}
-    )
-    train_dir = work / "train"
-    d2 = build_d2_config(cfg, dataset, train_dir)
-    d2.defrost()
-    d2.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
-    d2.MODEL.MASK_ON = masks
-    d2.freeze()
+    d2 = _random_model_config(work, masks, ["model.overrides={}"])  # the zoo config as it is
     torch.manual_seed(seed)
     model = build_model(d2).eval()
 
@@ -100,6 +70,28 @@ def build_production_standin(work: Path, calibration_image: Any, *, seed: int = 
         scale = 2.0 / float(logits[0].std())
         classifier.weight.mul_(scale)
         classifier.bias.mul_(scale)
+    return _save_bundle(work, model, d2, {"experiment": "production-standin", "dataset_identity": "none"})
+
+
+def _random_model_config(work: Path, masks: bool, overrides: list[str] | None = None) -> Any:
+    """The smoke experiment's detectron2 config (with ``overrides``), three shape classes, score threshold 0."""
+    cfg = load_config(_SMOKE_CONFIG, ["runtime.device=cpu", *(overrides or [])])
+    dataset = RegisteredDataset(
+        names={"train": "unused", "val": "unused"}, class_names=list(SHAPE_CLASSES), json_files={}
+    )
+    d2 = build_d2_config(cfg, dataset, work / "train")
+    d2.defrost()
+    d2.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    d2.MODEL.MASK_ON = masks
+    d2.freeze()
+    return d2
+
+
+def _save_bundle(work: Path, model: Any, d2: Any, metadata: dict[str, Any]) -> Path:
+    """``model``'s weights and ``d2`` written under ``work/train``, bundled at ``work/bundle``."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    train_dir = work / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
     DetectionCheckpointer(model, save_dir=str(train_dir)).save("model_final")
     (train_dir / "config.yaml").write_text(d2.dump())
@@ -109,7 +101,7 @@ def build_production_standin(work: Path, calibration_image: Any, *, seed: int = 
         d2_config=train_dir / "config.yaml",
         labels=list(SHAPE_CLASSES),
         metrics={"bbox": {"AP50": 0.0}},
-        metadata={"experiment": "production-standin", "dataset_identity": "none"},
+        metadata=metadata,
     )
 
 
