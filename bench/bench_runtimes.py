@@ -1,23 +1,26 @@
 """cpu_runtime_speedup: images/s of the fastest exported runtime over the eager PyTorch predictor, batch 1, CPU.
 
-Same bundle, exported with
-``d2ops export`` to TorchScript, ONNX and OpenVINO; the same images (``--size`` px JPEG-decoded arrays); the same
+Same bundle, exported with ``d2ops export`` to TorchScript, ONNX and OpenVINO; the same images (``--size`` px
+arrays, or a trained model's own held-out images); the same
 call, :meth:`d2ops.model.detector.Detector.predict` on one image, so the resize before the graph and detectron2's
 postprocessing after it are inside every figure. Rounds alternate between runtimes; medians are reported.
 
 Threads: each runtime is measured with the threads d2ops sets from the machine (this process's CPUs) and with
 one thread, to show the effect of the setting (``threads_effect``).
 
-Two models (``--model``), both with score threshold 0, so every image carries 100 detections through
+Three models (``--model``); the first two at score threshold 0, so every image carries 100 detections through
 postprocessing on every runtime:
 
 - ``smoke`` (results key ``runtimes``): the demo's architecture, Faster R-CNN R18-FPN at 128 px, seeded random
   weights as the serving benchmarks use;
 - ``r50`` (key ``runtimes_r50``): the architecture users deploy, the model zoo's Faster R-CNN R50-FPN (FrozenBN)
   at 800 px, seeded random weights calibrated to behave like trained ones
-  (:func:`d2ops.testing.build_production_standin`).
+  (:func:`d2ops.testing.build_production_standin`);
+- ``trained`` (key ``runtimes_trained``): a trained bundle (``--bundle``, e.g. ``make demo``'s) on its own
+  held-out images (``--image-dir``), at its own score threshold: what the demo's model really serves.
 
     .venv/bin/python bench/bench_runtimes.py [--model smoke|r50] [--images N] [--rounds 3] [--json bench/results.json]
+    .venv/bin/python bench/bench_runtimes.py --model trained --bundle B --image-dir D [--json bench/results.json]
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 from results_io import merge_into
 
 from d2ops.model.detector import Detector
-from d2ops.model.export import export_bundle
+from d2ops.model.export import export_bundle, read_images
 from d2ops.testing import build_production_standin, build_tiny_bundle
 from d2ops.utils.device import machine_threads
 
@@ -43,6 +46,7 @@ RUNTIMES = ("pytorch", "torchscript", "onnx", "openvino")
 MODELS = {
     "smoke": {"images": 24, "size": 128, "key": "runtimes"},
     "r50": {"images": 6, "size": 800, "key": "runtimes_r50"},
+    "trained": {"images": 24, "size": 128, "key": "runtimes_trained"},
 }
 
 
@@ -71,16 +75,28 @@ def main() -> None:
     parser.add_argument("--images", type=int, help="images per round (default: 24 smoke, 6 r50)")
     parser.add_argument("--size", type=int, help="image height, width 4/3 of it (default: the model's test size)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bundle", type=Path, help="--model trained: the trained bundle (make demo's)")
+    parser.add_argument("--image-dir", type=Path, help="--model trained: its held-out images (the test split)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.images = args.images or MODELS[args.model]["images"]
     args.size = args.size or MODELS[args.model]["size"]
-    images = make_images(args.images, args.size)
+    if args.model == "trained":
+        if not (args.bundle and args.image_dir):
+            parser.error(
+                "--model trained needs --bundle and --image-dir (after make demo: --bundle "
+                "outputs/demo/run/bundle/d2ops-shapes --image-dir outputs/demo/dataset/test)"
+            )
+        images = read_images(args.image_dir, limit=args.images)
+    else:
+        images = make_images(args.images, args.size)
     arrays = [p for _, p in images]
     threads = machine_threads()
     with tempfile.TemporaryDirectory(prefix="d2ops-bench-runtimes-") as tmp:
         if args.model == "r50":
             bundle = build_production_standin(Path(tmp) / "r50", arrays[0])
+        elif args.model == "trained":
+            bundle = args.bundle
         else:
             bundle = build_tiny_bundle(Path(tmp) / "tiny")
         exported = bundle
@@ -105,7 +121,7 @@ def main() -> None:
         "threads": threads,
         "threads_effect": {rt: median[f"{rt}@{threads}"] / median[f"{rt}@1"] for rt in RUNTIMES if f"{rt}@1" in median},
         "images": args.images,
-        "image_size": [args.size, args.size * 4 // 3],
+        "image_size": [args.size, args.size * 4 // 3] if args.model != "trained" else "the images' own",
         "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {threads} CPUs usable",
         "torch": torch.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

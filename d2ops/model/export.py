@@ -21,8 +21,8 @@ tolerance of the score threshold, or of the lowest kept score when the top ``DET
 A graph the runtime cannot load or run, or one that loses parity, raises
 :class:`ExportError` naming the image and the difference, and leaves nothing at ``--out``.
 
-**Speed.** The parity check alternates the two predictors image by image, so it also measures them side by
-side: the runtime's entry in ``metadata.json`` records ``speed`` (median seconds per image of both, the
+**Speed.** The parity check runs both predictors over the same images, one after the other, so it also
+measures them: the runtime's entry in ``metadata.json`` records ``speed`` (median seconds per image of both, the
 speedup over PyTorch, threads and CPUs). ``--runtime auto`` picks the bundle's fastest runtime by these
 figures (:func:`d2ops.model.runtimes.available_runtimes`): which runtime wins depends on the model and the
 input size (bench/RESULTS.md), so it is measured rather than assumed.
@@ -297,12 +297,12 @@ def compare(
     floor = float(reference.cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)
     top_k = int(reference.cfg.TEST.DETECTIONS_PER_IMAGE)
     report = []
-    for i, (name, pixels) in enumerate(images):
-        # which side runs first alternates, so neither always runs just after the other (whose threads may spin)
-        if i % 2 == 0:
-            (ref, ref_s), (got, got_s) = _timed(reference, pixels), _timed(candidate, pixels)
-        else:
-            (got, got_s), (ref, ref_s) = _timed(candidate, pixels), _timed(reference, pixels)
+    images = list(images)
+    # Each side over all the images in turn, not image by image: a runtime's worker threads keep spinning for a
+    # while after a call (ONNX Runtime's do), which slows whatever runs next and would skew the timings.
+    refs = [_timed(reference, pixels) for _, pixels in images]
+    gots = [_timed(candidate, pixels) for _, pixels in images]
+    for (name, _), (ref, ref_s), (got, got_s) in zip(images, refs, gots, strict=True):
         parity = _match(name, ref, got, floor, tolerance, top_k)
         parity.pytorch_seconds, parity.seconds = ref_s, got_s
         report.append(parity)
@@ -316,9 +316,9 @@ def _timed(detector: Detector, pixels: np.ndarray) -> tuple[list[Detection], flo
 
 
 def measured_speed(parity: Sequence[ImageParity]) -> dict[str, Any] | None:
-    """The exported graph's speed against PyTorch's, measured side by side during the parity check (the two
-    alternate image by image, which runs first too; the first image, a warm-up for both, is left out; the
-    matching is not timed). ``None`` under 2 images."""
+    """The exported graph's speed against PyTorch's, measured in the parity check (each over the same images, one
+    after the other; the first image, a warm-up for both, is left out; the matching is not timed). ``None``
+    under 2 images."""
     timed = parity[1:]
     if not timed:
         return None
