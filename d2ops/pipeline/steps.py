@@ -484,9 +484,8 @@ def inference_detector(ctx: StepContext, eager: Any, labels: list[str], folder: 
     graph that gives other answers.
     """
     # lazy: torch and detectron2, only in the steps that use them (the controller imports STEPS)
-    from d2ops.evaluation.inference import list_images
     from d2ops.model.detector import Detector
-    from d2ops.model.export import MAX_PARITY_IMAGES, ExportError, export_bundle, read_image_files
+    from d2ops.model.export import ExportError, export_bundle
     from d2ops.model.runtimes import available_runtimes, installed_runtimes
 
     requested, device = ctx.cfg.inference.runtime, eager.cfg.MODEL.DEVICE
@@ -506,7 +505,7 @@ def inference_detector(ctx: StepContext, eager: Any, labels: list[str], folder: 
         metadata={"experiment": ctx.cfg.name, "purpose": "batch inference"},
     )
     try:
-        images = read_image_files(list_images(folder)[:MAX_PARITY_IMAGES], "the inference source")
+        images = _parity_images(folder, "the inference source")
     except ExportError as err:
         return _export_failed(requested, " or ".join(candidates), err, eager)
     for runtime in candidates:  # each export adds its graph to the bundle before it
@@ -518,12 +517,23 @@ def inference_detector(ctx: StepContext, eager: Any, labels: list[str], folder: 
         if bundle.name != "pytorch":
             shutil.rmtree(bundle)  # the new bundle holds the earlier graphs too
         bundle = exported
-    chosen = available_runtimes(ModelBundle(bundle), device)[0] if requested == "auto" else requested
-    speeds = {rt: entry.get("speed") for rt, entry in ModelBundle(bundle).runtimes().items()}
+    final = ModelBundle(bundle)
+    chosen = available_runtimes(final, device)[0] if requested == "auto" else requested
+    speeds = {rt: entry.get("speed") for rt, entry in final.runtimes().items()}
     log.info("batch inference on %s (measured beside PyTorch: %s)", chosen, speeds)
     if chosen == "pytorch":
         return eager
     return Detector.from_bundle(bundle, device=device, runtime=chosen, threads=eager.threads)
+
+
+def _parity_images(folder: Path, option: str) -> list[Any]:
+    """The first :data:`~d2ops.model.export.MAX_PARITY_IMAGES` images under ``folder`` (nested ones included, as
+    batch inference reads them), decoded for an export's parity check; an unreadable one names ``option``."""
+    # lazy: torch and detectron2, only in the steps that use them (the controller imports STEPS)
+    from d2ops.evaluation.inference import list_images
+    from d2ops.model.export import MAX_PARITY_IMAGES, read_image_files
+
+    return read_image_files(list_images(folder)[:MAX_PARITY_IMAGES], option)
 
 
 def _export_failed(requested: str, runtime: str, err: Exception, eager: Any) -> Any:
@@ -596,13 +606,9 @@ def _with_exports(ctx: StepContext, bundle: Path, runtimes: Sequence[str], out: 
     against PyTorch on the eval split's images. A failed export fails the step: the registry never holds a graph
     that gives other answers, and a promoted model is not registered without the runtimes asked for."""
     # lazy: torch and detectron2, only in the steps that use them (the controller imports STEPS)
-    from d2ops.evaluation.inference import list_images
-    from d2ops.model.export import MAX_PARITY_IMAGES, ExportError, export_bundle, read_image_files
+    from d2ops.model.export import ExportError, export_bundle
 
-    split = ctx.cfg.eval.split
-    images = read_image_files(
-        list_images(_eval_images(ctx, dataset_dir(ctx)))[:MAX_PARITY_IMAGES], f"eval.split {split}"
-    )
+    images = _parity_images(_eval_images(ctx, dataset_dir(ctx)), f"eval.split {ctx.cfg.eval.split}")
     for i, runtime in enumerate(runtimes):
         target = out if i == len(runtimes) - 1 else ctx.workdir / "exported" / runtime / out.name
         try:
