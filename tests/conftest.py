@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,32 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_CONFIG = str(REPO / "configs" / "smoke.yaml")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Generator[None, Any, Any]:
+    """Remove what a module- or session-scoped fixture made with ``tmp_path_factory`` when it is torn down.
+
+    pytest keeps every ``mktemp`` directory to the end of the session, and the suite's trained models,
+    checkpoints and exports come to about 14 GB if nothing is removed, enough to fill a CI disk
+    (a checkpoint write failing mid-file). Per-test ``tmp_path`` directories are removed by
+    ``tmp_path_retention_policy = "failed"`` in pyproject.toml; this does the same for shared fixtures
+    when their scope ends. A directory is found as what appeared in the base temp during the setup.
+    """
+    if fixturedef.scope == "function" or fixturedef.argname == "tmp_path_factory":
+        return (yield)
+    base = request.getfixturevalue("tmp_path_factory").getbasetemp()
+    before = set(base.iterdir())
+    result = yield
+    made = set(base.iterdir()) - before
+
+    def remove() -> None:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
+
+    if made:
+        fixturedef.addfinalizer(remove)
+    return result
 
 
 @pytest.fixture(scope="session")
