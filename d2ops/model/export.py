@@ -203,6 +203,8 @@ def export_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, (ExportError, KeyboardInterrupt, SystemExit)):
             raise
+        # not a refusal of the gate but a failure inside the tracer or a runtime: its traceback is what a report needs
+        log.warning("the %s export of %s raised", runtime, bundle.path, exc_info=err)
         raise ExportError(f"the {runtime} export of {bundle.path} failed: {type(err).__name__}: {err}") from err
     log.info("%s export of %s written to %s (parity on %d images)", runtime, bundle.path, out, len(parity))
     return ExportResult(out, runtime, parity)
@@ -268,9 +270,16 @@ def _export_onnx(adapter: TracingAdapter, outputs: list[str], path: Path) -> Non
 
 
 def _convert_openvino(onnx_path: Path, xml_path: Path) -> None:
+    """The ONNX graph read by OpenVINO's ONNX frontend and saved as IR at f32.
+
+    ``Core.read_model`` is what OpenVINO documents for an ONNX file that needs no cutting, preprocessing or
+    conversion extensions. ``ov.convert_model`` would add the conversion tool's layer on top, whose telemetry
+    writes ``~/intel`` and sends usage events from the user's machine (it is on unless a consent file or
+    ``CI=true`` says otherwise), with nothing in it this graph needs.
+    """
     import openvino as ov  # lazy: only the OpenVINO export needs it
 
-    ov.save_model(ov.convert_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
+    ov.save_model(ov.Core().read_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
 
 
 def _write_metadata(

@@ -216,7 +216,9 @@ class OpenVINORuntime(_ExportedRuntime):
         super().__init__(entry)
         config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
         self.compiled = ov.Core().compile_model(str(path), "CPU", config)
-        self._ports = {port.get_any_name(): port for port in self.compiled.outputs}
+        # by every name a port's tensor has: OpenVINO may give one tensor several (the ONNX output's and an inner
+        # node's), and get_any_name() picks one of them
+        self._ports = {name: port for port in self.compiled.outputs for name in port.get_names()}
         self._local = threading.local()
 
     def _run(self, image: torch.Tensor) -> Sequence[Any]:

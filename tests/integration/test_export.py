@@ -229,3 +229,16 @@ def test_a_trained_mask_rcnn_exports_with_its_masks(tmp_path: Path) -> None:
         result = export_bundle(bundle, runtime, tmp_path / runtime, images=read_images(Path(root) / "test"))
         summary = result.summary()
         assert summary["detections"] > 0 and summary["min_mask_iou"] >= Tolerance().mask_iou, summary
+
+
+def test_an_openvino_export_sends_no_telemetry(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenVINO's conversion tool (``ov.convert_model``) counts each use in ``~/intel`` and sends it to Google
+    Analytics unless a consent file or ``CI=true`` says no (``openvino_telemetry``'s ``OptInChecker``); the export
+    reads the ONNX graph with OpenVINO's frontend instead, which has no telemetry."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("CI", "TF_BUILD", "JENKINS_URL"):  # the variables that turn the telemetry off
+        monkeypatch.delenv(name, raising=False)
+    export_bundle(tiny, "openvino", tmp_path / "out", images=_images(2))
+    assert not (home / "intel").exists(), sorted(p.name for p in (home / "intel").iterdir())
