@@ -16,7 +16,9 @@ SMOKE_CONFIG = str(REPO / "configs" / "smoke.yaml")
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Generator[None, Any, Any]:
+def pytest_fixture_setup(
+    fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
+) -> Generator[None, Any, Any]:
     """Remove what a module- or session-scoped fixture made with ``tmp_path_factory`` when it is torn down.
 
     pytest keeps every ``mktemp`` directory to the end of the session, and the suite's trained models,
