@@ -2,8 +2,8 @@
 
 The graph is detectron2's own export path: :class:`detectron2.export.TracingAdapter` around
 ``GeneralizedRCNN.inference(..., do_postprocess=False)``, traced with ``torch.jit.trace`` (TorchScript) or
-exported by ``torch.onnx.export(..., dynamo=False)`` (ONNX, opset 17); OpenVINO converts that ONNX graph
-(``openvino.convert_model``) and keeps its IR at f32 (``compress_to_fp16=False``).
+exported by ``torch.onnx.export(..., dynamo=False)`` (ONNX, opset 17); OpenVINO reads that ONNX graph with its
+ONNX frontend (``Core.read_model``, see :func:`_convert_openvino`) and keeps its IR at f32 (``compress_to_fp16=False``).
 
 **Variable input sizes.** The test-time resize (``ResizeShortestEdge`` to ``INPUT.MIN_SIZE_TEST`` /
 ``MAX_SIZE_TEST``) is done *outside* the graph, by the same :class:`~d2ops.model.detector.Detector` code
