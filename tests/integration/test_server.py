@@ -695,6 +695,7 @@ def test_watch_swaps_in_new_versions_and_rejects_broken_ones(tiny_bundle: Path, 
 # ------------------------------------------------------------------------------------------ exported runtimes
 
 
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
 @pytest.mark.parametrize("runtime", ["onnx", "openvino"])
 def test_an_exported_bundle_serves_pytorchs_answers_on_its_runtime(
     runtime: str, tiny_bundle: Path, logs: Path, tmp_path: Path, detector: Detector, images: list[bytes]
