@@ -111,7 +111,11 @@ def _driver(cfg: dict[str, Any]) -> None:  # pragma: no cover - runs in the driv
     import uvicorn
 
     # The serving service's own process is not the inference one: close it so that setup_task can
-    # Task.init the inference instance (ClearML allows one Task.init per process at a time).
+    # Task.init the inference instance (ClearML allows one Task.init per process at a time). Its repository and
+    # requirements analysis is stopped first (ClearML's own negative-timeout path): in a fresh clone it was seen
+    # to run past the 300 s close() waits for it, so the app never listened; a deployment's control plane is
+    # made by clearml-serving's CLI, not by a script like this one.
+    control._wait_for_repo_detection(timeout=-1)
     control.close()
     from clearml_serving.serving import main as serving_main
 
