@@ -18,7 +18,7 @@ demo: $(VENV)/.ready
 test: $(VENV)/.ready
 	$(PY) -m pytest -q
 
-# every tier without the tests marked slow (5 s or more each: training, ClearML's loops): under 3 minutes
+# every tier without the tests marked slow (5 s or more each: training, ClearML's loops): about 3 minutes
 test-fast: $(VENV)/.ready
 	$(PY) -m pytest -q -m "not slow"
 
