@@ -23,11 +23,17 @@ Three traps of clearml 2.1.12's controller, and what d2ops does about each:
   the pipeline *failed* with it as the status reason.
 - A ``pre_execute_callback`` that raises kills the controller the same way. The download step's
   cache-key callback (:func:`download_cache_key`) never raises: it warns and takes a cache miss.
+- Past ``set_pipeline_execution_time_limit``, the control loop stops and aborts the running steps,
+  but its end of loop marks only nodes whose ``executed is False`` as failed: an aborted step's is
+  ``None``, and the pipeline ends *completed*. :class:`D2opsPipelineController` marks it *failed*,
+  the time limit and the unfinished steps as its reason, and :func:`start_controller` raises, so
+  the controller's process exits non-zero.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from functools import partial
 from typing import Any
@@ -63,18 +69,31 @@ ARGS_PREFIX = "Args/"
 
 
 class D2opsPipelineController(PipelineController):
-    """ClearML's PipelineController, failing visibly when its control loop dies.
+    """ClearML's PipelineController, failing visibly when its control loop dies or runs out of time.
 
     clearml 2.1.12 runs :meth:`_daemon` on a thread; an exception there ends the thread, and
     ``stop()`` then marks the pipeline completed (or failed with a generic "Pipeline step
     failed" only when a step failed). Here the error is kept, logged with its traceback, and
     the pipeline task is marked failed with it as the status reason.
+
+    The loop also ends, without an error, when the pipeline runs past its time limit; it aborts
+    the running steps and skips the rest, and ClearML marks the pipeline completed. Here that
+    is a failure too (:attr:`failure`), whose reason names the limit and the unfinished steps.
     """
 
     controller_error: BaseException | None = None
+    #: Why the pipeline ran out of time (``None`` when it did not).
+    time_limit_error: str | None = None
+    _time_limit_min: float | None = None
+
+    def set_pipeline_execution_time_limit(self, max_execution_minutes: float | None) -> None:
+        super().set_pipeline_execution_time_limit(max_execution_minutes)
+        self._time_limit_min = max_execution_minutes or None
 
     def _daemon(self) -> None:
-        # clearml 2.1.12: PipelineController._daemon is the control loop, run on the controller thread.
+        # clearml 2.1.12: PipelineController._daemon is the control loop, run on the controller thread,
+        # started right after the pipeline's own start time is taken (_prepare_pipeline).
+        started = time.monotonic()
         try:
             super()._daemon()
         except BaseException as err:
@@ -82,12 +101,32 @@ class D2opsPipelineController(PipelineController):
             # clearml 2.1.12: what stop() reads to fail the pipeline.
             self._pipeline_task_status_failed = True  # type: ignore[assignment]
             log.exception("the pipeline controller stopped on an error; no further steps are launched")
+            return
+        limit = self._time_limit_min
+        if not limit or time.monotonic() - started < limit * 60.0:
+            return
+        unfinished = [name for name, node in self.get_pipeline_dag().items() if not node.executed]
+        if not unfinished:
+            return
+        self.time_limit_error = (
+            f"the pipeline ran past its time limit (clearml.pipeline_time_limit_min={limit:g}); "
+            f"steps not finished: {', '.join(unfinished)}"
+        )
+        self._pipeline_task_status_failed = True  # type: ignore[assignment]
+        log.error("%s; the running steps were aborted and the rest skipped", self.time_limit_error)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the pipeline failed in its controller (an error of the control loop, or its time limit), or ``None``."""
+        if self.controller_error is not None:
+            return f"controller error: {type(self.controller_error).__name__}: {self.controller_error}"
+        return self.time_limit_error
 
     def stop(self, timeout: float | None = None, mark_failed: bool = False, mark_aborted: bool = False) -> None:
         super().stop(timeout=timeout, mark_failed=mark_failed, mark_aborted=mark_aborted)
-        if self.controller_error is not None and self._task is not None:
-            reason = f"controller error: {type(self.controller_error).__name__}: {self.controller_error}"
-            self._task.mark_failed(status_reason=reason[:250], force=True)
+        reason = self.failure
+        if reason is not None and self._task is not None:
+            self._task.mark_failed(status_reason=reason[:250], status_message=reason[:250], force=True)
 
     @property
     def task(self) -> Any:
@@ -281,11 +320,12 @@ def _add_step(
 def start_controller(pipe: D2opsPipelineController, mode: str, controller_queue: str) -> None:
     """``local``: controller and steps here; ``remote``: controller on ``controller_queue``.
 
-    Raises when the controller ended on an error (the pipeline task is already marked failed).
+    Raises when the controller ended on an error or past its time limit (the pipeline task is
+    already marked failed with the reason), so the controller's process exits non-zero.
     """
     if mode == "local":
         pipe.start_locally(run_pipeline_steps_locally=True)
     else:
         pipe.start(queue=controller_queue)
-    if pipe.controller_error is not None:
-        raise RuntimeError(f"the pipeline controller failed: {pipe.controller_error}") from pipe.controller_error
+    if pipe.failure is not None:
+        raise RuntimeError(f"the pipeline failed: {pipe.failure}") from pipe.controller_error

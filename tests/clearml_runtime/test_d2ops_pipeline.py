@@ -188,7 +188,9 @@ def test_the_agent_rebuilds_exactly_the_pipeline_the_laptop_launched(
     _assert_no_unknown_endpoints(clearml_server)
 
 
-def _controller_here(server: FakeClearmlServer, configure: Any = None) -> tuple[Any, threading.Thread]:
+def _controller_here(
+    server: FakeClearmlServer, configure: Any = None, sets: tuple[str, ...] = ()
+) -> tuple[Any, threading.Thread]:
     """The smoke pipeline's D2opsPipelineController, its daemon loop running in this process
     (``start_locally(run_pipeline_steps_locally=False)``: steps go to the queues, which the test serves)."""
     from d2ops.clearml.controller import build_controller
@@ -196,7 +198,7 @@ def _controller_here(server: FakeClearmlServer, configure: Any = None) -> tuple[
 
     for queue in QUEUES:
         server.create_queue(queue)
-    cfg = load_config(REPO / SMOKE, ["clearml.pool_frequency_s=0.5", "data.source=/nowhere"])
+    cfg = load_config(REPO / SMOKE, ["clearml.pool_frequency_s=0.5", "data.source=/nowhere", *sets])
     pipe = build_controller(cfg, SMOKE)
     if configure is not None:
         configure(pipe)
@@ -239,6 +241,59 @@ def test_a_controller_that_dies_fails_the_pipeline_with_its_reason(
     assert isinstance(pipe.controller_error, RuntimeError)
     assert "the pipeline controller stopped on an error" in caplog.text
     assert not [t for t in clearml_server.tasks.values() if t["name"] == "train"]
+
+
+@pytest.mark.timeout(240)
+def test_a_pipeline_past_its_time_limit_ends_failed_naming_the_limit(
+    clearml_server: FakeClearmlServer, tmp_path: Path
+) -> None:
+    """Part 3: ClearML's loop stops at ``pipeline_time_limit_min`` and aborts the running train step, but
+    marks only nodes whose ``executed is False`` as failed, so plain clearml 2.1.12 ends the pipeline
+    *completed*: a scheduled retrain that timed out looked green."""
+    pipe, controller = _controller_here(clearml_server, sets=("clearml.pipeline_time_limit_min=0.05",))
+    _complete_download(clearml_server, tmp_path)
+    train = clearml_server.wait_for(lambda: clearml_server.next_queued("gpu"), 60)
+    clearml_server.start_task(train)  # and it never finishes
+    controller.join(timeout=60)
+    assert not controller.is_alive()
+
+    ctrl = clearml_server.tasks[pipe.task.id]
+    assert clearml_server.tasks[train]["status"] == "stopped"  # ClearML's own abort of the running step
+    assert not [t for t in clearml_server.tasks.values() if t["name"] == "register"]
+    assert ctrl["status"] == "failed", ctrl["status_reason"]
+    expected = "the pipeline ran past its time limit (clearml.pipeline_time_limit_min=0.05); steps not finished: "
+    assert ctrl["status_reason"].startswith(expected), ctrl["status_reason"]
+    assert "train" in ctrl["status_reason"] and "register" in ctrl["status_reason"]
+    assert pipe.failure == ctrl["status_reason"]
+    _assert_no_unknown_endpoints(clearml_server)
+
+
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
+@pytest.mark.timeout(420)
+def test_a_controller_past_its_time_limit_exits_non_zero_on_the_agent(
+    clearml_server: FakeClearmlServer, tmp_path: Path
+) -> None:
+    """Part 3: the controller's process, as the services agent starts it, exits non-zero past its time
+    limit, so the agent does not mark the pipeline completed."""
+    for queue in QUEUES:
+        clearml_server.create_queue(queue)
+    (tmp_path / "clearml.conf").write_text("")
+    controller_id = _laptop(
+        clearml_server, tmp_path, "--config", SMOKE, "--set", "clearml.pipeline_time_limit_min=0.1",
+        "--set", "clearml.pool_frequency_s=0.5", "--dataset-uri", "/data/on/the/workers/only",
+    )  # fmt: skip
+    controller = _agent_start(clearml_server, tmp_path, controller_id)
+    try:
+        download = clearml_server.wait_for(lambda: clearml_server.next_queued("cpu"), 120)
+        clearml_server.start_task(download)  # and it never finishes
+        output, _ = controller.communicate(timeout=120)
+    finally:
+        controller.kill()
+    assert controller.returncode == 1, output
+    assert "the pipeline ran past its time limit (clearml.pipeline_time_limit_min=0.1)" in output
+    ctrl = clearml_server.tasks[controller_id]
+    assert ctrl["status"] == "failed" and "time limit" in ctrl["status_reason"], output
+    assert clearml_server.tasks[download]["status"] == "stopped"
 
 
 def _run_train_failure(server: FakeClearmlServer, tmp_path: Path, *, time_limit: bool) -> tuple[list[str], Any]:
