@@ -10,6 +10,7 @@ Credentials never live here: S3 keys come from the environment or clearml.conf.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import re
@@ -34,6 +35,14 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from d2ops.config_secrets import (
+    DOCKER_ARGS_ADVICE,
+    docker_args_credentials,
+    has_uri_credentials,
+    is_secret_name,
+    uri_userinfo,
+)
+
 __all__ = [
     "NULL_WORDS",
     "ConfigError",
@@ -47,10 +56,7 @@ __all__ = [
     "uri_userinfo",
 ]
 
-# Names that must never be stored in a config (they would end up as ClearML hyperparameters).
-_SECRET_WORDS = ("secret", "password", "access_key", "token", "credential")
-# ``scheme://userinfo@``: credentials written into a URI (s3://KEY:SECRET@host/bucket, https://user:pw@host).
-_URI_USERINFO = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://([^\s/?#@]+)@")
+# Which names and values are credentials (they would end up as ClearML hyperparameters): d2ops.config_secrets.
 _HIDDEN = "<not shown: it may hold credentials>"
 _KEY_ADVICE = "use the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or clearml.conf"
 _URI_ADVICE = (
@@ -67,19 +73,6 @@ class ConfigError(ValueError):
 #: Checks beside the schema's: ``checks(raw, cfg)`` -> one line per problem (``cfg`` is None when the schema
 #: refused the config, so the checks still run beside its errors); see :mod:`d2ops.pipeline.preflight`.
 LaunchChecks = Callable[[dict[str, Any], "ExperimentConfig | None"], list[str]]
-
-
-def uri_userinfo(text: str) -> list[str]:
-    """The userinfo (``user:password``) of every URI with credentials in ``text``."""
-    return [match.group(1) for match in _URI_USERINFO.finditer(text)]
-
-
-def _is_secret_key(key: object) -> bool:
-    return any(word in str(key).lower() for word in _SECRET_WORDS)
-
-
-def has_uri_credentials(value: object) -> bool:
-    return isinstance(value, str) and _URI_USERINFO.search(value) is not None
 
 
 def _dotted(path: tuple[str | int, ...]) -> str:
@@ -105,7 +98,7 @@ def _credentials_in(value: Any, path: tuple[str | int, ...] = ()) -> Iterator[tu
         for key, item in value.items():
             if has_uri_credentials(key):
                 yield (*path, _show_key(key)), "uri"
-            elif _is_secret_key(key):
+            elif is_secret_name(key):
                 yield (*path, str(key)), "key"
             else:
                 yield from _credentials_in(item, (*path, str(key)))
@@ -120,7 +113,7 @@ def _masked(value: Any) -> Any:
     if has_uri_credentials(value):
         return _HIDDEN
     if isinstance(value, dict):
-        return {_show_key(key): _HIDDEN if _is_secret_key(key) else _masked(item) for key, item in value.items()}
+        return {_show_key(key): _HIDDEN if is_secret_name(key) else _masked(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_masked(item) for item in value)
     return value
@@ -133,7 +126,7 @@ def _sensitive_strings(value: Any, under_secret_key: bool = False) -> set[str]:
     if isinstance(value, dict):
         for key, item in value.items():
             found |= _sensitive_strings(key)  # a key is sensitive only as a URI with credentials
-            found |= _sensitive_strings(item, under_secret_key or _is_secret_key(key))
+            found |= _sensitive_strings(item, under_secret_key or is_secret_name(key))
     elif isinstance(value, (list, tuple, set)):
         for item in value:
             found |= _sensitive_strings(item, under_secret_key)
@@ -471,12 +464,11 @@ class QueuesConfig(_Strict):
 
 
 def _no_secret_docker_args(value: str | None) -> str | None:
-    lowered = (value or "").lower()
-    if any(word in lowered for word in _SECRET_WORDS) or "aws_" in lowered:
-        raise ValueError(
-            "docker arguments must not carry credentials (ClearML shows them in the UI); "
-            "configure them in the agent's clearml.conf or an env file on the worker"
-        )
+    """The one credential rule (:func:`d2ops.config_secrets.docker_args_credentials`): the error names
+    each variable, never its value."""
+    names = docker_args_credentials(value)
+    if names:
+        raise ValueError(f"docker arguments must not carry credentials ({', '.join(names)}): {DOCKER_ARGS_ADVICE}")
     return value
 
 
@@ -658,12 +650,17 @@ def _steps_fix(ctx: dict[str, Any], launch: _Launch) -> str:
     return f"; fix: {fix}"
 
 
-def _validation_lines(err: ValidationError, launch: _Launch | None = None) -> list[str]:
-    """One line per error, naming the key. A rejected value is shown only with its credential-looking
-    keys' values and its URIs with credentials masked, at any depth (the message lands in logs)."""
+def _validation_lines(
+    err: ValidationError, launch: _Launch | None = None, only: Callable[[tuple[Any, ...]], bool] | None = None
+) -> list[str]:
+    """One line per error (``only``: those whose location it accepts), naming the key. A rejected value is
+    shown only with its credential-looking keys' values and its URIs with credentials masked, at any depth
+    (the message lands in logs)."""
     launch = launch or _Launch()
     lines: list[str] = []
     for item in err.errors():
+        if only is not None and not only(tuple(item["loc"])):
+            continue
         key = ".".join(str(_show_key(p)) for p in item["loc"]) or "<root>"
         kind = item["type"]
         got = repr(_masked(item.get("input")))
@@ -770,14 +767,87 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
     return result
 
 
+def _key_path(key: str) -> tuple[str, ...]:
+    """A ``--set`` key as the path :func:`_set_dotted` writes (a detectron2 key under model.overrides is one part)."""
+    parts = key.strip().split(".")
+    return (*parts[:2], ".".join(parts[2:])) if parts[:2] == ["model", "overrides"] and len(parts) > 2 else tuple(parts)
+
+
+def _one_type(annotation: Any) -> Any:
+    """``X | None`` -> X; anything else as it is."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def _schema_key_problem(key: str) -> str | None:
+    """Why ``key`` names no key of :class:`ExperimentConfig` (a typo, a value taken for a section), or None.
+    Keys under model.overrides are detectron2's (checked at launch, not by the schema)."""
+    parts = key.strip().split(".")
+    node: Any = ExperimentConfig
+    for depth, part in enumerate(parts):
+        where, parent = ".".join(parts[: depth + 1]), ".".join(parts[:depth])
+        node = _one_type(node)
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            if part not in node.model_fields:
+                close = difflib.get_close_matches(part, list(node.model_fields), n=1)
+                hint = f"did you mean {'.'.join([*parts[:depth], close[0]])}?" if close else "check the spelling;"
+                return f"{where}: unknown key ({hint} configs/demo.yaml shows every key)"
+            node = node.model_fields[part].annotation
+        elif typing.get_origin(node) is dict:
+            names, value = typing.get_args(node)
+            allowed = typing.get_args(names) if typing.get_origin(names) is Literal else ()
+            if allowed and part not in allowed:
+                return f"{where}: unknown key, allowed under {parent}: {', '.join(allowed)}"
+            if value is Any:
+                return None
+            node = value
+        else:
+            return f"{where}: {parent} is a value, not a section"
+    return None
+
+
+#: Stands in for the template run's experiment when ``--set`` items are checked alone: only the errors
+#: at or under a key they set are reported (the clone validates the whole experiment when it starts).
+_CHECK_SKELETON: dict[str, Any] = {
+    "data": {"source": "s3://bucket/dataset"},
+    "model": {"zoo_config": "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"},
+}
+
+
 def check_overrides(overrides: list[str] | tuple[str, ...]) -> None:
     """Check ``--set`` items that are not applied to a config here (``d2ops schedule --set`` without
-    ``--config`` sets them on another run's experiment): KEY=VALUE, YAML values, and no credentials,
-    neither a credential-looking key nor a URI with credentials at any depth. The error names the
-    key, never the value."""
-    for path, kind in _credentials_in(apply_overrides({}, list(overrides))):
-        advice = _URI_ADVICE if kind == "uri" else f"credentials are not allowed in a config; {_KEY_ADVICE}"
-        raise ConfigError(f"--set {_dotted(path)}: {advice}")
+    ``--config`` sets them on another run's experiment), as far as they go alone: KEY=VALUE and YAML
+    values; no credentials, neither a credential-looking key nor a URI with credentials at any depth nor
+    one in docker arguments; every key a key of the schema (a typo fails here, not in every clone); every
+    value one the schema accepts for its key. One :class:`ConfigError` names each key, never a value."""
+    overrides = list(overrides)
+    problems = [
+        f"{_dotted(path)}: "
+        + (_URI_ADVICE if kind == "uri" else f"credentials are not allowed in a config; {_KEY_ADVICE}")
+        for path, kind in _credentials_in(apply_overrides({}, overrides))
+    ]
+    if not problems:
+        keys = list(dict.fromkeys(item.partition("=")[0].strip() for item in overrides))
+        unknown = {key: problem for key in keys if (problem := _schema_key_problem(key))}
+        problems += list(unknown.values())
+        paths = [_key_path(key) for key in keys if key not in unknown]
+        try:
+            ExperimentConfig.model_validate(apply_overrides(_CHECK_SKELETON, overrides))
+        except ValidationError as err:
+
+            def set_here(loc: tuple[Any, ...]) -> bool:
+                return any(tuple(str(p) for p in loc[: len(path)]) == path for path in paths)
+
+            problems += [line.removeprefix("  - ") for line in _validation_lines(err, only=set_here)]
+    if problems:
+        message = (
+            f"--set {problems[0]}"
+            if len(problems) == 1
+            else "\n".join(["invalid --set:", *(f"  - {p}" for p in problems)])
+        )
+        raise ConfigError(_scrubbed(message, overrides))
 
 
 def _secret_problems(tree: Any, path: tuple[str | int, ...] = ()) -> list[tuple[str, str]]:

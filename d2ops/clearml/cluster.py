@@ -28,7 +28,8 @@ from typing import Any
 from clearml.backend_api.session.client import APIClient
 
 from d2ops.clearml.session import TASK_TYPES
-from d2ops.config import ExperimentConfig
+from d2ops.config import ConfigError, ExperimentConfig
+from d2ops.config_secrets import DOCKER_ARGS_ADVICE, docker_args_credentials, docker_env
 from d2ops.storage import s3 as storage
 from d2ops.storage.credentials import clearml_credentials, env_has_credentials, normalise_host
 
@@ -93,10 +94,22 @@ def agent_requirements() -> list[str]:
 
 
 def with_agent_env(docker_args: str | None) -> str:
-    """``docker_args`` plus the agent environment (:data:`AGENT_ENV`), unless they already set it."""
-    own = shlex.split(docker_args or "")
+    """``docker_args`` plus the agent environment (:data:`AGENT_ENV`), unless they already set it.
+
+    Every docker argument a task gets passes through here, so the one credential rule
+    (:func:`d2ops.config_secrets.docker_args_credentials`) is checked here too, whatever their source:
+    :class:`~d2ops.config.ConfigError` names the variable, never its value.
+    """
+    try:
+        names = docker_args_credentials(docker_args)
+        own = shlex.split(docker_args or "")
+    except ValueError as err:
+        raise ConfigError(f"docker arguments: {err}") from None
+    if names:
+        raise ConfigError(f"docker arguments must not carry credentials ({', '.join(names)}): {DOCKER_ARGS_ADVICE}")
+    already = {name for name, _ in docker_env(own)}
     for key, value in AGENT_ENV.items():
-        if not any(arg.startswith(f"{key}=") for arg in own):
+        if key not in already:
             own += ["-e", f"{key}={value}"]
     return shlex.join(own)
 

@@ -1,7 +1,8 @@
 """Keeping credentials out of what ClearML records about a task.
 
 d2ops never puts credentials into parameters, configs or docker arguments (the config schema
-rejects them). One record it does not write itself can still carry them: the uncommitted
+rejects them, by the one rule of :mod:`d2ops.config_secrets`, which also says here which names hold
+credentials). One record it does not write itself can still carry them: the uncommitted
 ``git diff`` that ClearML stores with every task, so that a local edit of a tracked file holding
 a key would be uploaded with the experiment. :func:`redact` removes such lines before the task
 is kept (:func:`scrub_recorded_diff`); :func:`known_secret_values` is every credential value this
@@ -20,7 +21,7 @@ from typing import Any
 
 from clearml.config import config_obj
 
-from d2ops.config import uri_userinfo
+from d2ops.config_secrets import CREDENTIAL_FILE_ENV, SECRET_ENV, is_secret_name, uri_userinfo
 
 __all__ = [
     "CREDENTIAL_FILE_ENV",
@@ -33,27 +34,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Environment variables whose values are credentials (any other variable whose name looks like
-#: one, see :func:`is_secret_name`, counts too).
-SECRET_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "CLEARML_API_ACCESS_KEY",
-    "CLEARML_API_SECRET_KEY",
-    "CLEARML_AUTH_TOKEN",
-    "TRAINS_API_ACCESS_KEY",
-    "TRAINS_API_SECRET_KEY",
-    "AZURE_STORAGE_KEY",
-    "AZURE_STORAGE_CONNECTION_STRING",
-    "MINIO_ROOT_USER",
-    "MINIO_ROOT_PASSWORD",
-    "D2OPS_SERVE_TOKEN",
-)
-#: Environment variables that name a credentials *file*: the path is not a secret (it is in docs
-#: and logs), the keys inside the file are.
-CREDENTIAL_FILE_ENV = ("GOOGLE_APPLICATION_CREDENTIALS",)
 #: clearml.conf keys that name a credentials file (sdk.google.storage[.credentials[]].credentials_json).
 _CREDENTIAL_FILE_KEYS = ("credentials_json",)
 #: The sections of clearml.conf (and clearml-agent's) that are read for credentials.
@@ -61,25 +41,7 @@ _CONF_SECTIONS = ("api", "sdk", "agent", "environment")
 
 _MIN_SECRET_LEN = 6  # shorter values would redact ordinary text
 _REDACTED = "[d2ops: line removed from the recorded diff: it looked like a credential]"
-_SECRET_LAST_WORDS = frozenset({"key", "secret", "password", "passwd", "pass", "token"})  # not "pwd": $PWD
-_SECRET_ANY_WORDS = frozenset({"secret", "password", "passwd"})
-_SECRET_PAIRS = ("access_key", "private_key", "account_key")
 _PEM_ARMOUR = re.compile(r"^-----(BEGIN|END) [A-Z0-9 ]+-----$")
-
-
-def is_secret_name(name: object) -> bool:
-    """Whether a setting or variable called ``name`` holds a credential.
-
-    ``secret_key``, ``access_key``, ``key``, ``account_key``, ``git_pass``, ``auth_token``,
-    ``AWS_ACCESS_KEY_ID``, ``AZURE_STORAGE_KEY``, ``private_key_id``; not ``key_prefix``.
-    """
-    normal = re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_")
-    words = normal.split("_")
-    return (
-        words[-1] in _SECRET_LAST_WORDS
-        or any(word in _SECRET_ANY_WORDS for word in words)
-        or any(pair in normal for pair in _SECRET_PAIRS)
-    )
 
 
 def _fragments(value: object) -> Iterator[str]:
