@@ -399,3 +399,73 @@ def test_schedule_set_items_with_credentials_are_refused_without_echoing_them() 
     with pytest.raises(ConfigError, match=r"--set data\.source: a URI with credentials") as err:
         pipeline_task_parameters(None, ["data.source=s3://AKIASENTINEL:SENTINELSECRET@minio:9000/b/p"])
     assert "SENTINEL" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- --set checked at schedule time
+
+SCHEDULE_SENTINEL = "wJalrSENTINELschedule0secret"
+
+
+def _schedule_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run ``d2ops schedule`` and return its error: it must fail before any scheduler task exists."""
+    from clearml import Task
+
+    assert main(["schedule", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and "Traceback" not in captured.err
+    assert SCHEDULE_SENTINEL not in captured.out + captured.err
+    assert Task.current_task() is None, "a scheduler task was created for a refused schedule"
+    return captured.err
+
+
+@pytest.mark.parametrize(
+    ("item", "named"),
+    [
+        ("solvr.max_iter=5000", "solvr: unknown key"),  # was accepted, and ignored by every clone
+        ("solver.max_iters=5000", "solver.max_iters: unknown key"),  # was accepted, then failed every firing
+        ("solver.max_iter=lots", "solver.max_iter: Input should be a valid integer"),
+        ("clearml.steps.trian.retries=1", "clearml.steps.trian: unknown key"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["cron", "on-data"])
+def test_schedule_set_keys_and_values_are_checked_at_schedule_time(
+    kind: str, item: str, named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    when = ["cron", "--expr", "0 3 * * 1"] if kind == "cron" else ["on-data", "--dataset-project", "d2ops/data"]
+    err = _schedule_refused([*when, "--pipeline-id", PIPELINE_ID, "--set", item, "--dry-run"], capsys)
+    assert f"--set {named}" in err
+
+
+@pytest.mark.parametrize("with_config", [False, True])
+@pytest.mark.parametrize(
+    "item",
+    [
+        f"clearml.docker_args=-e AWS_SECRET_ACCESS_KEY={SCHEDULE_SENTINEL}",
+        f"clearml.docker_args=--ipc=host --env=GITHUB_PAT={SCHEDULE_SENTINEL}",
+        f"clearml.steps.train.docker_args=-e WANDB_API_KEY={SCHEDULE_SENTINEL}",
+        f"model.overrides.MODEL.DB_PASS={SCHEDULE_SENTINEL}",
+    ],
+)
+def test_schedule_set_with_credentials_is_refused_with_or_without_config(
+    item: str, with_config: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --config the --set items went onto the scheduler task as they were, printed on the way."""
+    config = ["--config", "configs/smoke.yaml"] if with_config else []
+    argv = ["cron", "--expr", "0 3 * * 1", "--pipeline-id", PIPELINE_ID, *config, "--set", item]
+    err = _schedule_refused(argv, capsys)  # not --dry-run: nothing may be stored, nor printed
+    name = item.split(" ")[-1].removeprefix("--env=").split("=")[0].split(".")[-1]
+    assert name in err
+    assert "must not carry credentials" in err or "credentials are not allowed" in err
+
+
+def test_schedule_set_items_that_fit_the_schema_are_scheduled(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["schedule", "cron", "--expr", "0 3 * * 1", "--pipeline-id", PIPELINE_ID, "--dry-run"]
+    sets = ["solver.max_iter=5000", "clearml.steps.train.retries=3", "clearml.docker_args=--ipc=host -e WANDB_API_KEY"]
+    assert main([*argv, *(arg for item in sets for arg in ("--set", item))]) == 0
+    stdout = capsys.readouterr().out
+    (job,) = json.loads(stdout[stdout.index("{\n") :])["jobs"]
+    assert job["task_parameters"] == {
+        "Args/solver/max_iter": "5000",
+        "Args/clearml/steps/train/retries": "3",
+        "Args/clearml/docker_args": "--ipc=host -e WANDB_API_KEY",
+    }

@@ -175,3 +175,57 @@ def test_a_recorded_diff_with_a_credential_is_scrubbed_before_the_session_is_kep
         os.environ.update(saved_environ)
     recorded = json.loads((folder / "task.json").read_text())["script"]["diff"]
     assert "wJalrXUtnSENTINELbPxRfiCY" not in recorded and "+  max_iter: 400" in recorded
+
+
+# --------------------------------------------------------------------------- one rule, every layer
+
+#: Credentials whose names the old diff rule missed or that the issue lists (issue 21, part 4).
+_NAMED = {
+    "GITHUB_PAT": "ghp-SENTINEL-pat-0001",
+    "DB_PASS": "db-SENTINEL-pass-0001",
+    "PRIVATE_KEY_PEM": "pem-SENTINEL-line-0001",
+    "WANDB_API_KEY": "wandb-SENTINEL-0001",
+    "AZURE_STORAGE_KEY": "azure-SENTINEL-0001",
+    "HF_TOKEN": "hf-SENTINEL-token-0001",
+}
+
+
+def test_the_diff_rule_is_the_config_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the recorded diff is scrubbed of and what a config refuses are decided by one function."""
+    from d2ops import config_secrets
+    from d2ops.clearml import secrets
+
+    assert secrets.is_secret_name is config_secrets.is_secret_name
+    assert secrets.SECRET_ENV is config_secrets.SECRET_ENV
+    for name, value in _NAMED.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false-not-a-secret")
+    monkeypatch.setenv("POSTGRES_PASSWORD_FILE", "/run/secrets/db-pass-file")  # where a secret is, not one
+    values = known_secret_values()
+    assert set(_NAMED.values()) <= values, sorted(set(_NAMED.values()) - values)
+    assert not {"false-not-a-secret", "/run/secrets/db-pass-file"} & values
+
+
+@pytest.mark.parametrize("name", sorted(_NAMED))
+def test_docker_args_with_a_credential_never_reach_a_task(name: str) -> None:
+    """with_agent_env builds every task's container arguments (controller, steps): it applies the rule
+    itself, whatever the arguments came from."""
+    from d2ops.clearml.cluster import with_agent_env
+    from d2ops.config import ConfigError
+
+    for spelling in (f"-e {name}={_NAMED[name]}", f"--env={name}={_NAMED[name]}", f"-e{name}={_NAMED[name]}"):
+        with pytest.raises(ConfigError) as err:
+            with_agent_env(f"--ipc=host {spelling}")
+        assert name in str(err.value) and _NAMED[name] not in str(err.value)
+        assert "must not carry credentials" in str(err.value)
+
+
+def test_agent_env_is_recognised_in_every_spelling() -> None:
+    from d2ops.clearml.cluster import with_agent_env
+
+    assert with_agent_env("--env=CLEARML_AGENT_SKIP_PYTHON_ENV_INSTALL=0") == (
+        "--env=CLEARML_AGENT_SKIP_PYTHON_ENV_INSTALL=0"
+    )
+    assert with_agent_env("-e GITHUB_PAT --ipc=host") == (
+        "-e GITHUB_PAT --ipc=host -e CLEARML_AGENT_SKIP_PYTHON_ENV_INSTALL=1"
+    )
