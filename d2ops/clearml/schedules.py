@@ -215,8 +215,10 @@ def pipeline_task_parameters(
     A pipeline's experiment is its controller's ``Args/<section>/<name>`` hyperparameters (what the
     agent rebuilds the pipeline from, :func:`d2ops.clearml.controller.controller_experiment`). With
     ``config``, every one of them is set from ``config`` + ``overrides`` (validated here, now). With
-    ``overrides`` alone, only those keys are set, on top of the template's values (the clone
-    validates the result when it starts). ``dataset_id`` is a ClearML Dataset id, or
+    ``overrides`` alone, only those keys are set, on top of the template's values: each key and value is
+    checked against the schema here, now, and the credential rule applies (a typo or a bad value fails
+    at ``d2ops schedule`` time, not in every firing; the clone validates the whole result when it starts).
+    ``dataset_id`` is a ClearML Dataset id, or
     :data:`DATASET_ID_PLACEHOLDER` for a dataset trigger.
     """
     params: dict[str, str] = {}
@@ -224,7 +226,7 @@ def pipeline_task_parameters(
         flat = flat_experiment(load_config(config, list(overrides)))
         params.update({f"{ARGS_PREFIX}{name}": format_value(value) for name, value in flat.items()})
     else:
-        check_overrides(list(overrides))  # no credentials, never echoed; the clone validates the rest
+        check_overrides(list(overrides))  # keys, values and credentials, never echoed; the clone checks the whole
         for item in overrides:
             key, sep, text = item.partition("=")
             if not sep or not key.strip():

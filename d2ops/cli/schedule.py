@@ -50,6 +50,8 @@ def schedule_main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     try:
         # Inputs are not checked: the runs start later (the data of an on-data trigger may not exist yet).
+        # --set without --config is checked against the schema in pipeline_task_parameters, before any scheduler
+        # task exists: a refused schedule stores and prints nothing.
         launched = launch_config(args.config, args.overrides, inputs="none") if args.config else None
         docker_image = launched.clearml.docker_image if launched else None
         common: dict[str, Any] = {
