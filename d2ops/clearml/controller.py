@@ -43,7 +43,7 @@ from clearml import PipelineController, Task
 from d2ops.clearml.cluster import agent_requirements, step_docker_args, step_task_spec, with_agent_env
 from d2ops.clearml.hyperparams import experiment_from_parameters, experiment_parameters
 from d2ops.clearml.secrets import scrub_recorded_diff
-from d2ops.clearml.session import remote_task_parameters
+from d2ops.clearml.session import mark_pipeline_step, remote_task_parameters
 from d2ops.clearml.step import STOPPED_TAG, TIME_LIMIT_TAG, ClearMLReporter, record_experiment
 from d2ops.config import ExperimentConfig
 from d2ops.pipeline.runner import step_parameters
@@ -154,6 +154,7 @@ def _step_task_factory(step: str, cfg: ExperimentConfig, config_path: str, node:
     """Create the step's template task from tasks/<step>.py (called by the controller at launch)."""
     task: Any = Task.create(**step_task_spec(step, cfg))
     scrub_recorded_diff(task)  # Task.create records the launching checkout's uncommitted diff too
+    mark_pipeline_step(task)  # this very task is the pipeline's step; a clone of it is a new run
     record_experiment(task, cfg)
     # Declare the step's inputs so the controller's General/ overrides have slots to fill.
     task.update_parameters({f"General/{key}": value for key, value in step_parameters(step, config_path, []).items()})

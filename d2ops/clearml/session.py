@@ -14,16 +14,23 @@ from clearml import Task
 from clearml.config import get_remote_task_id, running_remotely
 
 __all__ = [
+    "PIPELINE_STEP_TAG",
     "TASK_TYPES",
     "enable_offline",
     "launch_multi_node",
     "live_task",
+    "mark_pipeline_step",
     "on_agent",
     "pipeline_run_id",
     "remote_task_parameters",
     "step_lineage",
+    "step_run_key",
     "task_output_uri",
 ]
+
+#: System tag prefix the pipeline controller puts on each step task it creates, followed by that task's own
+#: id (:func:`mark_pipeline_step`). A clone copies system tags but gets a new id, so its tag does not match.
+PIPELINE_STEP_TAG = "d2ops:pipeline-step:"
 
 #: The ClearML task type of each step (how the UI files and filters them).
 TASK_TYPES = {
@@ -72,19 +79,50 @@ def live_task() -> Any:
     return task
 
 
-def pipeline_run_id(machine_rank: int = 0) -> str | None:
-    """The ClearML pipeline run (controller task) of this step: its task's parent; None offline or outside one.
+def mark_pipeline_step(task: Any) -> None:
+    """Mark ``task`` as the step task a pipeline controller created (see :data:`PIPELINE_STEP_TAG`)."""
+    task.set_system_tags([*(task.get_system_tags() or []), f"{PIPELINE_STEP_TAG}{task.id}"])
 
-    The extra machines of a multi-machine run are clones whose parent is the first machine's
-    task; their pipeline run is that task's parent.
-    """
+
+def _is_pipeline_step(task: Any) -> bool:
+    """True for the very task a pipeline controller created and marked; False for a clone of it (new id)."""
+    return f"{PIPELINE_STEP_TAG}{task.id}" in (task.get_system_tags() or [])
+
+
+def _first_machine(machine_rank: int) -> Any:
+    """This step's task, or for the extra machines of a multi-machine run (clones whose parent is the
+    first machine's task) the first machine's task; None offline or outside ClearML."""
     task = live_task()
-    if task is None:
+    if task is not None and machine_rank > 0 and task.parent:
+        task = Task.get_task(task_id=task.parent)
+    return task
+
+
+def pipeline_run_id(machine_rank: int = 0) -> str | None:
+    """The ClearML pipeline run (controller task) of this step; None offline, outside one, or for a clone.
+
+    It is the task's parent, but only for the step task the controller created (:func:`mark_pipeline_step`):
+    ClearML keeps ``parent`` on a clone (the original's controller), and a clone is not part of that run.
+    """
+    task = _first_machine(machine_rank)
+    if task is None or not task.parent or not _is_pipeline_step(task):
         return None
-    parent = task.parent
-    if parent and machine_rank > 0:
-        parent = Task.get_task(task_id=parent).parent
-    return str(parent) if parent else None
+    return str(task.parent)
+
+
+def step_run_key(machine_rank: int = 0) -> str | None:
+    """Which run this step's training is (the run key of :mod:`d2ops.engine.checkpoints`); None outside ClearML
+    or for a task with no parent (the standalone rule applies).
+
+    - the step task a pipeline controller created: the pipeline run, so a retried step resumes it;
+    - any other task with a parent (a clone of a pipeline step, which keeps the original's controller as
+      parent, or of a standalone task, whose parent is then the original): its own task id, so a clone is a
+      new run and a rerun of that very clone resumes it. Continuing another run needs ``runtime.resume_from``.
+    """
+    task = _first_machine(machine_rank)
+    if task is None or not task.parent:
+        return None
+    return str(task.parent) if _is_pipeline_step(task) else str(task.id)
 
 
 def task_output_uri() -> str | None:

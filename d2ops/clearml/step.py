@@ -56,6 +56,7 @@ from d2ops.clearml.session import (
     on_agent,
     pipeline_run_id,
     step_lineage,
+    step_run_key,
     task_output_uri,
 )
 from d2ops.config import ExperimentConfig, load_config
@@ -410,6 +411,9 @@ class ClearMLStepRuntime(StepRuntime):
 
     def pipeline_run_id(self, machine_rank: int = 0) -> str | None:
         return pipeline_run_id(machine_rank)
+
+    def run_key(self, machine_rank: int = 0) -> str | None:
+        return step_run_key(machine_rank)
 
     def output_uri(self) -> str | None:
         return task_output_uri()

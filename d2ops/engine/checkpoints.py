@@ -9,6 +9,8 @@ its *run key*:
 
 - inside a ClearML pipeline, the pipeline run (a retried step is the same run and resumes, on
   any machine; a new pipeline run is a new run);
+- a clone of a ClearML step task (a UI clone keeps the original's pipeline controller as its
+  parent): the clone's own task id, so the clone is a new run, whatever its edits;
 - outside one, :func:`standalone_run_key`: a hash of the training identity, ``solver.max_iter``,
   ``runtime.output_dir`` (as configured, so the same config on another machine is the same run)
   and ``runtime.resume_from``. Rerunning the same command resumes it (or reuses its finished

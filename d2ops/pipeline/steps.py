@@ -101,6 +101,11 @@ class StepRuntime:
     def pipeline_run_id(self, machine_rank: int = 0) -> str | None:
         return None
 
+    def run_key(self, machine_rank: int = 0) -> str | None:
+        """Which run this training is, where the system says (a pipeline run, a cloned task); None: the
+        standalone rule of :func:`d2ops.engine.checkpoints.standalone_run_key` applies."""
+        return None
+
     def output_uri(self) -> str | None:
         """The output URI the system gives this step (an agent's ``default_output_uri``), if any."""
         return None
@@ -287,9 +292,10 @@ def run_train(ctx: StepContext) -> StepOutput:
     """Train on the train split, evaluating periodically on val; resume this run's checkpoints.
 
     The run key that scopes the checkpoints under ``clearml.output_uri`` is the ClearML pipeline
-    run when the step runs in one (so a retried step resumes and a new pipeline run starts
-    fresh), else the training identity (config + dataset identity: a rerun of the same
-    training resumes, or reuses it when it had finished).
+    run when the step is the task a pipeline controller created (so a retried step resumes and a
+    new pipeline run starts fresh), the task's own id for a clone of a step (a new run), else the
+    standalone key (training identity, ``max_iter``, output folder: a rerun of the same training
+    resumes, or reuses it when it had finished); see :meth:`StepRuntime.run_key`.
     """
     import torch
 
@@ -322,9 +328,7 @@ def run_train(ctx: StepContext) -> StepOutput:
         multi_node=multi_node,
     )
     manifest = json.loads(ctx.input_path("dataset_manifest").read_text()) if ctx.inputs.get("dataset_manifest") else {}
-    run = new_run_record(
-        ctx.cfg, manifest.get("identity") or stats.identity, ctx.runtime.pipeline_run_id(plan.machine_rank)
-    )
+    run = new_run_record(ctx.cfg, manifest.get("identity") or stats.identity, ctx.runtime.run_key(plan.machine_rank))
     checkpoint_uri = _checkpoint_uri(ctx.cfg, run.run_key, ctx.runtime.output_uri())
     initial = _initial_weights(ctx)
     try:

@@ -158,3 +158,74 @@ def test_a_step_clone_edited_in_the_ui_runs_the_edited_values(
     run = agent_runs(bad)
     assert run.returncode == 2
     assert "solver.base_lr" in run.stderr and "Traceback" not in run.stderr
+
+
+def _run_as_agent(server: FakeClearmlServer, tmp_path: Path, task_id: str) -> subprocess.CompletedProcess[str]:
+    """The task's script, started as clearml-agent 3.0.3 starts it (Worker.execute: no arguments)."""
+    server.start_task(task_id)
+    script = server.tasks[task_id]["script"]
+    return subprocess.run(
+        [sys.executable, "-u", script["entry_point"]],
+        cwd=REPO / (script.get("working_dir") or "."),
+        env=_env(server, tmp_path, CLEARML_TASK_ID=task_id, CLEARML_LOG_TASK_TO_BACKEND="0", PYTHONPATH=str(REPO)),
+        capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+
+
+@pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
+@pytest.mark.timeout(900)
+def test_a_clone_of_a_pipeline_train_step_is_a_new_run(clearml_server: FakeClearmlServer, tmp_path: Path) -> None:
+    """Part 3: ClearML keeps ``parent`` (the original's controller) on a clone, and the clone took the
+    original's run key: with checkpoints mirrored, an edited ``eval/score_threshold`` reused the original's
+    finished model without training, and an edited ``solver/base_lr`` failed with CheckpointConflict.
+    A clone is a new run; only ``runtime.resume_from`` continues another run."""
+    from clearml import Task
+    from clearml.automation.job import ClearmlJob
+
+    from d2ops.clearml.controller import _step_task_factory
+    from d2ops.data.synthetic import generate_shapes_dataset
+
+    (tmp_path / "clearml.conf").write_text("")
+    clearml_server.create_queue("gpu")
+    dataset = generate_shapes_dataset(tmp_path / "shapes", counts={"train": 4, "valid": 2, "test": 2})
+    mirror = tmp_path / "mirror"
+    sets = [
+        f"data.source={dataset}",
+        f"runtime.output_dir={tmp_path / 'run'}",
+        f"clearml.output_uri={mirror}",
+        "solver.max_iter=2",
+        "solver.checkpoint_period=1",
+        "solver.eval_period=0",
+        "solver.ims_per_batch=1",
+    ]
+    cfg = load_config(REPO / SMOKE, sets)
+    controller: Any = Task.create(project_name="d2ops/smoke", task_name="smoke pipeline")
+    # What PipelineController._launch_node does with the step's base_task_factory (clearml 2.1.12).
+    job = ClearmlJob(
+        base_task_id=_step_task_factory("train", cfg, SMOKE, None).id,
+        parameter_override={"General/dataset_manifest": ""},
+        parent=controller.id,
+        disable_clone_task=True,
+    )
+    job.launch(queue_name="gpu")
+    original = job.task_id()
+    run = _run_as_agent(clearml_server, tmp_path, original)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    runs = mirror / "d2ops" / "smoke" / "smoke" / "checkpoints"
+    assert json.loads((runs / controller.id / "d2ops_run.json").read_text())["max_iter"] == 2  # the pipeline's run
+
+    def clone_with(edits: dict[str, str]) -> str:
+        clone: Any = Task.clone(source_task=original, name="train (edited)")
+        assert clone.parent == controller.id  # what ClearML keeps on a clone
+        clone.set_parameters({**clone.get_parameters(), **edits})  # what the UI's edit does
+        Task.enqueue(clone, queue_name="gpu")
+        return str(clone.id)
+
+    threshold = clone_with({"eval/score_threshold": "0.25"})
+    run = _run_as_agent(clearml_server, tmp_path, threshold)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "reusing" not in run.stdout + run.stderr  # it trained, as a new run
+    record = json.loads((runs / threshold / "d2ops_run.json").read_text())
+    assert record["run_key"] == threshold and record["resumed_from"] is None
+    # An edited solver/base_lr (CheckpointConflict) or solver/max_iter (resumed the original at its end) took
+    # the same run key; a third training here would add ~40 s on 2 cores for the same check.
