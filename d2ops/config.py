@@ -13,6 +13,7 @@ import copy
 import difflib
 import hashlib
 import json
+import os
 import re
 import types
 import typing
@@ -497,10 +498,24 @@ def _default_step_execution() -> dict[StepName, StepExecution]:
     }
 
 
+#: The training image when neither a config nor ``$D2OPS_IMAGE`` names one: docker/docker-compose.yml's own
+#: fallback for ``${D2OPS_IMAGE}`` (a test keeps the two equal).
+DEFAULT_DOCKER_IMAGE = "d2ops/detectron2:latest"
+
+
+def default_docker_image() -> str:
+    """``clearml.docker_image`` when a config leaves it unset: ``$D2OPS_IMAGE``, the variable docker/.env sets
+    for the compose file's agents too (the one place the image's registry tag is written), else the default."""
+    return os.environ.get("D2OPS_IMAGE", "").strip() or DEFAULT_DOCKER_IMAGE
+
+
 class ClearMLConfig(_Strict):
     project: str = "d2ops"
     queues: QueuesConfig = Field(default_factory=QueuesConfig)
-    docker_image: str = "d2ops/detectron2:latest"
+    docker_image: str = Field(
+        default_factory=default_docker_image,
+        description="unset: $D2OPS_IMAGE (docker/.env), else d2ops/detectron2:latest",
+    )
     docker_args: str = Field(default="", description="extra docker arguments; never put credentials here")
     steps: dict[StepName, StepExecution] = Field(
         default_factory=_default_step_execution,

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prepare the local d2ops cluster of docker/docker-compose.yml.
 #
-#   bash scripts/cluster-setup.sh init   # before `docker compose up`: docker/.env with fresh secrets
-#   bash scripts/cluster-setup.sh        # after it: laptop API keys and the queues (runs init too)
+#   bash scripts/cluster-setup.sh init      # before `docker compose up`: docker/.env with fresh secrets
+#   bash scripts/cluster-setup.sh           # after it: checks minio.local, laptop API keys, the queues
+#   bash scripts/cluster-setup.sh weights   # the COCO weights the shipped configs start from, into MinIO
 #
 # init copies docker/.env.example to docker/.env (mode 600) and fills each empty secret with a random
 # value. The rest talks to the apiserver's REST API as the agents' identity (pre-seeded into the
@@ -11,8 +12,20 @@
 # for each missing queue. Safe to re-run. Secrets never appear on a command line (curl reads them
 # from standard input) and are never printed.
 #
+# S3 has one name for the laptop, the agents and the step containers: minio.local:9000 (MinIO's alias on
+# the compose network). This machine must map it in /etc/hosts; setup and weights check that it resolves
+# and answers, and print the line to add when it does not.
+#
+# weights mirrors the detectron2 model zoo's COCO weights that configs/balloon.yaml and roboflow.yaml name
+# to s3://minio.local:9000/models/detectron2/<the zoo's path> (workers cannot reach the model zoo). Each
+# file comes from D2OPS_WEIGHTS_DIR when it is there (by the zoo's path or by its file name), else it is
+# downloaded once into WEIGHTS_CACHE; it is uploaded with d2ops's S3 uploader as D2OPS_S3_ACCESS_KEY of
+# docker/.env. A file already in MinIO is left alone: safe to re-run.
+#
 # Environment: ENV_FILE (docker/.env), CLEARML_API (http://localhost:8008),
-#              QUEUES ("gpu cpu services"), WAIT_SECONDS (300).
+#              QUEUES ("gpu cpu services"), WAIT_SECONDS (300), S3_ENDPOINT (minio.local:9000),
+#              PY (.venv/bin/python, for weights), D2OPS_WEIGHTS_DIR, WEIGHTS_CACHE
+#              (~/.cache/d2ops/weights), MODEL_ZOO_URL (https://dl.fbaipublicfiles.com/detectron2).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,6 +36,16 @@ QUEUES=${QUEUES:-gpu cpu services}
 WAIT_SECONDS=${WAIT_SECONDS:-300}
 SECRETS=(CLEARML_TOKEN_SECRET CLEARML_AGENT_ACCESS_KEY CLEARML_AGENT_SECRET_KEY
   MINIO_ROOT_USER MINIO_ROOT_PASSWORD D2OPS_S3_ACCESS_KEY D2OPS_S3_SECRET_KEY)
+S3_ENDPOINT=${S3_ENDPOINT:-minio.local:9000}
+PY=${PY:-$ROOT/.venv/bin/python}
+WEIGHTS_CACHE=${WEIGHTS_CACHE:-${XDG_CACHE_HOME:-${HOME:-$ROOT}/.cache}/d2ops/weights}
+MODEL_ZOO_URL=${MODEL_ZOO_URL:-https://dl.fbaipublicfiles.com/detectron2}
+# The COCO-trained weights the shipped configs name, by their path in the detectron2 model zoo; each goes
+# to s3://$S3_ENDPOINT/models/detectron2/<path> (a test keeps this list and the configs' model.weights equal).
+WEIGHTS=(
+  COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x/137849600/model_final_f10217.pkl  # configs/balloon.yaml
+  COCO-Detection/faster_rcnn_R_50_FPN_3x/137849458/model_final_280758.pkl           # configs/roboflow.yaml
+)
 
 log() { echo "[cluster-setup] $*"; }
 die() { echo "[cluster-setup] ERROR: $*" >&2; exit 1; }
@@ -157,14 +180,129 @@ ensure_queues() {
   done
 }
 
+# check_s3_name: S3_ENDPOINT's host resolves on this machine and something listens there, or fail with the
+# /etc/hosts line to add.
+check_s3_name() {
+  local host=${S3_ENDPOINT%:*} port=${S3_ENDPOINT##*:} why
+  [ "$host" != "$S3_ENDPOINT" ] || die "S3_ENDPOINT '$S3_ENDPOINT' needs its port (host:port, e.g. minio.local:9000)"
+  why=$(python3 - "$host" "$port" <<'PY' 2>&1
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+try:
+    socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+except OSError:
+    sys.exit("unresolved")
+try:
+    socket.create_connection((host, port), timeout=5).close()
+except OSError as err:
+    sys.exit(f"closed: {err}")
+PY
+  ) || {
+    case "$why" in
+      unresolved*)
+        die "'$host' does not resolve on this machine, and every s3:// URI of the stack uses it. Add this line to /etc/hosts (with the address of the machine that runs MinIO where it is not this one):
+    127.0.0.1 $host"
+        ;;
+      *) die "nothing answers at $S3_ENDPOINT (${why#closed: }): is MinIO up? (docker compose -f docker/docker-compose.yml --env-file $ENV_FILE ps minio)" ;;
+    esac
+  }
+  log "S3 endpoint $S3_ENDPOINT resolves and answers"
+}
+
+# weight_file ZOO_PATH: print a local copy of a model-zoo file: from D2OPS_WEIGHTS_DIR, else downloaded
+# (once) into WEIGHTS_CACHE. Checked to be a pickle, not an error page or a Git LFS pointer.
+weight_file() {
+  local path=$1 name file=""
+  name=$(basename "$path")
+  if [ -n "${D2OPS_WEIGHTS_DIR:-}" ]; then
+    for file in "$D2OPS_WEIGHTS_DIR/$path" "$D2OPS_WEIGHTS_DIR/$name"; do
+      [ -f "$file" ] && break
+      file=""
+    done
+  fi
+  if [ -z "$file" ]; then
+    file="$WEIGHTS_CACHE/$path"
+    if [ ! -f "$file" ]; then
+      require curl
+      mkdir -p "$(dirname "$file")"
+      log "downloading $MODEL_ZOO_URL/$path" >&2
+      curl -fsSL --retry 3 --retry-delay 2 -o "$file.part" "$MODEL_ZOO_URL/$path" \
+        || die "could not download $MODEL_ZOO_URL/$path: put the file in a folder and set D2OPS_WEIGHTS_DIR to it"
+      mv "$file.part" "$file"
+    fi
+  fi
+  python3 - "$file" <<'PY' || die "$file is not a detectron2 .pkl (a pickle): remove it and run again"
+import sys
+with open(sys.argv[1], "rb") as fh:
+    sys.exit(0 if fh.read(1) == b"\x80" else 1)
+PY
+  echo "$file"
+}
+
+# s3_weights ACTION URI [FILE]: "exists" (exit 0 if the object is there, 1 if not) or "upload", through
+# d2ops's S3 client with the S3 identity of ENV_FILE.
+s3_weights() {
+  AWS_ACCESS_KEY_ID=$(env_get D2OPS_S3_ACCESS_KEY) AWS_SECRET_ACCESS_KEY=$(env_get D2OPS_S3_SECRET_KEY) \
+    "$PY" - "$@" <<'PY'
+import sys
+from pathlib import Path
+
+from d2ops.storage.s3 import StorageError, make_s3_client, parse_s3_uri, upload
+
+action, uri = sys.argv[1], sys.argv[2]
+try:
+    if action == "exists":
+        loc = parse_s3_uri(uri)
+        try:
+            make_s3_client(loc, max_pool_connections=2).head_object(Bucket=loc.bucket, Key=loc.prefix)
+        except Exception as err:
+            if getattr(err, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                sys.exit(1)
+            raise
+    else:
+        stats = upload(Path(sys.argv[3]), uri, progress=False)
+        print(f"[cluster-setup] uploaded {uri} ({stats.bytes_transferred} bytes)")
+except StorageError as err:
+    sys.exit(f"[cluster-setup] ERROR: {err}")
+except Exception as err:
+    sys.exit(f"[cluster-setup] ERROR: {uri}: {type(err).__name__}: {err}")
+PY
+}
+
+upload_weights() {
+  [ -x "$PY" ] || die "$PY not found: weights uploads with d2ops (make setup, or set PY to a Python with d2ops)"
+  [ -n "$(env_get D2OPS_S3_ACCESS_KEY)" ] || die "D2OPS_S3_ACCESS_KEY is empty in $ENV_FILE"
+  check_s3_name
+  local path uri file status
+  for path in "${WEIGHTS[@]}"; do
+    uri="s3://$S3_ENDPOINT/models/detectron2/$path"
+    status=0
+    s3_weights exists "$uri" || status=$?
+    if [ "$status" -eq 0 ]; then
+      log "$uri is there"
+      continue
+    fi
+    [ "$status" -eq 1 ] || die "could not look at $uri (the message above)"
+    file=$(weight_file "$path")
+    s3_weights upload "$uri" "$file" || die "could not upload $uri (the message above; minio-init creates the bucket 'models')"
+  done
+  log "done: the COCO weights the configs name are in s3://$S3_ENDPOINT/models/detectron2/"
+}
+
 main() {
   require python3
   init_env
-  if [ "${1:-}" = "init" ]; then
-    return
-  fi
-  [ -z "${1:-}" ] || die "unknown argument '$1' (use: init, or nothing)"
+  case "${1:-}" in
+    init) return ;;
+    weights)
+      upload_weights
+      return
+      ;;
+    "") ;;
+    *) die "unknown argument '$1' (use: init, weights, or nothing)" ;;
+  esac
   require curl
+  check_s3_name
   wait_for_api
   local agent_key agent_secret
   agent_key=$(env_get CLEARML_AGENT_ACCESS_KEY)
@@ -175,6 +313,7 @@ main() {
   ensure_laptop_credentials
   ensure_queues
   log "done: the agents listen on $QUEUES; use the CLEARML_API_* keys of $ENV_FILE on this machine"
+  log "the COCO weights of configs/balloon.yaml and roboflow.yaml: bash scripts/cluster-setup.sh weights"
 }
 
 main "$@"

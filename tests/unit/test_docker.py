@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -253,12 +254,12 @@ def test_minio_init_creates_the_buckets(resolved: dict[str, Any]) -> None:
     script = " ".join(init["entrypoint"] + init["command"])
     made = set(re.search(r"for bucket in ([\w ]+); do mc mb", script).group(1).split())  # type: ignore[union-attr]
     assert {"datasets", "models"} <= made
-    # the agents' default output bucket and the smoke script's buckets exist
-    assert re.search(r'default_output_uri: "s3://minio:9000/(\w+)', AGENT_CONF.read_text()).group(1) in made  # type: ignore[union-attr]
+    # the agents' default output bucket and the smoke script's buckets exist (every file: test_shipped_stack.py)
+    assert re.search(r'default_output_uri: "s3://minio.local:9000/(\w+)', AGENT_CONF.read_text()).group(1) in made  # type: ignore[union-attr]
     smoke = (ROOT / "scripts" / "cluster-smoke.sh").read_text()
-    used = set(re.findall(r"s3://(?:minio|localhost):9000/(\w+)", smoke))
+    used = set(re.findall(r"s3://\$S3_ENDPOINT/(\w+)", smoke))
     used |= set(re.findall(r'^DATASET_PREFIX="(\w+)/', smoke, re.MULTILINE))
-    assert "datasets" in used and used <= made
+    assert {"datasets", "clearml"} <= used <= made
     assert init["depends_on"]["minio"]["condition"] == "service_healthy"
 
 
@@ -281,16 +282,15 @@ def test_agent_conf_uses_the_image_python_and_minio_with_its_port(monkeypatch: p
     monkeypatch.setenv("D2OPS_S3_SECRET_KEY", "secret-from-env")
     conf = ConfigFactory.parse_file(str(AGENT_CONF))
     (entry,) = conf.get("sdk.aws.s3.credentials")
-    assert entry["host"] == "minio:9000"  # with the port, as every s3:// URI must be
+    assert entry["host"] == "minio.local:9000"  # with the port, as every s3:// URI must be
     assert entry["secure"] is False and entry["multipart"] is False
     assert (entry["key"], entry["secret"]) == ("key-from-env", "secret-from-env")
     assert conf.get("agent.package_manager.system_site_packages") is True
     assert conf.get("agent.docker_force_pull") is False
-    images = {load_config(path).clearml.docker_image for path in CONFIGS}
-    assert conf.get("agent.default_docker.image") in images
+    assert "default_docker" not in conf.get("agent")  # the daemons' --docker ${D2OPS_IMAGE} is the default
     assert "CLEARML_AGENT_SKIP_PYTHON_ENV_INSTALL=1" in list(conf.get("agent.extra_docker_arguments"))
     assert conf.get("agent.hide_docker_command_env_vars.enabled") is True
-    assert conf.get("sdk.development.default_output_uri").startswith("s3://minio:9000/")
+    assert conf.get("sdk.development.default_output_uri").startswith("s3://minio.local:9000/")
 
 
 def test_agent_conf_holds_no_secret_and_fails_without_the_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -496,8 +496,19 @@ def fake_api() -> Iterator[_FakeApiServer]:
     server.server_close()
 
 
-def _setup(env_file: Path, api: str, *args: str, wait: int = 5) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(scope="module")
+def s3_listener() -> Iterator[str]:
+    """host:port of a socket that accepts connections: where setup's S3_ENDPOINT check finds MinIO."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _setup(env_file: Path, api: str, *args: str, wait: int = 5, s3: str = "") -> subprocess.CompletedProcess[str]:
     env = {"PATH": os.environ["PATH"], "ENV_FILE": str(env_file), "CLEARML_API": api, "WAIT_SECONDS": str(wait)}
+    if s3:
+        env["S3_ENDPOINT"] = s3
     cmd = ["bash", str(ROOT / "scripts" / "cluster-setup.sh"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, check=False)
 
@@ -518,11 +529,13 @@ def test_cluster_setup_init_fills_every_secret_once(tmp_path: Path) -> None:
     assert _setup(env_file, "http://127.0.0.1:9", "bogus").returncode != 0
 
 
-def test_cluster_setup_creates_laptop_keys_and_queues_idempotently(tmp_path: Path, fake_api: _FakeApiServer) -> None:
+def test_cluster_setup_creates_laptop_keys_and_queues_idempotently(
+    tmp_path: Path, fake_api: _FakeApiServer, s3_listener: str
+) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text("CLEARML_AGENT_ACCESS_KEY=agent-key\nCLEARML_AGENT_SECRET_KEY=agent-secret\n")
     api = f"http://127.0.0.1:{fake_api.server_address[1]}"
-    done = _setup(env_file, api)
+    done = _setup(env_file, api, s3=s3_listener)
     assert done.returncode == 0, done.stderr
     env = _read_env(env_file)
     assert fake_api.credentials[env["CLEARML_API_ACCESS_KEY"]] == env["CLEARML_API_SECRET_KEY"]
@@ -531,7 +544,7 @@ def test_cluster_setup_creates_laptop_keys_and_queues_idempotently(tmp_path: Pat
     assert env["CLEARML_API_SECRET_KEY"] not in done.stdout + done.stderr
     # again: the keys still log in and the queues exist, so nothing new is created
     fake_api.calls.clear()
-    done = _setup(env_file, api)
+    done = _setup(env_file, api, s3=s3_listener)
     assert done.returncode == 0, done.stderr
     assert "auth.create_credentials" not in fake_api.calls and "queues.create" not in fake_api.calls
     assert _read_env(env_file)["CLEARML_API_ACCESS_KEY"] == env["CLEARML_API_ACCESS_KEY"]
@@ -539,11 +552,11 @@ def test_cluster_setup_creates_laptop_keys_and_queues_idempotently(tmp_path: Pat
 
 
 def test_cluster_setup_names_the_problem_when_the_agent_keys_are_wrong(
-    tmp_path: Path, fake_api: _FakeApiServer
+    tmp_path: Path, fake_api: _FakeApiServer, s3_listener: str
 ) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text("CLEARML_AGENT_ACCESS_KEY=agent-key\nCLEARML_AGENT_SECRET_KEY=not-the-secret\n")
-    done = _setup(env_file, f"http://127.0.0.1:{fake_api.server_address[1]}")
+    done = _setup(env_file, f"http://127.0.0.1:{fake_api.server_address[1]}", s3=s3_listener)
     assert done.returncode != 0
     assert "401 Unauthorized" in done.stderr  # the server's answer, then what to check
     assert "CLEARML_AGENT_ACCESS_KEY" in done.stderr and "do not log in" in done.stderr
@@ -551,7 +564,22 @@ def test_cluster_setup_names_the_problem_when_the_agent_keys_are_wrong(
 
 
 @pytest.mark.slow  # 5 s or more on 2 cores: `make test` runs it, `make test-fast` does not
-def test_cluster_setup_gives_up_when_no_apiserver_answers(tmp_path: Path) -> None:
-    done = _setup(tmp_path / ".env", "http://127.0.0.1:9", wait=1)
+def test_cluster_setup_gives_up_when_no_apiserver_answers(tmp_path: Path, s3_listener: str) -> None:
+    done = _setup(tmp_path / ".env", "http://127.0.0.1:9", wait=1, s3=s3_listener)
     assert done.returncode != 0
     assert "no apiserver at http://127.0.0.1:9" in done.stderr
+
+
+def test_cluster_setup_checks_the_s3_name_first(tmp_path: Path, fake_api: _FakeApiServer) -> None:
+    """Before any API call: minio.local (here a name that never resolves) must resolve, and something must answer."""
+    env_file = tmp_path / ".env"
+    env_file.write_text("CLEARML_AGENT_ACCESS_KEY=agent-key\nCLEARML_AGENT_SECRET_KEY=agent-secret\n")
+    api = f"http://127.0.0.1:{fake_api.server_address[1]}"
+    done = _setup(env_file, api, s3="minio.invalid:9000")
+    assert done.returncode != 0 and "    127.0.0.1 minio.invalid" in done.stderr
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{sock.getsockname()[1]}"
+    done = _setup(env_file, api, s3=closed)
+    assert done.returncode != 0 and f"nothing answers at {closed}" in done.stderr
+    assert fake_api.calls == []
