@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast test-unit test-integration test-e2e test-clearml bench lint typecheck clean setup
+.PHONY: demo test test-fast test-unit test-integration test-e2e test-clearml test-cluster bench lint typecheck clean setup
 
 $(VENV)/.ready: pyproject.toml scripts/bootstrap.sh
 	VENV=$(VENV) bash scripts/bootstrap.sh
@@ -34,6 +34,11 @@ test-e2e: $(VENV)/.ready
 
 test-clearml: $(VENV)/.ready
 	$(PY) -m pytest -q tests/clearml_runtime
+
+# the cluster rehearsal: real clearml-agent daemons run the pipeline, a cron clone, an abort and
+# scripts/cluster-smoke.sh against the API stand-in and a local S3 (README, "Rehearse the cluster")
+test-cluster: $(VENV)/.ready
+	$(PY) -m pytest -q tests/cluster
 
 bench: $(VENV)/.ready
 	$(PY) bench/bench_s3.py --latency-ms 10 --json bench/results.json

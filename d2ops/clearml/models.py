@@ -80,6 +80,12 @@ def register_model(
         + "\n"
         + jsonio.dumps(metadata, sort_keys=True, default=str),
     )
+    if run.mode != "offline" and run.cfg.clearml.output_uri:
+        # A step task an agent runs has no output destination of its own (the pipeline creates it with
+        # Task.create, which records none), so without this the weights stay where the step wrote them and the
+        # registry points at a file inside the agent's checkout (the cluster rehearsal found a file:// URL).
+        # The experiment's clearml.output_uri, as launched or as edited in the UI, is where they belong.
+        model.set_upload_destination(run.cfg.clearml.output_uri)
     if run.mode == "offline":
         # clearml 1.18 to 2.1.12: the offline stand-in model is reachable only through this private call.
         base: Any = model._get_base_model()

@@ -85,6 +85,13 @@ SINGLE_SCALAR_ITERATION = -(2**31)
 SERVER_VERSION = "2.3.0"
 API_VERSION = "2.34"
 
+#: Endpoints clients call that the open-source clearml-server does not have (git grep of its ``apiserver/``
+#: at 0b769d4 finds no ``runtime_properties``; they exist only in ClearML's hosted/enterprise servers). It
+#: answers them as any unknown endpoint (404); clearml-agent's ``Worker.get_runtime_properties`` /
+#: ``set_runtime_properties`` catch that and stop asking. Every other unknown endpoint is a gap in this
+#: stand-in and lands in :attr:`FakeClearmlServer.unknown_calls`.
+ABSENT_FROM_OPEN_SOURCE_SERVER = frozenset({"workers.get_runtime_properties", "workers.set_runtime_properties"})
+
 ACCESS_KEY = "FAKEACCESSKEY"
 SECRET_KEY = "fake-secret-key"  # a test credential for a server that only exists in tests
 
@@ -399,11 +406,15 @@ class FakeClearmlServer:
         self.files: dict[str, bytes] = {}
         self.calls: list[tuple[str, Any]] = []
         self.unknown_calls: list[tuple[str, Any]] = []
+        #: calls to :data:`ABSENT_FROM_OPEN_SOURCE_SERVER`: answered 404 like clearml-server, not counted as unknown
+        self.absent_calls: list[tuple[str, Any]] = []
         self.errors: list[tuple[str, Any, ApiError]] = []
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         # clearml-server creates a queue tagged "default" on first start (``apiserver/mongo/initialize``)
         self.create_queue("default", system_tags=["default"])
+        #: clearml-server's ``apiserver.workers.task_update_timeout`` (``stop_task``'s live-worker check)
+        self.task_update_timeout = 600.0
         self._handlers: dict[str, Callable[[dict, dict], Any]] = {
             name[len("ep_") :].replace("__", "."): getattr(self, name) for name in dir(self) if name.startswith("ep_")
         }
@@ -485,6 +496,13 @@ class FakeClearmlServer:
         }
         try:
             handler = self._handlers.get(endpoint)
+            if handler is None and endpoint in ABSENT_FROM_OPEN_SOURCE_SERVER:
+                # answered as clearml-server answers it; the caller is expected to cope (and does)
+                with self.lock:
+                    self.absent_calls.append((endpoint, body))
+                raise ApiError(
+                    404, 0, f"Unable to find endpoint for name {endpoint} and version {version or self.api_version}"
+                )
             if handler is None:
                 with self.lock:
                     self.unknown_calls.append((endpoint, body))
@@ -1063,8 +1081,22 @@ class FakeClearmlServer:
     def ep_tasks__get_by_id(self, body: dict, headers: dict) -> dict:
         return {"task": self._task_out(self.task(body.get("task")))}
 
+    def _project_ids_with_children(self, ids: list[str]) -> list[str]:
+        """``apiserver/bll/project/sub_projects.py`` ``project_ids_with_children``: the projects and every
+        project below them (clearml-server keeps the hierarchy in names: ``parent/child``)."""
+        names = [self.projects[i]["name"] for i in ids if i in self.projects]
+        children = [
+            pid for pid, p in self.projects.items() if any(p["name"].startswith(name + "/") for name in names)
+        ]
+        return list(dict.fromkeys([*ids, *children]))
+
     def _get_all_tasks(self, body: dict) -> list[dict]:
         body = dict(body)
+        # ``apiserver/services/utils.py`` ``process_include_subprojects``: without it (the default), a project
+        # filter matches that project only, so a pipeline controller in ``<project>/.pipelines/<name>`` is not found
+        if body.pop("include_subprojects", False) and body.get("project"):
+            projects = body["project"] if isinstance(body["project"], list) else [body["project"]]
+            body["project"] = self._project_ids_with_children(projects)
         for key in list(body):
             if isinstance(body[key], str) and key in ("status", "type", "project", "parent", "user"):
                 body[key] = [body[key]]
@@ -1490,18 +1522,40 @@ class FakeClearmlServer:
         return self._status_call({**body, "force": True}, "published", published=_now())
 
     def ep_tasks__stop(self, body: dict, headers: dict) -> dict:
-        """``task_operations.stop_task`` (simplified: no live-worker check, always stops at once)."""
+        """``apiserver/bll/task/task_operations.py`` ``stop_task``.
+
+        A queued task, a development task, or one no live worker runs is stopped at once ("Stopped by
+        <user>"). A task that a worker registered through ``workers.register`` runs (``last_worker`` set by
+        its ``workers.status_report`` or ``tasks.started`` and ``last_update`` within clearml-server's
+        ``task_update_timeout``, 600 s) keeps its status and gets ``status_message="stopping"``: the agent
+        sees it (``clearml_agent/commands/worker.py`` ``TaskStopSignal``), kills the process and reports
+        ``stopped`` itself. Tasks started by the test's own helpers (``start_task``, :class:`FakeAgent`) have
+        no registered worker, so they stop at once as before. ``include_pipeline_steps`` stops the
+        controller's steps first (``_get_pipeline_steps_for_controller_task``: tasks whose ``parent`` is it).
+        """
         task = self.task(body.get("task"))
-        if task["status"] == "queued":
-            self._remove_from_queues(task["id"])
-        return _json_roundtrip(
-            self._change_status(
-                task,
-                "stopped",
-                status_reason=body.get("status_reason", ""),
-                status_message=f"Stopped by {self.user['name']}",
-                force=bool(body.get("force")),
-            )
+        if body.get("include_pipeline_steps"):
+            for step in [t for t in self.tasks.values() if t.get("parent") == task["id"]]:
+                if step["status"] in ("queued", "in_progress"):
+                    self._stop_one(step, body, force=True)
+        return _json_roundtrip(self._stop_one(task, body, force=bool(body.get("force"))))
+
+    def _stop_one(self, task: dict, body: dict, *, force: bool) -> dict:
+        is_queued = task["status"] == "queued"
+        last_update = task.get("last_update")
+        run_by_worker = (
+            task.get("last_worker") in self.workers
+            and last_update is not None
+            and (_now() - last_update).total_seconds() < self.task_update_timeout
+        )
+        if is_queued or "development" in (task.get("system_tags") or []) or not run_by_worker:
+            if is_queued:
+                self._remove_from_queues(task["id"])
+            new_status, message = "stopped", f"Stopped by {self.user['name']}"
+        else:
+            new_status, message = task["status"], "stopping"
+        return self._change_status(
+            task, new_status, status_reason=body.get("status_reason", ""), status_message=message, force=force
         )
 
     def ep_tasks__reset(self, body: dict, headers: dict) -> dict:
@@ -1646,7 +1700,75 @@ class FakeClearmlServer:
         return {"entry": _json_roundtrip(entry)}
 
     def ep_workers__get_all(self, body: dict, headers: dict) -> dict:
+        """``WorkerBLL.get_all_with_projection``: registered workers, each queue as ``{id, name}``."""
         return {"workers": _json_roundtrip(list(self.workers.values()))}
+
+    def _worker_queues(self, queue_ids: Iterable[str]) -> list[dict]:
+        """``WorkerBLL.register_worker``: every queue must exist (``InvalidQueueId``, 400/701)."""
+        invalid = [q for q in queue_ids if q not in self.queues]
+        if invalid:
+            raise ApiError(400, 701, "Invalid queue id", ids=invalid)
+        return [{"id": q, "name": self.queues[q]["name"]} for q in queue_ids]
+
+    def ep_workers__register(self, body: dict, headers: dict) -> dict:
+        """``apiserver/services/workers.py`` ``register`` / ``WorkerBLL.register_worker``: the worker's entry
+        (id, queues, register and activity times, tags); a non-positive ``timeout`` is refused (400/1001,
+        ``WorkerRegistrationFailed``). Registering again replaces the entry."""
+        worker = body.get("worker")
+        if not worker:
+            raise ApiError(400, 11, "Missing required fields: worker")
+        if body.get("timeout") is not None and body["timeout"] <= 0:
+            raise ApiError(400, 1001, "Worker registration failed: invalid timeout", worker=worker)
+        now = _now()
+        self.workers[worker] = {
+            "id": worker,
+            "user": {"id": self.user["id"], "name": self.user["name"]},
+            "company": {"id": self.user["company"]},
+            "register_time": now,
+            "register_timeout": body.get("timeout") or 600,
+            "last_activity_time": now,
+            "last_report_time": now,
+            "queues": self._worker_queues(body.get("queues") or []),
+            "tags": body.get("tags") or [],
+            "system_tags": body.get("system_tags") or [],
+            "task": None,
+            "project": None,
+        }
+        return {}
+
+    def ep_workers__unregister(self, body: dict, headers: dict) -> dict:
+        """``WorkerBLL.unregister_worker``: an unknown worker is ``WorkerNotRegistered`` (400/1003)."""
+        if self.workers.pop(body.get("worker"), None) is None:
+            raise ApiError(400, 1003, "Worker is not registered", worker=body.get("worker"))
+        return {}
+
+    def ep_workers__status_report(self, body: dict, headers: dict) -> dict:
+        """``WorkerBLL.status_report``: the worker must be registered (``_get_worker``: 400/1003); its
+        activity time, queue(s) and current task are updated; a reported task gets ``last_worker``,
+        ``last_worker_report`` and ``last_update`` = now (an unknown task id: 400/101). Machine stats go to
+        Elasticsearch there and are only counted here."""
+        entry = self.workers.get(body.get("worker"))
+        if entry is None:
+            raise ApiError(400, 1003, "Worker is not registered", worker=body.get("worker"))
+        now = _now()
+        entry["last_activity_time"] = entry["last_report_time"] = now
+        if body.get("queues"):
+            entry["queues"] = self._worker_queues(body["queues"])
+        for key in ("tags", "system_tags"):
+            if body.get(key) is not None:
+                entry[key] = body[key]
+        entry["stats_reports"] = entry.get("stats_reports", 0) + bool(body.get("machine_stats"))
+        task_id = body.get("task")
+        if not task_id:
+            entry["task"] = entry["project"] = None
+            return {}
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise invalid_task_id(id=task_id)
+        task["last_worker"] = entry["id"]
+        task["last_worker_report"] = task["last_update"] = task["last_change"] = now
+        entry["task"] = {"id": task["id"], "name": task.get("name")}
+        return {}
 
     # ------------------------------------------------------------------ events
 

@@ -1,0 +1,239 @@
+"""The cluster rehearsal: README's cluster path on one machine, through real clearml-agent 3.0.3 daemons.
+
+One module-scoped cluster (see :mod:`tests.cluster.rehearsal`): the API stand-in, moto as MinIO, a git origin,
+an agent in ``--services-mode`` on ``services`` and one on the steps' queues. The tests run in order on it:
+
+1. the laptop launches a shipped cluster config with ``pipelines/run_pipeline.py --config ... --set ...``; the
+   controller runs on the services agent, the five steps on the worker agent, the model is registered and
+   promoted, and the agents never call an endpoint the stand-in lacks;
+2. ``d2ops schedule cron`` hands a scheduler to the services agent, and the clone it fires runs to the end;
+3. a user's abort (``tasks.stop``, as the web UI sends it) of a running step reaches the step's process through
+   the agent, and the pipeline does not end completed;
+4. ``scripts/cluster-smoke.sh``, unchanged, passes against the rehearsal with only its endpoint variables set.
+
+What it cannot show: docker mode (the d2ops image, ``docker_args``, the compose network), GPUs, and a real
+clearml-server (MongoDB/Elasticsearch, its watchdogs, permissions). README says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.rehearsal import REPO_ROOT, S3_KEY, S3_SECRET, Cluster, rehearsal_cluster
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(1500)]
+
+#: configs/roboflow.yaml as shipped, made CPU-sized from the command line: the laptop's launch exactly as a
+#: user types it, with --set for what a rehearsal on 2 CPU cores cannot afford (a ResNet-50 from COCO weights)
+TINY = [
+    "--set",
+    "model.overrides={MODEL.RESNETS.DEPTH: 18, MODEL.RESNETS.RES2_OUT_CHANNELS: 64, MODEL.RESNETS.NORM: GN, "
+    "MODEL.FPN.NORM: GN, MODEL.FPN.OUT_CHANNELS: 64, MODEL.ROI_BOX_HEAD.FC_DIM: 128, MODEL.BACKBONE.FREEZE_AT: 0, "
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE: 32, INPUT.MIN_SIZE_TRAIN: [128], INPUT.MAX_SIZE_TRAIN: 256, "
+    "INPUT.MIN_SIZE_TEST: 128, INPUT.MAX_SIZE_TEST: 256}",
+    "--set", "model.weights=null",
+    "--set", "solver.max_iter=10",
+    "--set", "solver.warmup_iters=5",
+    "--set", "solver.steps=[]",
+    "--set", "solver.checkpoint_period=10",
+    "--set", "solver.eval_period=0",
+    "--set", "solver.num_workers=0",
+    "--set", "solver.ims_per_batch=2",
+    "--set", "runtime.device=cpu",
+    "--set", "registry.quality_gate.min_value=0",
+]  # fmt: skip
+STEPS = ("download", "train", "evaluate", "infer", "register")
+PIPELINE_TIMEOUT_S = 600.0
+
+
+def _upload_shapes(cluster: Cluster, root: Path, prefix: str) -> str:
+    from d2ops.data.synthetic import generate_shapes_dataset
+
+    dataset = generate_shapes_dataset(root / prefix)
+    client = cluster.s3_client()
+    for path in sorted(dataset.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), "datasets", f"{prefix}/{path.relative_to(dataset).as_posix()}")
+    return cluster.s3_uri("datasets", f"{prefix}/")
+
+
+def _launch(cluster: Cluster, dataset_uri: str, *extra: str) -> str:
+    result = cluster.run(
+        sys.executable,
+        "pipelines/run_pipeline.py",
+        "--config",
+        "configs/roboflow.yaml",
+        "--dataset-uri",
+        dataset_uri,
+        *TINY,
+        "--set",
+        f"clearml.output_uri={cluster.s3_uri('clearml')}",
+        *extra,
+    )
+    launched = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"pipeline_task_id"')]
+    assert launched, f"run_pipeline.py printed no pipeline task id:\n{result.stdout[-3000:]}"
+    return launched[0]["pipeline_task_id"]
+
+
+def _wait_pipeline(cluster: Cluster, controller_id: str) -> dict:
+    return cluster.wait_status(controller_id, ("completed", "failed", "stopped", "closed"), PIPELINE_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with rehearsal_cluster(tmp_path_factory.mktemp("cluster")) as running:
+        yield running
+        assert not running.server.unknown_calls, (
+            f"endpoints the stand-in lacks: {sorted({e for e, _ in running.server.unknown_calls})}"
+        )
+
+
+@pytest.fixture(scope="module")
+def shapes(cluster: Cluster) -> str:
+    return _upload_shapes(cluster, cluster.root, "shapes")
+
+
+@pytest.fixture(scope="module")
+def first_run(cluster: Cluster, shapes: str) -> dict:
+    tic = time.monotonic()
+    controller_id = _launch(cluster, shapes)
+    controller = _wait_pipeline(cluster, controller_id)
+    return {"id": controller_id, "controller": controller, "seconds": time.monotonic() - tic}
+
+
+def test_the_pipeline_runs_on_the_agents_and_registers_a_promoted_model(cluster: Cluster, first_run: dict) -> None:
+    controller = first_run["controller"]
+    assert controller["status"] == "completed", cluster.diagnostics()
+    # the services agent ran the controller (services mode names the worker <agent>:service:<task id>)
+    assert controller["status_message"].startswith("Changed by clearml-agent agent-services"), controller
+    steps = cluster.children(first_run["id"])
+    assert sorted(steps) == sorted(STEPS), sorted(steps)
+    for name, step in steps.items():
+        assert step["status"] == "completed", (name, cluster.diagnostics())
+        assert step["status_message"] == "Changed by clearml-agent agent-steps", (name, step["status_message"])
+        # the agent checked out the commit the task records, from the origin the laptop pushed to
+        script = step["script"]
+        assert script["repository"] == str(cluster.origin), script
+        assert len(script["version_num"]) == 40, script
+        log = cluster.task_log(step["id"])
+        assert f"commit: {script['version_num']}" in log or script["version_num"][:7] in log, log[-3000:]
+    # the model: registered by the register step, published and promoted, its weights under output_uri
+    with cluster.server.lock:
+        models = [m for m in cluster.server.models.values() if m.get("task") == steps["register"]["id"]]
+    assert len(models) == 1, models
+    model = models[0]
+    assert model["ready"] is True, model
+    assert "production" in (model.get("tags") or []), model
+    assert model["uri"].startswith(cluster.s3_uri("clearml")), model["uri"]
+    key = model["uri"][len(cluster.s3_uri("")) :]
+    bucket, _, name = key.partition("/")
+    head = cluster.s3_client().head_object(Bucket=bucket, Key=name)
+    assert head["ContentLength"] > 1000
+
+
+def test_a_cron_schedule_fires_a_clone_that_runs_to_the_end(cluster: Cluster, first_run: dict) -> None:
+    assert first_run["controller"]["status"] == "completed"
+    # TaskScheduler fires at a fixed minute of each hour ('M * * * *'): the next minute that leaves the
+    # services agent time to start the scheduler (a few seconds here)
+    fire = datetime.now(timezone.utc) + timedelta(seconds=75)
+    expr = f"{fire.minute} * * * *"
+    result = cluster.run(
+        sys.executable, "-m", "d2ops", "schedule", "cron", "--pipeline-id", first_run["id"], "--expr", expr
+    )
+    scheduler = cluster.wait_for(
+        "the scheduler task to run on the services agent",
+        lambda: next(
+            (t for t in cluster.server.tasks.values() if t.get("type") == "application" and t["status"] == "in_progress"),
+            None,
+        ),
+        120,
+    )
+    try:
+        clone = cluster.wait_for(
+            "the schedule to clone the pipeline",
+            lambda: next(
+                (
+                    t
+                    for t in cluster.server.tasks.values()
+                    if t.get("type") == "controller" and t["id"] != first_run["id"] and t["status"] != "created"
+                ),
+                None,
+            ),
+            240,
+        )
+        ended = _wait_pipeline(cluster, clone["id"])
+        assert ended["status"] == "completed", cluster.diagnostics()
+        steps = cluster.children(clone["id"])
+        assert sorted(steps) == sorted(STEPS)
+        assert all(s["status"] == "completed" for s in steps.values()), cluster.diagnostics()
+        assert result.returncode == 0
+    finally:
+        cluster.api("tasks.stop", task=scheduler["id"], force=True)
+
+
+def test_a_user_abort_reaches_the_running_step_through_the_agent(cluster: Cluster, shapes: str) -> None:
+    import psutil
+
+    controller_id = _launch(cluster, shapes, "--set", "solver.max_iter=5000", "--set", "name=abort-me")
+    train = cluster.wait_for(
+        "the train step to be training",
+        lambda: next(
+            (
+                t
+                for t in cluster.server.tasks.values()
+                if t.get("parent") == controller_id
+                and t["name"] == "train"
+                and t["status"] == "in_progress"
+                and (t.get("last_iteration") or 0) > 0
+            ),
+            None,
+        ),
+        PIPELINE_TIMEOUT_S,
+    )
+    # the web UI's Abort: tasks.stop on the task, over HTTP, with the user's token
+    reply = cluster.api("tasks.stop", task=train["id"])
+    assert reply["fields"]["status_message"] == "stopping", reply  # a live worker runs it: the agent must act
+    stopped = cluster.wait_status(train["id"], ("stopped", "failed", "completed"), 120)
+    assert stopped["status"] == "stopped", cluster.diagnostics()
+    assert stopped["status_reason"] == "user abort", stopped
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "tasks/train.py" in " ".join(p.info["cmdline"] or [])]
+    controller = _wait_pipeline(cluster, controller_id)
+    assert controller["status"] != "completed", cluster.diagnostics()
+    assert "register" not in cluster.children(controller_id) or (
+        cluster.children(controller_id)["register"]["status"] in ("created", "stopped", "skipped")
+    )
+
+
+def test_cluster_smoke_script_passes_unchanged_against_the_rehearsal(cluster: Cluster, tmp_path: Path) -> None:
+    env_file = tmp_path / "rehearsal.env"
+    env_file.write_text(f"D2OPS_S3_ACCESS_KEY={S3_KEY}\nD2OPS_S3_SECRET_KEY={S3_SECRET}\n")
+    env = {
+        **cluster.laptop_env,
+        # only the endpoints (and where the keys are) change; everything else is the script as shipped
+        "S3_ENDPOINT": cluster.s3_host,
+        "ENV_FILE": str(env_file),
+        "PY": sys.executable,
+        "TIMEOUT": str(int(PIPELINE_TIMEOUT_S)),
+    }
+    env.pop("CLEARML_CONFIG_FILE")
+    result = subprocess.run(
+        ["bash", "scripts/cluster-smoke.sh"],
+        cwd=cluster.laptop,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=PIPELINE_TIMEOUT_S + 120,
+    )
+    assert result.returncode == 0, f"{result.stdout[-5000:]}\n{result.stderr[-5000:]}\n{cluster.diagnostics()}"
+    assert "[cluster-smoke] OK" in result.stdout
+    assert (REPO_ROOT / "scripts/cluster-smoke.sh").read_bytes() == (cluster.laptop / "scripts/cluster-smoke.sh").read_bytes()
+    assert os.environ.get("CLEARML_API_HOST") != cluster.server.url  # the test process itself was never repointed
