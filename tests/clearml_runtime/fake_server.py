@@ -1085,9 +1085,7 @@ class FakeClearmlServer:
         """``apiserver/bll/project/sub_projects.py`` ``project_ids_with_children``: the projects and every
         project below them (clearml-server keeps the hierarchy in names: ``parent/child``)."""
         names = [self.projects[i]["name"] for i in ids if i in self.projects]
-        children = [
-            pid for pid, p in self.projects.items() if any(p["name"].startswith(name + "/") for name in names)
-        ]
+        children = [pid for pid, p in self.projects.items() if any(p["name"].startswith(name + "/") for name in names)]
         return list(dict.fromkeys([*ids, *children]))
 
     def _get_all_tasks(self, body: dict) -> list[dict]:

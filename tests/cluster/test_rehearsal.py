@@ -152,7 +152,11 @@ def test_a_cron_schedule_fires_a_clone_that_runs_to_the_end(cluster: Cluster, fi
     scheduler = cluster.wait_for(
         "the scheduler task to run on the services agent",
         lambda: next(
-            (t for t in cluster.server.tasks.values() if t.get("type") == "application" and t["status"] == "in_progress"),
+            (
+                t
+                for t in cluster.server.tasks.values()
+                if t.get("type") == "application" and t["status"] == "in_progress"
+            ),
             None,
         ),
         120,
@@ -235,5 +239,6 @@ def test_cluster_smoke_script_passes_unchanged_against_the_rehearsal(cluster: Cl
     )
     assert result.returncode == 0, f"{result.stdout[-5000:]}\n{result.stderr[-5000:]}\n{cluster.diagnostics()}"
     assert "[cluster-smoke] OK" in result.stdout
-    assert (REPO_ROOT / "scripts/cluster-smoke.sh").read_bytes() == (cluster.laptop / "scripts/cluster-smoke.sh").read_bytes()
+    shipped = (REPO_ROOT / "scripts/cluster-smoke.sh").read_bytes()
+    assert (cluster.laptop / "scripts/cluster-smoke.sh").read_bytes() == shipped
     assert os.environ.get("CLEARML_API_HOST") != cluster.server.url  # the test process itself was never repointed
