@@ -131,7 +131,7 @@ def _every_s3_uri() -> dict[str, list[tuple[str, str | None]]]:
         cfg = load_config(path)
         uris = [u for s in _strings(cfg.model_dump()) for u in _uris(s)]
         found[f"{path.name} (loaded)"] = [u for u in uris if u != OFFLINE_DEMO.get(path.name)]
-    for path in [*ALL_CONFIGS, README, ENV_EXAMPLE, COMPOSE_FILE]:
+    for path in [*ALL_CONFIGS, README, ENV_EXAMPLE, COMPOSE_FILE, *sorted(DOCKER.glob("Dockerfile*"))]:
         uris = _uris(path.read_text())
         found[str(path.relative_to(ROOT))] = [u for u in uris if u != OFFLINE_DEMO.get(path.name)]
     for path in (AGENT_CONF, CONF_EXAMPLE):
