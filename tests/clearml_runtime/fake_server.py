@@ -1082,8 +1082,8 @@ class FakeClearmlServer:
         return {"task": self._task_out(self.task(body.get("task")))}
 
     def _project_ids_with_children(self, ids: list[str]) -> list[str]:
-        """``apiserver/bll/project/sub_projects.py`` ``project_ids_with_children``: the projects and every
-        project below them (clearml-server keeps the hierarchy in names: ``parent/child``)."""
+        """``apiserver/bll/project/sub_projects.py`` ``_ids_with_children`` (``project_ids_with_children``): the
+        projects and every project below them (clearml-server keeps the hierarchy in names: ``parent/child``)."""
         names = [self.projects[i]["name"] for i in ids if i in self.projects]
         children = [pid for pid, p in self.projects.items() if any(p["name"].startswith(name + "/") for name in names)]
         return list(dict.fromkeys([*ids, *children]))
@@ -1710,13 +1710,13 @@ class FakeClearmlServer:
 
     def ep_workers__register(self, body: dict, headers: dict) -> dict:
         """``apiserver/services/workers.py`` ``register`` / ``WorkerBLL.register_worker``: the worker's entry
-        (id, queues, register and activity times, tags); a non-positive ``timeout`` is refused (400/1001,
-        ``WorkerRegistrationFailed``). Registering again replaces the entry."""
+        (id, queues, register and activity times, tags); a non-positive ``timeout`` is refused (400/1002,
+        ``worker_registration_failed``, ``apiserver/apierrors/errors.conf``). Registering again replaces the entry."""
         worker = body.get("worker")
         if not worker:
             raise ApiError(400, 11, "Missing required fields: worker")
         if body.get("timeout") is not None and body["timeout"] <= 0:
-            raise ApiError(400, 1001, "Worker registration failed: invalid timeout", worker=worker)
+            raise ApiError(400, 1002, "Worker registration failed: invalid timeout", worker=worker)
         now = _now()
         self.workers[worker] = {
             "id": worker,
@@ -1735,19 +1735,19 @@ class FakeClearmlServer:
         return {}
 
     def ep_workers__unregister(self, body: dict, headers: dict) -> dict:
-        """``WorkerBLL.unregister_worker``: an unknown worker is ``WorkerNotRegistered`` (400/1003)."""
+        """``WorkerBLL.unregister_worker``: an unknown worker is ``worker_not_registered`` (400/1004)."""
         if self.workers.pop(body.get("worker"), None) is None:
-            raise ApiError(400, 1003, "Worker is not registered", worker=body.get("worker"))
+            raise ApiError(400, 1004, "Worker is not registered", worker=body.get("worker"))
         return {}
 
     def ep_workers__status_report(self, body: dict, headers: dict) -> dict:
-        """``WorkerBLL.status_report``: the worker must be registered (``_get_worker``: 400/1003); its
-        activity time, queue(s) and current task are updated; a reported task gets ``last_worker``,
+        """``WorkerBLL.status_report``: the worker must be registered (``_get_worker``: ``invalid_worker_id``,
+        400/1001); its activity time, queue(s) and current task are updated; a reported task gets ``last_worker``,
         ``last_worker_report`` and ``last_update`` = now (an unknown task id: 400/101). Machine stats go to
         Elasticsearch there and are only counted here."""
         entry = self.workers.get(body.get("worker"))
         if entry is None:
-            raise ApiError(400, 1003, "Worker is not registered", worker=body.get("worker"))
+            raise ApiError(400, 1001, "Invalid worker id", worker=body.get("worker"))
         now = _now()
         entry["last_activity_time"] = entry["last_report_time"] = now
         if body.get("queues"):
