@@ -134,7 +134,7 @@ def test_the_pipeline_runs_on_the_agents_and_registers_a_promoted_model(cluster:
     assert model["ready"] is True, model
     assert "production" in (model.get("tags") or []), model
     assert model["uri"].startswith(cluster.s3_uri("clearml")), model["uri"]
-    key = model["uri"][len(cluster.s3_uri("")) :]
+    key = model["uri"][len(f"s3://{cluster.s3_host}/") :]
     bucket, _, name = key.partition("/")
     head = cluster.s3_client().head_object(Bucket=bucket, Key=name)
     assert head["ContentLength"] > 1000
