@@ -23,6 +23,13 @@ Three traps of clearml 2.1.12's controller, and what d2ops does about each:
   the pipeline *failed* with it as the status reason.
 - A ``pre_execute_callback`` that raises kills the controller the same way. The download step's
   cache-key callback (:func:`download_cache_key`) never raises: it warns and takes a cache miss.
+- ClearML's argparse binding records the launching command line (``--config``, ``--set``,
+  ``--dataset-uri``, ``--offline``, ``--local``) as ``Args/`` parameters of the controller task, and
+  on the services agent writes their defaults back. None of them is read there: the experiment is
+  the ``Args/<section>/<key>`` values, so an edit of one in the UI was silently ignored. They are
+  deleted (:func:`forget_command_line`): the UI shows only what the controller honours. The launch
+  config's name, which every step records as ``General/config``, is kept as the controller's user
+  property ``launch_config`` (metadata, like ClearML's own ``version`` there).
 - Past ``set_pipeline_execution_time_limit``, the control loop stops and aborts the running steps,
   but its end of loop marks only nodes whose ``executed is False`` as failed: an aborted step's is
   ``None``, and the pipeline ends *completed*. :class:`D2opsPipelineController` marks it *failed*,
@@ -41,7 +48,7 @@ from typing import Any
 from clearml import PipelineController, Task
 
 from d2ops.clearml.cluster import agent_requirements, step_docker_args, step_task_spec, with_agent_env
-from d2ops.clearml.hyperparams import experiment_from_parameters, experiment_parameters
+from d2ops.clearml.hyperparams import experiment_from_parameters, experiment_parameters, is_experiment_name
 from d2ops.clearml.secrets import scrub_recorded_diff
 from d2ops.clearml.session import mark_pipeline_step, remote_task_parameters
 from d2ops.clearml.step import STOPPED_TAG, TIME_LIMIT_TAG, ClearMLReporter, record_experiment
@@ -52,11 +59,14 @@ from d2ops.storage import s3 as storage
 
 __all__ = [
     "ARGS_PREFIX",
+    "LAUNCH_CONFIG_PROPERTY",
     "D2opsPipelineController",
     "build_controller",
     "controller_experiment",
     "download_cache_key",
+    "forget_command_line",
     "monitor_metrics",
+    "recorded_launch_config",
     "report_step_failure",
     "retry_unless_timed_out",
     "start_controller",
@@ -66,6 +76,8 @@ log = logging.getLogger(__name__)
 
 #: Where ClearML keeps a PipelineController's parameters (``PipelineController._args_section``).
 ARGS_PREFIX = "Args/"
+#: The controller task's user property naming the config file the pipeline was launched from.
+LAUNCH_CONFIG_PROPERTY = "launch_config"
 
 
 class D2opsPipelineController(PipelineController):
@@ -150,14 +162,33 @@ def controller_experiment(launched: ExperimentConfig | None = None) -> Experimen
     return launched
 
 
+def recorded_launch_config() -> str:
+    """On the services agent: the launch config's name the laptop recorded on the controller task ("" if none)."""
+    return remote_task_parameters().get(f"properties/{LAUNCH_CONFIG_PROPERTY}", "")
+
+
+def forget_command_line(task: Any) -> None:
+    """Delete the ``Args/`` parameters ClearML's argparse binding recorded from the command line.
+
+    They are not the experiment (``Args/<section>/<key>``) and the controller never reads them on
+    the agent, so showing them in the UI would invite edits that change nothing. Called after the
+    controller's ``Task.init``: on the laptop it recorded the parsed arguments, on the agent their defaults.
+    """
+    for key in task.get_parameters() or {}:
+        if key.startswith(ARGS_PREFIX) and not is_experiment_name(key[len(ARGS_PREFIX) :]):
+            task.delete_parameter(key, force=True)
+
+
 def _step_task_factory(step: str, cfg: ExperimentConfig, config_path: str, node: Any) -> Any:
     """Create the step's template task from tasks/<step>.py (called by the controller at launch)."""
     task: Any = Task.create(**step_task_spec(step, cfg))
     scrub_recorded_diff(task)  # Task.create records the launching checkout's uncommitted diff too
     mark_pipeline_step(task)  # this very task is the pipeline's step; a clone of it is a new run
     record_experiment(task, cfg)
-    # Declare the step's inputs so the controller's General/ overrides have slots to fill.
-    task.update_parameters({f"General/{key}": value for key, value in step_parameters(step, config_path, []).items()})
+    # Declare the step's inputs so the controller's General/ overrides have slots to fill (no General/overrides:
+    # the --set overrides are already in the experiment values, and an agent never reads them).
+    general = {k: v for k, v in step_parameters(step, config_path, []).items() if k != "overrides"}
+    task.update_parameters({f"General/{key}": value for key, value in general.items()})
     return task
 
 
@@ -281,6 +312,12 @@ def build_controller(cfg: ExperimentConfig, config_path: str = "") -> D2opsPipel
     )
     if pipe.task is not None:
         scrub_recorded_diff(pipe.task)
+        forget_command_line(pipe.task)
+        if config_path and pipe.task.running_locally():
+            description = "the config file the pipeline was launched from (each step's General/config); a record"
+            pipe.task.set_user_properties(
+                **{LAUNCH_CONFIG_PROPERTY: {"value": config_path, "description": description, "type": "str"}}
+            )
     if execution.pipeline_time_limit_min:
         pipe.set_pipeline_execution_time_limit(execution.pipeline_time_limit_min)
     values, types = experiment_parameters(cfg)

@@ -24,6 +24,11 @@ exactly that. A clone edited in the UI therefore runs what the edited values say
 ``experiment`` configuration object attached to each task is written *from* the values, for
 reading; editing it changes nothing. Credentials cannot appear: the schema rejects them.
 
+**Complete and exact.** The values are the whole experiment: a key the schema does not know (a
+misspelled ``solvr/max_iter``, a new section) or a key that is missing (a deleted ``solver/max_iter``,
+which would otherwise become the schema's default) fails, naming the key, instead of being ignored.
+Entries of ``model/overrides`` are the user's own keys: adding or deleting one is an edit like any other.
+
 Values are written as YAML scalars or flow collections (``0.005``, ``[128]``, ``'123'`` for a
 string that looks like a number), and an empty value means null, so every value round-trips
 exactly and an edit is typed the way ``--set`` is.
@@ -31,7 +36,7 @@ exactly and an edit is typed the way ``--set`` is.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import yaml
@@ -39,17 +44,21 @@ import yaml
 from d2ops.config import ConfigError, ExperimentConfig, parse_config
 
 __all__ = [
+    "CLEARML_SECTIONS",
     "EXPERIMENT_SECTIONS",
     "experiment_from_parameters",
     "experiment_parameters",
     "flat_experiment",
     "format_value",
+    "is_experiment_name",
     "parameter_name",
     "parameter_types",
 ]
 
 #: ClearML sections that hold the experiment (top-level keys of the config; ``experiment`` holds ``name``).
 EXPERIMENT_SECTIONS = ("experiment", "data", "model", "solver", "eval", "inference", "registry", "clearml", "runtime")
+#: Sections ClearML itself writes on a task and reads back (user properties, the agent's environment).
+CLEARML_SECTIONS = ("properties", "Environment")
 _TOP_LEVEL = "experiment"
 #: Dict-valued keys whose entries are user keys (kept whole as one name part), not schema fields.
 _OPAQUE_DICTS = {("model", "overrides")}
@@ -126,20 +135,51 @@ def _set(tree: dict[str, Any], name: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def is_experiment_name(name: str) -> bool:
+    """True for a name of the experiment's form, ``<experiment section>/<key>`` (``solver/base_lr``)."""
+    return "/" in name and name.split("/", 1)[0] in EXPERIMENT_SECTIONS
+
+
+def _flexible(name: str) -> bool:
+    """A name inside a dict of user keys (``model/overrides/...``), which may be added or deleted."""
+    parts = tuple(name.split("/"))
+    return any(parts[: len(opaque)] == opaque for opaque in _OPAQUE_DICTS)
+
+
+def _keys(names: list[str]) -> str:
+    return f"hyperparameter {names[0]} is" if len(names) == 1 else f"hyperparameters {', '.join(sorted(names))} are"
+
+
 def experiment_from_parameters(
-    params: Mapping[str, Any], *, prefix: str = "", source: str = "task"
+    params: Mapping[str, Any],
+    *,
+    prefix: str = "",
+    source: str = "task",
+    other_sections: Collection[str] = ("General", *CLEARML_SECTIONS),
 ) -> ExperimentConfig:
     """The experiment recorded in a task's hyperparameters (``prefix`` ``"Args/"`` for a pipeline controller).
 
-    ``params`` is ``Task.get_parameters()``: ``section/name`` -> text. Only the experiment
-    sections are read; the result is validated by the schema, so a bad edit in the UI fails
-    here, naming the key. Raises :class:`~d2ops.config.ConfigError` when the task records no experiment.
+    ``params`` is ``Task.get_parameters()``: ``section/name`` -> text. The result is validated by the
+    schema, so a bad edit in the UI fails here, naming the key, and so does a key that is not part of
+    the experiment or one that is missing (:class:`~d2ops.config.ConfigError`, one line naming every such
+    key and what to do). With a ``prefix``, every key under it must be an experiment key (keys outside it
+    are ClearML's); without one, a key of a section that is neither an experiment section nor one of
+    ``other_sections`` is unknown. Raises when the task records no experiment.
     """
     tree: dict[str, Any] = {}
-    found = 0
+    given: dict[str, str] = {}
+    unknown: list[str] = []
     for full, text in params.items():
-        name = full[len(prefix) :] if prefix and full.startswith(prefix) else None if prefix else full
-        if not name or name.split("/", 1)[0] not in EXPERIMENT_SECTIONS or "/" not in name:
+        if prefix:
+            if not full.startswith(prefix):
+                continue
+            name = full[len(prefix) :]
+        else:
+            name = full
+            if full.split("/", 1)[0] in other_sections:
+                continue
+        if not is_experiment_name(name):
+            unknown.append(full)
             continue
         try:
             value = yaml.safe_load(str(text)) if str(text).strip() else None
@@ -147,10 +187,23 @@ def experiment_from_parameters(
             problem = getattr(err, "problem", None) or "not YAML"
             raise ConfigError(f"hyperparameter {full}: not a valid value ({problem})") from None
         _set(tree, name, value)
-        found += 1
-    if not found:
+        given[name] = full
+    if not given:
         raise ConfigError(
             f"{source} records no d2ops experiment hyperparameters ({prefix or ''}solver/..., data/..., ...): "
             "launch it with d2ops (pipelines/run_pipeline.py, tasks/<step>.py) so they are recorded"
         )
-    return parse_config(tree, f"{source} hyperparameters")
+    if unknown:
+        sections = ", ".join(EXPERIMENT_SECTIONS)
+        raise ConfigError(
+            f"{source}: {_keys(unknown)} not part of the d2ops experiment: correct the name to an existing key "
+            f"({prefix}<section>/<key>; sections: {sections}) or delete it"
+        )
+    cfg = parse_config(tree, f"{source} hyperparameters")
+    missing = [f"{prefix}{name}" for name in flat_experiment(cfg) if name not in given and not _flexible(name)]
+    if missing:
+        raise ConfigError(
+            f"{source}: {_keys(missing)} missing, and a missing key is not taken from the schema's default: "
+            "add it back with the value to run (the task must record the whole experiment), or clone the task again"
+        )
+    return cfg

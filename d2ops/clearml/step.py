@@ -59,7 +59,7 @@ from d2ops.clearml.session import (
     step_run_key,
     task_output_uri,
 )
-from d2ops.config import ExperimentConfig, load_config
+from d2ops.config import ConfigError, ExperimentConfig, load_config
 from d2ops.pipeline.runner import (
     PipelineRun,
     StepResult,
@@ -206,6 +206,19 @@ def read_experiment(task: Any, *, prefix: str = "") -> ExperimentConfig:
     return experiment_from_parameters(task.get_parameters(), prefix=prefix, source=f"task {task.id}")
 
 
+def _check_general(task: Any, step: str, inputs: Mapping[str, Any]) -> None:
+    """Every ``General/`` parameter is one the step reads (its inputs, ``config``): an unknown one fails, named."""
+    general = [key for key in task.get_parameters() or {} if key.startswith("General/")]
+    unknown = sorted(key for key in general if key[len("General/") :] not in inputs)
+    if unknown:
+        known = ", ".join(f"General/{name}" for name in inputs)
+        raise ConfigError(
+            f"task {task.id}: hyperparameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+            f"{'are' if len(unknown) > 1 else 'is'} not read by the {step} step (it reads {known} and the "
+            "experiment's sections): correct the name or delete it"
+        )
+
+
 # --------------------------------------------------------------------------- opening and ending a step
 
 
@@ -257,6 +270,7 @@ def open_step(
     run: StepRun | None = None
     try:
         experiment = read_experiment(task)
+        _check_general(task, step, inputs)
         experiment_yaml = experiment.to_yaml()
         task.set_configuration_object(
             name="experiment",

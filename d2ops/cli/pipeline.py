@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from d2ops.clearml.cluster import preflight
-from d2ops.clearml.controller import build_controller, controller_experiment, start_controller
+from d2ops.clearml.controller import build_controller, controller_experiment, recorded_launch_config, start_controller
 from d2ops.clearml.session import on_agent
 from d2ops.clearml.step import run_offline
 from d2ops.cli.common import add_config_args, config_overrides, fail, user_errors_types
@@ -56,7 +56,8 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
         cfg = controller_experiment(launched)
         if not agent:
             preflight(cfg, check_queues=not args.local)
-        pipe = build_controller(cfg, "" if agent else args.config)
+        # On the agent the launch config's name is the one the laptop recorded, not the default --config.
+        pipe = build_controller(cfg, recorded_launch_config() if agent else args.config)
         # Before start: in remote mode this process hands the controller to the services queue.
         print(json.dumps({"pipeline_task_id": pipe.id, "project": cfg.clearml.project}), flush=True)
         start_controller(pipe, "local" if args.local else "remote", cfg.clearml.queues.controller)

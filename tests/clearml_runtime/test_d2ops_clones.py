@@ -159,6 +159,15 @@ def test_a_step_clone_edited_in_the_ui_runs_the_edited_values(
     assert run.returncode == 2
     assert "solver.base_lr" in run.stderr and "Traceback" not in run.stderr
 
+    # Part 3: a key the step does not know was ignored (agent exit 0); it fails, one line naming it.
+    typo = clone_with({"solvr/max_iter": "5000"})
+    run = agent_runs(typo)
+    assert run.returncode == 2, run.stderr[-3000:]
+    (line,) = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert "hyperparameter solvr/max_iter is not part of the d2ops experiment" in line, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    assert clearml_server.tasks[typo]["status"] == "failed"
+
 
 def _run_as_agent(server: FakeClearmlServer, tmp_path: Path, task_id: str) -> subprocess.CompletedProcess[str]:
     """The task's script, started as clearml-agent 3.0.3 starts it (Worker.execute: no arguments)."""
@@ -229,3 +238,96 @@ def test_a_clone_of_a_pipeline_train_step_is_a_new_run(clearml_server: FakeClear
     assert record["run_key"] == threshold and record["resumed_from"] is None
     # An edited solver/base_lr (CheckpointConflict) or solver/max_iter (resumed the original at its end) took
     # the same run key; a third training here would add ~40 s on 2 cores for the same check.
+
+
+def _refusal(read: Any) -> str:
+    from d2ops.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        read()
+    message = str(caught.value)
+    assert "\n" not in message, message  # one line, as the step scripts print it
+    return message
+
+
+def _clone(source: str, edit: Any) -> str:
+    """A clone of ``source`` whose hyperparameters the UI edited (``edit`` maps the whole dict to the new one)."""
+    from clearml import Task
+
+    clone: Any = Task.clone(source_task=source, name="edited")
+    clone.set_parameters(edit(clone.get_parameters()))  # replaces them all, as the UI's edit of a section does
+    return str(clone.id)
+
+
+@pytest.mark.timeout(180)
+def test_an_unknown_or_missing_controller_parameter_fails_naming_the_key(
+    clearml_server: FakeClearmlServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Part 3: ``Args/solvr/max_iter`` was ignored, and a deleted ``Args/solver/max_iter`` became the schema's
+    default (1000) instead of the recorded value; the agent-side start reads the clone (controller_experiment)."""
+    import d2ops.clearml.session as session
+    from d2ops.clearml.controller import controller_experiment
+
+    template = _template_pipeline(clearml_server)
+
+    def agent_reads(task_id: str) -> Any:
+        monkeypatch.setattr(session, "get_remote_task_id", lambda: task_id)
+        return controller_experiment()
+
+    assert agent_reads(_clone(template, dict)).solver.max_iter == 30
+    typo = _clone(template, lambda params: {**params, "Args/solvr/max_iter": "5000"})
+    message = _refusal(lambda: agent_reads(typo))
+    assert "hyperparameter Args/solvr/max_iter is not part of the d2ops experiment" in message
+    deleted = _clone(template, lambda params: {k: v for k, v in params.items() if k != "Args/solver/max_iter"})
+    message = _refusal(lambda: agent_reads(deleted))
+    assert "hyperparameter Args/solver/max_iter is missing" in message and "add it back" in message
+
+
+@pytest.mark.timeout(180)
+def test_an_unknown_or_missing_step_parameter_fails_naming_the_key(clearml_server: FakeClearmlServer) -> None:
+    """Part 3: the same on a step, whose experiment is in its own sections (solver/..., data/...)."""
+    from clearml import Task
+
+    from d2ops.clearml.controller import _step_task_factory
+    from d2ops.clearml.step import read_experiment
+
+    cfg = load_config(REPO / SMOKE, ["solver.max_iter=123"])
+    template = str(_step_task_factory("train", cfg, SMOKE, None).id)
+
+    def step_reads(task_id: str) -> Any:
+        return read_experiment(Task.get_task(task_id=task_id))
+
+    assert step_reads(_clone(template, dict)).solver.max_iter == 123
+    typo = _clone(template, lambda params: {**params, "solvr/max_iter": "5000"})
+    assert "hyperparameter solvr/max_iter is not part of the d2ops experiment" in _refusal(lambda: step_reads(typo))
+    deleted = _clone(template, lambda params: {k: v for k, v in params.items() if k != "solver/max_iter"})
+    assert "hyperparameter solver/max_iter is missing" in _refusal(lambda: step_reads(deleted))
+
+
+@pytest.mark.timeout(180)
+def test_the_controller_shows_no_command_line_argument_it_would_ignore(clearml_server: FakeClearmlServer) -> None:
+    """Part 3: ClearML's argparse binding recorded ``Args/config``, ``Args/overrides``, ``Args/dataset_uri``,
+    ``Args/offline`` and ``Args/local`` on the controller; edits to them changed nothing. Only the experiment
+    is shown; the launch config's name is kept as a user property (part 3: steps keep it as General/config)."""
+    import argparse
+
+    from clearml import Task
+
+    from d2ops.clearml.hyperparams import EXPERIMENT_SECTIONS
+
+    for queue in ("services", "cpu", "gpu"):
+        clearml_server.create_queue(queue)
+    # pipelines/run_pipeline.py's arguments, parsed with ClearML imported (its argparse binding is active)
+    parser = argparse.ArgumentParser(prog="pipelines/run_pipeline.py")
+    for flag in ("--config", "--set", "--dataset-uri"):
+        parser.add_argument(flag)
+    parser.add_argument("--offline", action="store_true")
+    parser.add_argument("--local", action="store_true")
+    parser.parse_args(["--config", SMOKE, "--set", "solver.max_iter=30", "--dataset-uri", "s3://h:9000/b/p/"])
+    pipe = build_controller(load_config(REPO / SMOKE, ["solver.max_iter=30"]), SMOKE)
+    pipe.create_draft()
+    params = Task.get_task(task_id=pipe.task.id).get_parameters()
+    shown = [key for key in params if key.startswith("Args/") and key.split("/")[1] not in EXPERIMENT_SECTIONS]
+    assert shown == []
+    assert params["Args/solver/max_iter"] == "30"
+    assert params["properties/launch_config"] == SMOKE

@@ -151,6 +151,10 @@ def test_the_agent_rebuilds_exactly_the_pipeline_the_laptop_launched(
     assert controller_task["container"]["image"] == "registry.example/d2ops:7"
     assert "CLEARML_AGENT_SKIP_PYTHON_ENV_INSTALL=1" in controller_task["container"]["arguments"]
     assert clearml_server.hyperparams(controller_id)["Args"]["solver/max_iter"] == "7"
+    # Part 3: no command-line argument the agent would ignore is shown (ClearML's argparse binding recorded
+    # Args/config, overrides, dataset_uri, offline and local); the launch config's name is a user property.
+    _assert_only_the_experiment_in_args(clearml_server, controller_id)
+    assert clearml_server.hyperparams(controller_id)["properties"]["launch_config"] == SMOKE
 
     controller = _agent_start(clearml_server, tmp_path, controller_id)
     try:
@@ -182,10 +186,23 @@ def test_the_agent_rebuilds_exactly_the_pipeline_the_laptop_launched(
         assert params["registry"]["model_name"] == "laptop-model"
         assert task["container"]["image"] == "registry.example/d2ops:7"
         assert task["parent"] == controller_id
+    # Part 3: each step keeps its launch config's name (it was empty on every cluster step) and shows no
+    # General/overrides, which no agent reads; the agent's Task.init wrote no argparse defaults back.
+    for task in ran:
+        general = clearml_server.hyperparams(task["id"])["General"]
+        assert general["config"] == SMOKE and "overrides" not in general, task["name"]
+    _assert_only_the_experiment_in_args(clearml_server, controller_id)
     # Step inputs are the upstream artifact URLs, resolved by ClearML at launch.
     train_inputs = clearml_server.hyperparams(ran[1]["id"])["General"]  # ran[1] is train (checked above)
     assert train_inputs["dataset_manifest"].endswith("download/dataset_manifest.json")
     _assert_no_unknown_endpoints(clearml_server)
+
+
+def _assert_only_the_experiment_in_args(server: FakeClearmlServer, controller_id: str) -> None:
+    from d2ops.clearml.hyperparams import EXPERIMENT_SECTIONS
+
+    args = server.hyperparams(controller_id)["Args"]
+    assert [name for name in args if name.split("/")[0] not in EXPERIMENT_SECTIONS] == []
 
 
 def _controller_here(
