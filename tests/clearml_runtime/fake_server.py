@@ -33,9 +33,9 @@ What it does NOT reproduce (deliberate simplifications):
 * one company, one user, one set of credentials; no permissions, no public/example objects,
   no token expiry checks, no impersonation;
 * no MongoDB: there are no atomic compare-and-set races to lose (one lock serialises every
-  call), and no ``FailedChangingTaskStatus``; no text search (``search_text`` is ignored), no
-  ``_any_``/``_all_`` field queries, no range/datetime filters (``last_update: [">=..."]``),
-  no scroll ids (paging is ``page``/``page_size`` only);
+  call), and no ``FailedChangingTaskStatus``; no text search (``search_text`` is ignored);
+  ``_any_``/``_all_`` field queries take a pattern only (their datetime form is refused); no range/datetime
+  filters (``last_update: [">=..."]``), no scroll ids (paging is ``page``/``page_size`` only);
 * no Elasticsearch: events are kept in a list; plots, debug images and vectors are stored but
   not compressed or served; ``events.get_task_log`` ignores ``from_timestamp`` paging;
 * no background watchdog: clearml-server's ``non_responsive_tasks_watchdog`` (which stops
@@ -91,6 +91,10 @@ API_VERSION = "2.34"
 #: ``set_runtime_properties`` catch that and stop asking. Every other unknown endpoint is a gap in this
 #: stand-in and lands in :attr:`FakeClearmlServer.unknown_calls`.
 ABSENT_FROM_OPEN_SOURCE_SERVER = frozenset({"workers.get_runtime_properties", "workers.set_runtime_properties"})
+
+#: Endpoints clearml-server answers without a token: ``auth.login`` checks its own credentials, and
+#: ``apiserver/schema/services/debug.conf`` gives ``ping`` ``authorize: false`` (compose health checks use it).
+UNAUTHORIZED_ENDPOINTS = frozenset({"auth.login", "debug.ping"})
 
 ACCESS_KEY = "FAKEACCESSKEY"
 SECRET_KEY = "fake-secret-key"  # a test credential for a server that only exists in tests
@@ -289,6 +293,23 @@ def _list_field_match(values: Any, terms: Any) -> bool:
     return ok
 
 
+def _fields_match(doc: dict, query: dict, combine: Callable[[Iterable[bool]], bool]) -> bool:
+    """``_any_``/``_all_`` ``{fields, pattern}``: ``GetMixin._prepare_query_no_company``
+    (``apiserver/database/model/base.py``) matches each field against the pattern as a case-insensitive regex
+    (a missing field does not match) and ORs (``_any_``) or ANDs (``_all_``) the results. ClearML's step cache
+    (``ClearmlJob._get_cached_task``) finds a finished step by ``_all_`` on ``runtime._job_hash``. The
+    ``datetime`` form is not supported: it fails loudly rather than match everything."""
+    if query.get("datetime") is not None or not query.get("pattern"):
+        raise ApiError(400, 12, f"fake server: unsupported _any_/_all_ query {query!r}")
+    regex = re.compile(query["pattern"], re.IGNORECASE)
+
+    def matches(field: str) -> bool:
+        value = _get_path(doc, field)
+        return value is not None and bool(regex.search(str(value)))
+
+    return combine(matches(field) for field in query.get("fields") or [])
+
+
 def _filter(
     docs: Iterable[dict],
     body: dict,
@@ -308,6 +329,9 @@ def _filter(
             pattern = body.get(field)
             if pattern and not re.search(pattern, str(doc.get(field) or "")):
                 ok = False
+        for key, combine in (("_any_", any), ("_all_", all)):
+            if ok and body.get(key):
+                ok = _fields_match(doc, body[key], combine)
         for field in list_fields:
             if field.endswith("*"):
                 prefix = field[:-1]
@@ -394,6 +418,9 @@ class FakeClearmlServer:
         self.api_version = api_version
         self.server_version = server_version
         self._token_secret = uuid.uuid4().hex
+        #: access key -> secret key of every identity that logs in (one user, as everywhere here); more come
+        #: from :meth:`add_credentials` (a server seeded with fixed users) and ``auth.create_credentials``
+        self.credentials: dict[str, str] = {access_key: secret_key}
         self.lock = threading.RLock()
         self.user = {"id": "fake-user", "name": "Fake User", "company": "fake-company"}
         self.tasks: dict[str, dict] = {}
@@ -510,7 +537,7 @@ class FakeClearmlServer:
                 raise ApiError(
                     404, 0, f"Unable to find endpoint for name {endpoint} and version {version or self.api_version}"
                 )
-            if endpoint != "auth.login":
+            if endpoint not in UNAUTHORIZED_ENDPOINTS:
                 self._check_token(headers)
             with self.lock:
                 data = handler(body if body is not None else {}, headers)
@@ -902,7 +929,7 @@ class FakeClearmlServer:
                 key, _, secret = base64.b64decode(auth.split(" ", 1)[1]).decode().partition(":")
             except ValueError:
                 raise ApiError(401, 21, "Unauthorized (malformed credentials)") from None
-            if (key, secret) != (self.access_key, self.secret_key):
+            if key not in self.credentials or self.credentials[key] != secret:
                 raise ApiError(401, 22, "Unauthorized (invalid credentials)")
         elif auth.lower().startswith("bearer "):
             self._check_token(headers)
@@ -927,6 +954,23 @@ class FakeClearmlServer:
             "feature_set": "basic",
         }
         return {"token": jwt.encode(claims, self._token_secret, algorithm="HS256")}
+
+    def add_credentials(self, access_key: str, secret_key: str) -> None:
+        """Seed an identity, as clearml-server's fixed users are seeded from its configuration
+        (``CLEARML__secure__credentials__<name>__user_key``/``__user_secret`` in docker/docker-compose.yml)."""
+        with self.lock:
+            self.credentials[access_key] = secret_key
+
+    def ep_auth__create_credentials(self, body: dict, headers: dict) -> dict:
+        """``apiserver/services/auth.py`` ``create_credentials`` / ``AuthBLL.create_credentials``: a new access
+        and secret key for the calling user, returned once."""
+        key, secret = uuid.uuid4().hex[:20].upper(), uuid.uuid4().hex + uuid.uuid4().hex
+        self.credentials[key] = secret
+        return {"credentials": {"access_key": key, "secret_key": secret, "label": body.get("label")}}
+
+    def ep_debug__ping(self, body: dict, headers: dict) -> dict:
+        """``apiserver/services/debug.py`` ``ping``: ``{"msg": "ClearML server"}`` plus the request's fields."""
+        return {"msg": "ClearML server", **(body or {})}
 
     def ep_server__info(self, body: dict, headers: dict) -> dict:
         return {"version": self.server_version, "build": "0", "commit": "fake", "api_version": self.api_version}

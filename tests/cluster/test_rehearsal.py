@@ -18,8 +18,6 @@ clearml-server (MongoDB/Elasticsearch, its watchdogs, permissions). README says 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -28,7 +26,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.rehearsal import REPO_ROOT, S3_KEY, S3_SECRET, Cluster, rehearsal_cluster
+from d2ops.config import load_config
+from tests.cluster.rehearsal import (
+    PIPELINE_TIMEOUT_S,
+    REPO_ROOT,
+    SHIPPED_S3_ENDPOINT,
+    Cluster,
+    read_env_file,
+    rehearsal_cluster,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(1500)]
 
@@ -52,7 +58,6 @@ TINY = [
     "--set", "registry.quality_gate.min_value=0",
 ]  # fmt: skip
 STEPS = ("download", "train", "evaluate", "infer", "register")
-PIPELINE_TIMEOUT_S = 600.0
 
 
 def _upload_shapes(cluster: Cluster, root: Path, prefix: str) -> str:
@@ -217,28 +222,40 @@ def test_a_user_abort_reaches_the_running_step_through_the_agent(cluster: Cluste
     )
 
 
-def test_cluster_smoke_script_passes_unchanged_against_the_rehearsal(cluster: Cluster, tmp_path: Path) -> None:
-    env_file = tmp_path / "rehearsal.env"
-    env_file.write_text(f"D2OPS_S3_ACCESS_KEY={S3_KEY}\nD2OPS_S3_SECRET_KEY={S3_SECRET}\n")
-    env = {
-        **cluster.laptop_env,
-        # only the endpoints (and where the keys are) change; everything else is the script as shipped
-        "S3_ENDPOINT": cluster.s3_host,
-        "ENV_FILE": str(env_file),
-        "PY": sys.executable,
-        "TIMEOUT": str(int(PIPELINE_TIMEOUT_S)),
-    }
-    env.pop("CLEARML_CONFIG_FILE")
-    result = subprocess.run(
-        ["bash", "scripts/cluster-smoke.sh"],
-        cwd=cluster.laptop,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=PIPELINE_TIMEOUT_S + 120,
-    )
+def test_readme_walkthrough_ran_as_written_with_docker_aside(cluster: Cluster) -> None:
+    walkthrough = cluster.walkthrough
+    assert walkthrough is not None
+    ran = list(walkthrough.ran)
+    assert ran[:3] == [
+        "bash scripts/cluster-setup.sh init",
+        "bash scripts/cluster-setup.sh",
+        "bash scripts/cluster-setup.sh weights",
+    ], ran
+    assert all(command.startswith(("docker ", "echo ")) for command in walkthrough.aside), walkthrough.aside
+    # what cluster-setup.sh left: laptop keys that log in, the queues, the configs' weights, no secret printed
+    dotenv = read_env_file(cluster.laptop / "docker" / ".env")
+    assert dotenv["CLEARML_API_ACCESS_KEY"] in cluster.server.credentials
+    assert dotenv["CLEARML_API_ACCESS_KEY"] != dotenv["CLEARML_AGENT_ACCESS_KEY"]
+    with cluster.server.lock:
+        queues = {q["name"] for q in cluster.server.queues.values()}
+    assert {"services", "cpu", "gpu"} <= queues
+    for name in ("balloon", "roboflow"):
+        weights = load_config(cluster.laptop / "configs" / f"{name}.yaml").model.weights
+        assert weights and weights.startswith(f"s3://{SHIPPED_S3_ENDPOINT}/models/"), weights
+        key = weights.removeprefix(f"s3://{SHIPPED_S3_ENDPOINT}/models/")
+        assert cluster.s3_client().head_object(Bucket="models", Key=key)["ContentLength"] > 0
+    printed = "\n".join(done.stdout + done.stderr for done in walkthrough.ran.values())
+    for secret in ("CLEARML_API_SECRET_KEY", "CLEARML_AGENT_SECRET_KEY", "D2OPS_S3_SECRET_KEY"):
+        assert dotenv[secret] not in printed, secret
+
+
+def test_cluster_smoke_script_passes_unchanged_against_the_rehearsal(cluster: Cluster) -> None:
+    """The walkthrough's last command, ``bash scripts/cluster-smoke.sh`` as shipped, with only the endpoints
+    (``CLEARML_API_HOST``, ``CLEARML_WEB_HOST``, ``CLEARML_FILES_HOST``, ``S3_ENDPOINT``) pointed at the rehearsal:
+    the keys and the interpreter come from where the walkthrough left them (docker/.env, .venv)."""
+    assert cluster.walkthrough is not None
+    result = cluster.walkthrough.ran["bash scripts/cluster-smoke.sh"]
     assert result.returncode == 0, f"{result.stdout[-5000:]}\n{result.stderr[-5000:]}\n{cluster.diagnostics()}"
     assert "[cluster-smoke] OK" in result.stdout
     shipped = (REPO_ROOT / "scripts/cluster-smoke.sh").read_bytes()
     assert (cluster.laptop / "scripts/cluster-smoke.sh").read_bytes() == shipped
-    assert os.environ.get("CLEARML_API_HOST") != cluster.server.url  # the test process itself was never repointed
