@@ -124,13 +124,20 @@ def test_the_pipeline_runs_on_the_agents_and_registers_a_promoted_model(cluster:
     assert sorted(steps) == sorted(STEPS), sorted(steps)
     for name, step in steps.items():
         assert step["status"] == "completed", (name, cluster.diagnostics())
-        assert step["status_message"] == "Changed by clearml-agent agent-steps", (name, step["status_message"])
+        # each on the agent of its queue (configs/base/cluster.yaml: download and register on cpu, the rest on gpu)
+        agent = "agent-cpu" if name in ("download", "register") else "agent-gpu"
+        assert step["status_message"] == f"Changed by clearml-agent {agent}", (name, step["status_message"])
         # the agent checked out the commit the task records, from the origin the laptop pushed to
         script = step["script"]
         assert script["repository"] == str(cluster.origin), script
         assert len(script["version_num"]) == 40, script
         log = cluster.task_log(step["id"])
         assert f"commit: {script['version_num']}" in log or script["version_num"][:7] in log, log[-3000:]
+        # the launch config's name travels to every step; the controller shows only the experiment in Args/
+        assert cluster.server.hyperparams(step["id"])["General"]["config"] == "configs/roboflow.yaml", name
+    controller_args = cluster.server.hyperparams(first_run["id"])["Args"]
+    assert not {"config", "overrides", "dataset_uri", "offline", "local"} & set(controller_args), controller_args
+    assert controller_args["solver/max_iter"] == "10"
     # the model: registered by the register step, published and promoted, its weights under output_uri
     with cluster.server.lock:
         models = [m for m in cluster.server.models.values() if m.get("task") == steps["register"]["id"]]
@@ -154,14 +161,11 @@ def test_a_cron_schedule_fires_a_clone_that_runs_to_the_end(cluster: Cluster, fi
     result = cluster.run(
         sys.executable, "-m", "d2ops", "schedule", "cron", "--pipeline-id", first_run["id"], "--expr", expr
     )
+    name = f"retrain {first_run['id'][:8]} '{expr}'"  # d2ops.clearml.schedules.build_cron_scheduler
     scheduler = cluster.wait_for(
         "the scheduler task to run on the services agent",
         lambda: next(
-            (
-                t
-                for t in cluster.server.tasks.values()
-                if t.get("type") == "application" and t["status"] == "in_progress"
-            ),
+            (t for t in cluster.server.tasks.values() if t.get("name") == name and t["status"] == "in_progress"),
             None,
         ),
         120,
@@ -187,6 +191,52 @@ def test_a_cron_schedule_fires_a_clone_that_runs_to_the_end(cluster: Cluster, fi
         assert result.returncode == 0
     finally:
         cluster.api("tasks.stop", task=scheduler["id"], force=True)
+
+
+def test_a_ui_clone_of_the_train_step_with_an_edit_is_a_new_run(cluster: Cluster, first_run: dict) -> None:
+    """The UI's clone of a pipeline's train step (``tasks.clone``, an edited hyperparameter, ``tasks.enqueue``),
+    run by the gpu agent while the agents mirror checkpoints to ``default_output_uri``: it trains anew; it neither
+    reuses the original's finished model nor resumes or refuses its checkpoints."""
+    original = cluster.children(first_run["id"])["train"]
+    assert "train/reused_checkpoint" not in cluster.server.single_values(original["id"])
+    clone_id = cluster.api("tasks.clone", task=original["id"], new_task_name="train (edited)")["id"]
+    assert cluster.task(clone_id)["parent"] == first_run["id"]  # ClearML keeps the original's parent
+    section = next(s for s, values in cluster.server.hyperparams(clone_id).items() if "eval/score_threshold" in values)
+    cluster.api(
+        "tasks.edit_hyper_params",
+        task=clone_id,
+        hyperparams=[{"section": section, "name": "eval/score_threshold", "value": "0.3"}],
+    )
+    cluster.api("tasks.enqueue", task=clone_id, queue_name="gpu")
+    ended = cluster.wait_status(clone_id, ("completed", "failed", "stopped"), PIPELINE_TIMEOUT_S)
+    assert ended["status"] == "completed", cluster.diagnostics()
+    assert "train/reused_checkpoint" not in cluster.server.single_values(clone_id), cluster.task_log(clone_id)[-3000:]
+    assert ended["last_iteration"] >= 9, ended["last_iteration"]  # it trained its own 10 iterations
+
+
+def test_a_pipeline_past_its_time_limit_ends_failed_and_its_controller_exits_non_zero(
+    cluster: Cluster, shapes: str
+) -> None:
+    controller_id = _launch(
+        cluster,
+        shapes,
+        "--set", "solver.max_iter=5000",
+        "--set", "name=too-slow",
+        "--set", "clearml.pipeline_time_limit_min=0.75",
+    )  # fmt: skip
+    controller = _wait_pipeline(cluster, controller_id)
+    assert controller["status"] == "failed", cluster.diagnostics()
+    assert "clearml.pipeline_time_limit_min" in controller["status_reason"] + controller["status_message"], controller
+    # the services agent saw the controller's process exit non-zero and said so in the task's console
+    # (clearml_agent/commands/worker.py, Worker.handle_task_process_termination: "Process failed, exit code N")
+    cluster.wait_for(
+        "the agent's report of the controller's exit code",
+        lambda: any("Process failed, exit code" in line for line in cluster.server.log_lines(controller_id)),
+        60,
+    )
+    steps = cluster.children(controller_id)
+    assert steps["train"]["status"] in ("stopped", "failed"), cluster.diagnostics()
+    assert "register" not in steps or steps["register"]["status"] not in ("completed", "in_progress")
 
 
 def test_a_user_abort_reaches_the_running_step_through_the_agent(cluster: Cluster, shapes: str) -> None:
