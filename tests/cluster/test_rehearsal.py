@@ -201,11 +201,12 @@ def test_a_ui_clone_of_the_train_step_with_an_edit_is_a_new_run(cluster: Cluster
     assert "train/reused_checkpoint" not in cluster.server.single_values(original["id"])
     clone_id = cluster.api("tasks.clone", task=original["id"], new_task_name="train (edited)")["id"]
     assert cluster.task(clone_id)["parent"] == first_run["id"]  # ClearML keeps the original's parent
-    section = next(s for s, values in cluster.server.hyperparams(clone_id).items() if "eval/score_threshold" in values)
+    # a step records the experiment as <section>/<key> (the UI's "eval" section, "score_threshold")
+    assert "score_threshold" in cluster.server.hyperparams(clone_id)["eval"]
     cluster.api(
         "tasks.edit_hyper_params",
         task=clone_id,
-        hyperparams=[{"section": section, "name": "eval/score_threshold", "value": "0.3"}],
+        hyperparams=[{"section": "eval", "name": "score_threshold", "value": "0.3"}],
     )
     cluster.api("tasks.enqueue", task=clone_id, queue_name="gpu")
     ended = cluster.wait_status(clone_id, ("completed", "failed", "stopped"), PIPELINE_TIMEOUT_S)
