@@ -32,7 +32,7 @@ from typing import Any
 from clearml import Task
 from clearml.automation import TaskScheduler, TriggerScheduler
 
-from d2ops.clearml.controller import ARGS_PREFIX
+from d2ops.clearml.controller import ARGS_PREFIX, LAUNCH_CONFIG_PROPERTY
 from d2ops.clearml.hyperparams import flat_experiment, format_value, parameter_name
 from d2ops.clearml.secrets import scrub_recorded_diff
 from d2ops.config import check_overrides, load_config
@@ -225,6 +225,8 @@ def pipeline_task_parameters(
     if config:
         flat = flat_experiment(load_config(config, list(overrides)))
         params.update({f"{ARGS_PREFIX}{name}": format_value(value) for name, value in flat.items()})
+        # the clone's steps keep this config's name as General/config, not the template's (a user property)
+        params[f"properties/{LAUNCH_CONFIG_PROPERTY}"] = config
     else:
         check_overrides(list(overrides))  # keys, values and credentials, never echoed; the clone checks the whole
         for item in overrides:

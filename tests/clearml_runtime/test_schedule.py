@@ -224,7 +224,9 @@ def test_cron_scheduler_clones_the_pipeline_single_instance_with_its_parameters(
     assert job.task_parameters["Args/solver/max_iter"] == "50"
     assert job.task_parameters["Args/eval/split"] == "val"
     assert job.task_parameters["Args/experiment/name"] == "smoke"
-    assert all(key.startswith("Args/") for key in job.task_parameters)
+    # ... and the config's name, which the clone's steps keep as General/config (the controller's user property)
+    assert job.task_parameters["properties/launch_config"] == "configs/smoke.yaml"
+    assert all(key.startswith("Args/") for key in job.task_parameters if key != "properties/launch_config")
     assert (job.minute, job.hour, job.day, job.weekdays) == (0, 3, 1, ["monday"])
     task = scheduling.scheduler_task(scheduler)
     assert (task.name, task.get_project_name()) == ("weekly retrain", scheduling.DEFAULT_SCHEDULER_PROJECT)
@@ -371,6 +373,8 @@ def test_cli_dry_run_prints_the_built_schedule(capsys: pytest.CaptureFixture[str
     assert out["kind"] == "cron"
     assert (job["minute"], job["hour"], job["day"], job["single_instance"]) == (30, 2, 1, True)
     assert job["task_parameters"]["Args/solver/max_iter"] == "20"
+    # the clone's steps keep the schedule's config name (General/config), not the template's
+    assert job["task_parameters"]["properties/launch_config"] == "configs/smoke.yaml"
     assert job["task_parameters"]["Args/experiment/name"] == "smoke"
     assert out["scheduler_task"]["id"].startswith("offline-")
 
