@@ -1779,17 +1779,24 @@ class FakeClearmlServer:
         return {}
 
     def ep_workers__unregister(self, body: dict, headers: dict) -> dict:
-        """``WorkerBLL.unregister_worker``: an unknown worker is ``worker_not_registered`` (400/1004)."""
-        if self.workers.pop(body.get("worker"), None) is None:
-            raise ApiError(400, 1004, "Worker is not registered", worker=body.get("worker"))
+        """``WorkerBLL.unregister_worker``: an unknown worker is ``worker_not_registered`` (400/1004) unless
+        ``apiserver.workers.auto_unregister``, which clearml-server's default ``apiserver.conf`` sets (true)."""
+        self.workers.pop(body.get("worker"), None)
         return {}
 
     def ep_workers__status_report(self, body: dict, headers: dict) -> dict:
-        """``WorkerBLL.status_report``: the worker must be registered (``_get_worker``: ``invalid_worker_id``,
-        400/1001); its activity time, queue(s) and current task are updated; a reported task gets ``last_worker``,
-        ``last_worker_report`` and ``last_update`` = now (an unknown task id: 400/101). Machine stats go to
-        Elasticsearch there and are only counted here."""
+        """``WorkerBLL.status_report``: an unknown worker is registered (``_get_worker`` with the default
+        ``auto_register``; without a worker id: ``invalid_worker_id``, 400/1001); its activity time, queue(s)
+        and current task are updated; a reported task gets ``last_worker``, ``last_worker_report`` and
+        ``last_update`` = now (an unknown task id: 400/101). Machine stats go to Elasticsearch there and are only
+        counted here."""
         entry = self.workers.get(body.get("worker"))
+        if entry is None and body.get("worker"):
+            # ``_get_worker``: an unknown worker is registered on the spot when ``apiserver.workers.auto_register``
+            # (true in clearml-server's default apiserver.conf); services mode's per-task workers
+            # (``<agent>:service:<task id>``) only ever report this way
+            self.ep_workers__register({"worker": body["worker"], "queues": body.get("queues") or []}, headers)
+            entry = self.workers[body["worker"]]
         if entry is None:
             raise ApiError(400, 1001, "Invalid worker id", worker=body.get("worker"))
         now = _now()
