@@ -158,6 +158,8 @@ def test_a_cron_schedule_fires_a_clone_that_runs_to_the_end(cluster: Cluster, fi
     # services agent time to start the scheduler (a few seconds here)
     fire = datetime.now(timezone.utc) + timedelta(seconds=75)
     expr = f"{fire.minute} * * * *"
+    with cluster.server.lock:
+        before = set(cluster.server.tasks)
     result = cluster.run(
         sys.executable, "-m", "d2ops", "schedule", "cron", "--pipeline-id", first_run["id"], "--expr", expr
     )
@@ -177,12 +179,13 @@ def test_a_cron_schedule_fires_a_clone_that_runs_to_the_end(cluster: Cluster, fi
                 (
                     t
                     for t in cluster.server.tasks.values()
-                    if t.get("type") == "controller" and t["id"] != first_run["id"] and t["status"] != "created"
+                    if t["id"] not in before and t.get("type") == "controller" and t["status"] != "created"
                 ),
                 None,
             ),
             240,
         )
+        assert clone["name"] == first_run["controller"]["name"], clone  # ClearML's clone of the template
         ended = _wait_pipeline(cluster, clone["id"])
         assert ended["status"] == "completed", cluster.diagnostics()
         steps = cluster.children(clone["id"])
