@@ -189,7 +189,9 @@ def test_a_cron_schedule_fires_a_clone_that_runs_to_the_end(cluster: Cluster, fi
         ended = _wait_pipeline(cluster, clone["id"])
         assert ended["status"] == "completed", cluster.diagnostics()
         steps = cluster.children(clone["id"])
-        assert sorted(steps) == sorted(STEPS)
+        # the data did not change, so ClearML reused the template's download step (its cache key is the dataset
+        # identity); the other four ran again
+        assert sorted(steps) == sorted(set(STEPS) - {"download"}), sorted(steps)
         assert all(s["status"] == "completed" for s in steps.values()), cluster.diagnostics()
         assert result.returncode == 0
     finally:
