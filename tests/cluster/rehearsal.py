@@ -48,18 +48,16 @@ PIPELINE_TIMEOUT_S = 600.0
 BUCKETS = ("datasets", "models", "clearml")
 
 
-#: the SDK's own switches that would make a child run offline or as some other task
-_ENV_TO_CLEAR = (
-    "CLEARML_OFFLINE_MODE",
-    "CLEARML_TASK_ID",
-    "CLEARML_PROC_MASTER_ID",
-    "CLEARML_WORKER_ID",
-    "CLEARML_WORKER_NAME",
-    "CLEARML_DEFAULT_OUTPUT_URI",
-    "CLEARML_CONFIG_FILE",
-    "CLEARML_CACHE_DIR",
-    "PYTHONPATH",
-)
+#: What no process of the rehearsal inherits from the test process: every ClearML and AWS setting (an earlier
+#: test's in-process ClearML session leaves e.g. ``CLEARML_AUTH_TOKEN`` of its own server behind, and moto's block
+#: sets dummy AWS keys), and PYTHONPATH. The laptop and the agents get theirs from the walkthrough's files, as a
+#: user's processes do.
+_INHERITED_PREFIXES_DROPPED = ("CLEARML_", "TRAINS_", "AWS_")
+
+
+def clean_environ() -> dict[str, str]:
+    """This process's environment without ClearML, AWS and PYTHONPATH settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(_INHERITED_PREFIXES_DROPPED) and k != "PYTHONPATH"}
 
 
 def _venv_mode(work: Path) -> str:
@@ -252,7 +250,7 @@ class Cluster:
         conf = self.root / f"{name}.conf"
         shipped = (self.laptop / "docker" / "clearml-agent.conf").read_text()
         conf.write_text(shipped.replace(SHIPPED_S3_ENDPOINT, self.s3_host) + _venv_mode(work))
-        env = {k: v for k, v in os.environ.items() if k not in _ENV_TO_CLEAR}
+        env = clean_environ()
         env.update({k: str(v) for k, v in (service.get("environment") or {}).items() if v is not None})
         env.update(
             {
@@ -372,7 +370,7 @@ def rehearsal_cluster(root: Path) -> Iterator[Cluster]:
     origin, laptop = snapshot_repository(root)
     (laptop / ".venv").symlink_to(Path(sys.executable).parents[1])  # `make setup` done: the scripts' default PY
     env_file = laptop / "docker" / ".env"
-    base_env = {k: v for k, v in os.environ.items() if k not in _ENV_TO_CLEAR}
+    base_env = clean_environ()
     base_env["HOME"] = str(root / "laptop-home")
     walkthrough = Walkthrough()
     with contextlib.ExitStack() as stack:
