@@ -54,7 +54,6 @@ from d2ops.clearml.session import (
     enable_offline,
     launch_multi_node,
     on_agent,
-    pipeline_run_id,
     step_lineage,
     step_run_key,
     task_output_uri,
@@ -422,9 +421,6 @@ class ClearMLStepRuntime(StepRuntime):
 
     def on_agent(self) -> bool:
         return on_agent()
-
-    def pipeline_run_id(self, machine_rank: int = 0) -> str | None:
-        return pipeline_run_id(machine_rank)
 
     def run_key(self, machine_rank: int = 0) -> str | None:
         return step_run_key(machine_rank)

@@ -98,9 +98,6 @@ class StepRuntime:
     def on_agent(self) -> bool:
         return False
 
-    def pipeline_run_id(self, machine_rank: int = 0) -> str | None:
-        return None
-
     def run_key(self, machine_rank: int = 0) -> str | None:
         """Which run this training is, where the system says (a pipeline run, a cloned task); None: the
         standalone rule of :func:`d2ops.engine.checkpoints.standalone_run_key` applies."""
