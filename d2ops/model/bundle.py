@@ -46,6 +46,7 @@ __all__ = [
     "InconsistentBundleError",
     "ModelBundle",
     "ModelNotFoundError",
+    "ReferenceMismatchError",
     "build_bundle",
     "code_version",
     "sha256_file",
@@ -64,6 +65,10 @@ BundleError = ModelNotFoundError
 
 class InconsistentBundleError(ModelNotFoundError):
     """The bundle's files are not the set its metadata.json names: it is being replaced, or was edited by hand."""
+
+
+class ReferenceMismatchError(ModelNotFoundError):
+    """An exported graph does not give the detections recorded beside it at export time: its bytes changed."""
 
 
 def sha256_file(path: Path) -> str:
@@ -209,6 +214,15 @@ class ModelBundle:
                 for chunk in iter(lambda: fh.read(4 * MIB), b""):
                     digest.update(chunk)
         return digest.hexdigest()[:12]
+
+    @property
+    def hashed(self) -> bool:
+        """Whether metadata.json records the sha256 of each file (bundles built before d2ops did have none)."""
+        return isinstance(self.metadata().get("files"), Mapping)
+
+    def hashes(self) -> dict[str, str]:
+        """The sha256 of every bundle file present, computed now (what an unhashed bundle is compared by)."""
+        return {path.name: sha256_file(path) for path in self.files()}
 
     def verify(self) -> None:
         """Raise :class:`InconsistentBundleError` when a file differs from the sha256 metadata.json records.
