@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import functools
+import io
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +18,7 @@ from d2ops.data.synthetic import SHAPE_CLASSES
 from d2ops.engine.d2config import build_d2_config
 from d2ops.model.bundle import build_bundle
 
-__all__ = ["build_production_standin", "build_tiny_bundle", "wait_until_ready"]
+__all__ = ["HOSTILE_INPUTS", "HostileInput", "build_production_standin", "build_tiny_bundle", "wait_until_ready"]
 
 _SMOKE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
 
@@ -122,3 +129,114 @@ def wait_until_ready(port: int, process: Any, log: Path, timeout: float = 120.0)
             pass
         time.sleep(0.1)
     raise AssertionError(f"d2ops serve was not ready within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+# ------------------------------------------------------------------------------ hostile inputs for serving
+
+
+@dataclass(frozen=True)
+class HostileInput:
+    """One image a client may send that no front end can serve, and what every refusal must say.
+
+    ``build`` gives the image file's bytes, or a ``str``: the text of CVAT's base64 ``image`` field as sent.
+    ``message`` is a phrase every front end's error must contain; ``http_status`` is ``d2ops serve``'s answer.
+    ``reaches_cvat_function``: whether a cvat-sdk native function ever sees it; cvat-sdk opens a task's frame
+    with ``PIL.Image.open`` (``TaskDataset._load_frame_image_from_server``, cvat-sdk 2.80) and fails itself,
+    before any function runs, on bytes Pillow cannot identify.
+    """
+
+    name: str
+    build: Callable[[], bytes | str]
+    message: str
+    http_status: int = 400
+    reaches_cvat_function: bool = True
+
+    def payload(self) -> bytes | str:
+        return _built(self.build)
+
+    def image_field(self) -> str:
+        """The value of CVAT's ``{"image": ...}`` field for this input."""
+        payload = self.payload()
+        return payload if isinstance(payload, str) else base64.b64encode(payload).decode()
+
+
+@functools.cache
+def _built(build: Callable[[], bytes | str]) -> bytes | str:
+    return build()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _gray_png(width: int, height: int, *, complete: bool = True) -> bytes:
+    """A black 8-bit grayscale PNG written chunk by chunk (fast at any size); ``complete=False`` stops its
+    pixel data after the first row, for a size whose pixels would take hundreds of MB to write."""
+    rows = height if complete else 1
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(bytes((width + 1) * rows), 9)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", pixels) + _png_chunk(b"IEND", b"")
+
+
+def _encoded(array: Any, fmt: str) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _extreme_aspect() -> bytes:
+    return _gray_png(4000, 2)
+
+
+def _truncated_png() -> bytes:
+    import numpy as np
+
+    data = _encoded(np.random.default_rng(0).integers(0, 255, size=(64, 64, 3), dtype=np.uint8), "PNG")
+    return data[: len(data) // 2]
+
+
+def _nan_tiff() -> bytes:
+    import numpy as np
+
+    return _encoded(np.full((16, 16), np.nan, dtype=np.float32), "TIFF")
+
+
+def _empty() -> bytes:
+    return b""
+
+
+def _not_an_image() -> bytes:
+    return b"this is not an image"
+
+
+def _svg() -> bytes:
+    return b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><rect width="9" height="9"/></svg>'
+
+
+def _bad_base64() -> str:
+    return "%%% not base64 %%%"
+
+
+def _bomb() -> bytes:
+    return _gray_png(20_000, 20_000, complete=False)
+
+
+def _over_max_pixels() -> bytes:
+    return _gray_png(9000, 7000)  # 63 Mpx: over d2ops's 60 Mpx limit, under Pillow's bomb warning (89 Mpx)
+
+
+#: One table of hostile images run through every serving front end (tests/integration/test_front_ends_hostile.py
+#: and tests/clearml_runtime/test_clearml_serving_app.py): each must answer its protocol's client error.
+HOSTILE_INPUTS: tuple[HostileInput, ...] = (
+    HostileInput("extreme-aspect-4000x2", _extreme_aspect, "aspect ratio"),
+    HostileInput("empty", _empty, "empty image", reaches_cvat_function=False),
+    HostileInput("truncated-png", _truncated_png, "truncated"),
+    HostileInput("not-an-image", _not_an_image, "not an image", reaches_cvat_function=False),
+    HostileInput("svg", _svg, "not an image", reaches_cvat_function=False),
+    HostileInput("bad-base64", _bad_base64, "not valid base64", reaches_cvat_function=False),
+    HostileInput("decompression-bomb-20000x20000", _bomb, "decompression bomb", reaches_cvat_function=False),
+    HostileInput("over-60-megapixels", _over_max_pixels, "image too large"),
+    HostileInput("float-tiff-with-nan", _nan_tiff, "NaN", http_status=415),
+)

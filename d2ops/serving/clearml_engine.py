@@ -32,8 +32,12 @@ a dict for ``application/json`` requests, and the raw bytes for any other conten
   file, one list per file for several.
 
 Shapes are CVAT's detector format (:func:`d2ops.serving.replies.to_cvat`). The reply is a dict rather
-than a bare list because clearml-serving's metric logging reads ``return_value.keys()``. Bad input
-raises ``ValueError``, which clearml-serving answers with 422 and the message.
+than a bare list because clearml-serving's metric logging reads ``return_value.keys()``. Bad input (the
+validation every front end shares, :mod:`d2ops.serving.service`) raises
+:class:`~d2ops.serving.formats.BadInputError`, a ``ValueError``: clearml-serving's app answers every
+``ValueError`` with 422 and ``{"detail": "Error [<type>] processing request: <message>"}``
+(``clearml_serving/serving/main.py`` ``serve_model``, 1.3.5), so 422 is its client error; an exception of
+any other type becomes its 500, and a ``fastapi.HTTPException`` raised here would too.
 
 **Statistics.** Each request offers ``detection_count`` (detections in the reply, all images) and
 ``image_count`` to clearml-serving's statistics. Their names differ from every request and reply key
@@ -61,8 +65,9 @@ from typing import TYPE_CHECKING, Any
 from d2ops.model.bundle import ModelBundle, ModelNotFoundError
 from d2ops.model.detector import Detector
 from d2ops.model.source import resolve_model
-from d2ops.serving.payloads import DEFAULT_MAX_IMAGES, parse_detection_batch, parse_threshold
+from d2ops.serving.payloads import DEFAULT_MAX_IMAGES, parse_threshold
 from d2ops.serving.replies import to_cvat
+from d2ops.serving.service import decode_batch
 
 if TYPE_CHECKING:
     from d2ops.model.detector import Detection, Detector, Frame
@@ -147,9 +152,10 @@ class Preprocess:
     # ---- synchronous (``--engine custom``)
 
     def preprocess(self, body: Any, state: dict[str, Any], collect_custom_statistics_fn: StatsFn = None) -> list[Frame]:
-        """Decode the request (JSON dict, JSON, image or multipart bytes) into frames; the rest goes in ``state``."""
+        """Decode the request (JSON dict, JSON, image or multipart bytes) into frames the model can take
+        (:func:`d2ops.serving.service.decode_batch`); the rest goes in ``state``."""
 
-        request = parse_detection_batch(body, self.default_threshold, max_images=self.max_images)
+        request = decode_batch(self._loaded(), body, self.default_threshold, max_images=self.max_images)
         state["threshold"] = request.threshold
         state["single"] = request.single
         return list(request.images)
@@ -158,10 +164,14 @@ class Preprocess:
         self, data: list[Frame], state: dict[str, Any], collect_custom_statistics_fn: StatsFn = None
     ) -> list[list[Detection]]:
         """Run the detector on the request's frames (one forward pass)."""
-        if self.detector is None:
-            raise RuntimeError("Preprocess.process called before load(): clearml-serving found no model to load")
+        detector = self._loaded()
         with self._forward_slots:
-            return self.detector.predict(data, state["threshold"])
+            return detector.predict(data, state["threshold"])
+
+    def _loaded(self) -> Detector:
+        if self.detector is None:
+            raise RuntimeError("Preprocess called before load(): clearml-serving found no model to load")
+        return self.detector
 
     def postprocess(
         self, data: list[list[Detection]], state: dict[str, Any], collect_custom_statistics_fn: StatsFn = None

@@ -14,6 +14,12 @@ function. It declares one label per class, of type ``mask`` for segmenting model
 otherwise; ``polygon`` with ``-p shape=str:polygon``), and returns one shape per object. When CVAT asks to
 convert masks to polygons (``conv_mask_to_poly``), each object is one simplified polygon instead, as
 cvat-sdk's driver requires (``driver._AnnotationMapper``).
+
+Each frame goes through the validation every front end shares (:mod:`d2ops.serving.service`: the size limit,
+16-bit and float scaling, reduction of very large frames, the model's aspect-ratio limit). A frame it refuses
+raises :class:`CvatInputError`, a cvat-sdk ``BadFunctionError``: cvat-cli's agent (``cvat_cli/_internal/agent.py``
+``_Agent._process_ar``, cvat-cli 2.x) reports only that exception type's message to CVAT ("Underlying function
+returned incorrect result: ..."), any other as "Unknown error"; ``cvat-cli task auto-annotate`` stops with it.
 """
 
 from __future__ import annotations
@@ -27,14 +33,23 @@ import cvat_sdk.models as models
 import numpy as np
 import PIL.Image
 from cvat_sdk.masks import encode_mask
-from PIL import ImageOps
 
 from d2ops.model.bundle import ModelBundle
 from d2ops.model.detector import Detection, Detector
 from d2ops.model.source import resolve_model
+from d2ops.serving.formats import BadInputError
 from d2ops.serving.replies import cvat_label_type
+from d2ops.serving.service import decode_opened_image
 
-__all__ = ["D2opsDetectionFunction", "create"]
+__all__ = ["CvatInputError", "D2opsDetectionFunction", "create"]
+
+
+class CvatInputError(cvataa.BadFunctionError, ValueError):
+    """A CVAT frame the model cannot take; the message names the frame, the problem and the fix.
+
+    A ``BadFunctionError`` so that cvat-cli's agent passes the message on to CVAT, and a ``ValueError`` as
+    every other front end's input errors are.
+    """
 
 
 class D2opsDetectionFunction:
@@ -76,8 +91,11 @@ class D2opsDetectionFunction:
         self, context: cvataa.DetectionFunctionContext, image: PIL.Image.Image
     ) -> list[models.LabeledShapeRequest]:
         threshold = self.threshold if context.conf_threshold is None else context.conf_threshold
-        rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-        detections = self.detector.predict([np.ascontiguousarray(rgb[:, :, ::-1])], threshold)[0]
+        try:
+            frame = decode_opened_image(self.detector, image)
+        except BadInputError as err:
+            raise CvatInputError(f"frame {context.frame_name!r}: {err}") from None
+        detections = self.detector.predict([frame], threshold)[0]
         to_polygon = context.conv_mask_to_poly or self.shape == "polygon"
         return [self._shape(det, to_polygon) for det in detections]
 

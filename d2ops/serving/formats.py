@@ -23,12 +23,14 @@ __all__ = [
     "DEFAULT_INFERENCE_PIXELS",
     "DEFAULT_MAX_PIXELS",
     "BadImageError",
+    "BadInputError",
     "ImageHeader",
     "UnsupportedFormatError",
     "base64_bytes",
     "decode_base64_image",
     "decode_frame",
     "decode_image",
+    "frame_from_image",
     "read_header",
 ]
 
@@ -42,7 +44,15 @@ _SWAPS_SIDES = {5, 6, 7, 8}
 _EXIF_ORIENTATION = 0x0112
 
 
-class BadImageError(ValueError):
+class BadInputError(ValueError):
+    """A client's request or image cannot be used; the message says why and what to send instead.
+
+    The one error type every serving front end maps to its protocol's client error (HTTP 4xx, nuclio 400,
+    clearml-serving 422, cvat-sdk's ``BadFunctionError``); anything else raised while serving is a server error.
+    """
+
+
+class BadImageError(BadInputError):
     """The request's image cannot be used; the message says why and what to send instead."""
 
 
@@ -63,6 +73,18 @@ class ImageHeader:
         return self.width * self.height
 
 
+def _check_size(image: Image.Image, max_pixels: int) -> Image.Image:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise BadImageError(f"the image is {width}x{height} pixels: send an image with pixels")
+    if width * height > max_pixels:
+        raise BadImageError(
+            f"image too large: {width}x{height} pixels is over the limit of {max_pixels} "
+            "(possible decompression bomb); downscale it before sending"
+        )
+    return image
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise BadImageError("empty image: send the bytes of a JPEG or PNG image")
@@ -76,15 +98,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise BadImageError("the bytes are not an image Pillow can identify: send a JPEG or PNG image") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise BadImageError(f"the image is truncated or corrupt ({err}); send the complete file") from None
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise BadImageError(f"the image is {width}x{height} pixels: send an image with pixels")
-    if width * height > max_pixels:
-        raise BadImageError(
-            f"image too large: {width}x{height} pixels is over the limit of {max_pixels} "
-            "(possible decompression bomb); downscale it before sending"
-        )
-    return image
+    return _check_size(image, max_pixels)
 
 
 def read_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
@@ -119,7 +133,11 @@ def _to_rgb8(image: Image.Image) -> np.ndarray:
 
 
 def _decode(data: bytes, max_pixels: int, inference_pixels: int | None) -> Frame:
-    image = _open(data, max_pixels)
+    return _frame(_open(data, max_pixels), inference_pixels)
+
+
+def _frame(image: Image.Image, inference_pixels: int | None) -> Frame:
+    """The upright frame of an opened (size-checked) image, its pixels reduced to ``inference_pixels``."""
     width, height = image.size
     try:
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
@@ -166,6 +184,14 @@ def decode_frame(
     the original frame's coordinates.
     """
     return _decode(data, max_pixels, inference_pixels)
+
+
+def frame_from_image(
+    image: Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS, inference_pixels: int = DEFAULT_INFERENCE_PIXELS
+) -> Frame:
+    """:func:`decode_frame` for an image a library has already opened (cvat-sdk hands native functions a
+    ``PIL.Image``, loaded or not): the same size limit, reduction, EXIF orientation and pixel conversion."""
+    return _frame(_check_size(image, max_pixels), inference_pixels)
 
 
 def base64_bytes(text: Any) -> bytes:

@@ -14,7 +14,8 @@ puts the delimiter there; clients send no preamble) and the form is parsed by py
 the parser Starlette and FastAPI use.
 
 Every client mistake raises :class:`BadRequestError` or :class:`~d2ops.serving.formats.BadImageError`
-(both ``ValueError``), with a message that says what to send instead, so the front end can answer 4xx.
+(both :class:`~d2ops.serving.formats.BadInputError`, a ``ValueError``), with a message that says what to send
+instead, so the front end can answer its protocol's client error.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from d2ops.model.detector import Frame
-from d2ops.serving.formats import BadImageError, base64_bytes, decode_frame
+from d2ops.serving.formats import BadImageError, BadInputError, base64_bytes, decode_frame
 
 __all__ = [
     "DEFAULT_MAX_IMAGES",
@@ -50,7 +51,7 @@ DEFAULT_MAX_IMAGES = 16
 _BOUNDARY_LINE = re.compile(rb"--([0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?])[ \t]*\r?\n")
 
 
-class BadRequestError(ValueError):
+class BadRequestError(BadInputError):
     """The request body is unusable (not JSON, no image, bad threshold); the message says why."""
 
 

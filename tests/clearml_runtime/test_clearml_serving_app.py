@@ -134,6 +134,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from d2ops.clearml.serving import EndpointRegistration, build_register_commands  # noqa: E402
+from d2ops.testing import HOSTILE_INPUTS, HostileInput  # noqa: E402
 
 pytest.importorskip("clearml_serving")
 # 5 s or more on 2 cores (clearml-serving's CLI and app in a child process): `make test` runs these, not test-fast
@@ -342,6 +343,21 @@ def test_bad_requests_get_422_with_the_message(
 ) -> None:
     status, reply = _post(served["port"], "/serve/fixed", body, content_type)
     assert status == 422 and message in reply["detail"]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in HOSTILE_INPUTS])
+def test_hostile_images_get_422_from_the_shared_validation(served: dict[str, Any], case: HostileInput) -> None:
+    """The table every front end answers (tests/integration/test_front_ends_hostile.py). clearml-serving's app
+    answers every ``ValueError`` with 422 and ``Error [<type>] processing request: <message>`` (``serve_model``
+    in clearml_serving/serving/main.py, 1.3.5); any other exception, ``HTTPException`` included, is its 500. So
+    422 is its client error. The refusal is d2ops's ``BadImageError`` from the validation every front end
+    shares, in ``preprocess``: before, an extreme aspect ratio was a ``ValueError`` from inside the forward pass."""
+    status, reply = _post_json(served["port"], "/serve/fixed", {"image": case.image_field()})
+    assert status == 422, reply
+    detail = reply["detail"]
+    assert "'d2ops.serving.formats." in detail.split("]")[0], detail  # BadImageError or UnsupportedFormatError
+    assert case.message in detail and "Traceback" not in detail
+    assert _post_json(served["port"], "/serve/fixed", {"image": base64.b64encode(_png(6)).decode()})[0] == 200
 
 
 def test_statistics_reach_kafka_with_a_numeric_detection_count(served: dict[str, Any]) -> None:
