@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -58,10 +59,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _limit_files(n: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
 class ServerProcess:
     """``python -m d2ops serve`` on a free port, its output in a log file (shown when a test fails)."""
 
-    def __init__(self, bundle: Path, log_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, bundle: Path, log_dir: Path, *args: str, env: dict[str, str] | None = None, open_files: int | None = None
+    ) -> None:
+        """``open_files``: the server's soft and hard descriptor limit, as ``ulimit -n`` sets it in a shell."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
@@ -70,8 +78,10 @@ class ServerProcess:
         environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         if TOKEN_ENV not in (env or {}):
             environment.pop(TOKEN_ENV, None)
+        limit = None if open_files is None else partial(_limit_files, open_files)
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT,
+                                         preexec_fn=limit)  # fmt: skip
         self.startup: list[tuple[str, int, dict[str, Any]]] = []
 
     def log(self) -> str:
