@@ -8,6 +8,7 @@ runs the offline pipeline through every step, stops the endpoint, prints a summa
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import time
@@ -23,11 +24,16 @@ from d2ops.data.synthetic import generate_shapes_dataset
 from d2ops.pipeline.report import format_summary, write_outputs
 from d2ops.storage import s3 as storage
 from d2ops.storage.local_s3 import local_s3_endpoint
+from d2ops.utils.files import atomic_write
+from d2ops.utils.folders import OutputFolderError
 from d2ops.utils.logs import setup_logging
 
 __all__ = ["demo_main", "run_demo"]
 
 log = logging.getLogger(__name__)
+
+#: Marks a folder as the demo's output: a later demo replaces its own sub-folders there, and nothing else.
+DEMO_MARKER = "d2ops-demo.json"
 
 
 def run_demo(out_dir: Path, config: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -35,7 +41,8 @@ def run_demo(out_dir: Path, config: str, overrides: Sequence[str] = ()) -> dict[
 
     tic = time.perf_counter()
     out_dir = out_dir.resolve()
-    for stale in ("run", "cache", "clearml", "registry"):
+    _claim(out_dir)
+    for stale in ("run", "cache", "clearml", "registry"):  # the demo's own folders, from its earlier run
         shutil.rmtree(out_dir / stale, ignore_errors=True)
     enable_offline(out_dir / "clearml")
     dataset = generate_shapes_dataset(out_dir / "dataset", seed=0)
@@ -56,6 +63,21 @@ def run_demo(out_dir: Path, config: str, overrides: Sequence[str] = ()) -> dict[
         run = run_offline(config, all_overrides)
     summary, _ = write_outputs(run, out_dir, time.perf_counter() - tic, debug_images=cfg.inference.debug_images)
     return summary
+
+
+def _claim(out_dir: Path) -> None:
+    """The demo writes a new or empty folder, or its own earlier output (marked by DEMO_MARKER), never a user's."""
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise OutputFolderError(f"--out {out_dir} is not a folder; name a new folder for the demo's output")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / DEMO_MARKER).is_file():
+        raise OutputFolderError(
+            f"--out {out_dir} holds files the demo did not write (it has no {DEMO_MARKER}); the demo never replaces "
+            "them: name a new folder with --out, or move that one away yourself"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out_dir / DEMO_MARKER, "w") as handle:
+        json.dump({"kind": "demo output", "note": "written by d2ops demo, which replaces this folder's run, cache, "
+                   "clearml, registry and dataset on its next run"}, handle, indent=2)  # fmt: skip
 
 
 def demo_main(argv: Sequence[str] | None = None) -> int:

@@ -31,8 +31,6 @@ input size (bench/RESULTS.md), so it is measured rather than assumed.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -46,11 +44,13 @@ import numpy as np
 import torch
 from detectron2.export import TracingAdapter
 
-from d2ops.model.bundle import ModelBundle, ModelNotFoundError, sha256_file
+from d2ops.model.bundle import ModelBundle, ModelNotFoundError, ReferenceMismatchError, sha256_file
 from d2ops.model.detector import Detection, Detector
 from d2ops.model.runtimes import EXPORTED, OUTPUT_FIELDS
 from d2ops.utils import jsonio
 from d2ops.utils.device import machine_cpus
+from d2ops.utils.files import atomic_write
+from d2ops.utils.folders import OutputFolderError, written_folder
 
 __all__ = [
     "ARTIFACTS",
@@ -58,6 +58,7 @@ __all__ = [
     "ExportResult",
     "ImageParity",
     "Tolerance",
+    "check_reference",
     "compare",
     "describe",
     "export_bundle",
@@ -162,59 +163,57 @@ def export_bundle(
     """Write ``out``: the bundle ``source`` plus its ``runtime`` graph, after the parity gate passes.
 
     ``images``: held-out BGR images (:func:`read_images`) the graph is checked on; at least one must give
-    the PyTorch model a detection, or parity could not be shown. ``out`` is replaced only when it is an
-    earlier bundle (or ``force``); it is written beside itself and renamed into place.
+    the PyTorch model a detection, or parity could not be shown. ``out`` is a new or empty folder, or (with
+    ``force``) exactly an earlier d2ops export of the same model (:mod:`d2ops.utils.folders`); it is written
+    beside itself and renamed into place.
     """
     if runtime not in EXPORTED:
         raise ExportError(f"cannot export to {runtime!r}; choose one of {', '.join(EXPORTED)}")
     bundle = source if isinstance(source, ModelBundle) else ModelBundle.open(source)
     bundle.verify()
-    out = Path(out)
-    _check_out(out, bundle, force)
     if not images:
         raise ExportError("no held-out images to check the export on; pass --images with a folder of them")
-    reference = Detector.from_bundle(bundle, device="cpu", runtime="pytorch")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        staging.chmod(0o755)
-        copied = bundle.copy_to(staging)
-        entry = _export_graph(reference, runtime, staging, images[0][1])
-        _write_metadata(copied, bundle, runtime, entry, parity=None)
-        candidate = Detector.from_bundle(copied, device="cpu", runtime=runtime)
-        parity = compare(reference, candidate, images, tolerance)
-        failures = [p for p in parity if p.problems]
-        if failures:
-            raise ExportError(_parity_message(runtime, failures, tolerance))
-        if not any(p.pytorch for p in parity):
-            raise ExportError(
-                f"the model detects nothing on the {len(parity)} --images given, so parity with PyTorch cannot be "
-                "shown; pass held-out images with objects the model finds (e.g. the dataset's test split)"
-            )
-        measured = {**_parity_summary(parity), "tolerance": asdict(tolerance)}
-        speed = measured_speed(parity)
-        entry["speed"] = speed and {**speed, "threads": candidate.threads, "machine_cpus": machine_cpus()}
-        _write_metadata(copied, bundle, runtime, entry, parity=measured)
-        ModelBundle(staging).verify()
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(err, (ExportError, KeyboardInterrupt, SystemExit)):
-            raise
+        with written_folder(out, kind=f"{runtime} export", model=bundle.version(), sources=[bundle.path],
+                            force=force) as staging:  # fmt: skip
+            parity = _export_checked(bundle, runtime, staging, images, tolerance)
+    except OutputFolderError as err:
+        raise ExportError(str(err)) from None
+    except (ExportError, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:
         # not a refusal of the gate but a failure inside the tracer or a runtime: its traceback is what a report needs
         log.warning("the %s export of %s raised", runtime, bundle.path, exc_info=err)
         raise ExportError(f"the {runtime} export of {bundle.path} failed: {type(err).__name__}: {err}") from err
     log.info("%s export of %s written to %s (parity on %d images)", runtime, bundle.path, out, len(parity))
-    return ExportResult(out, runtime, parity)
+    return ExportResult(Path(out), runtime, parity)
 
 
-def _check_out(out: Path, bundle: ModelBundle, force: bool) -> None:
-    if out.resolve() == bundle.path.resolve():
-        raise ExportError(f"--out {out} is the source bundle; write the export to another folder")
-    if out.exists() and not force and not (out.is_dir() and (out / ModelBundle.WEIGHTS).is_file()):
-        raise ExportError(f"--out {out} exists and is not a model bundle; pick another folder or pass --force")
+def _export_checked(
+    bundle: ModelBundle, runtime: str, staging: Path, images: Sequence[tuple[str, np.ndarray]], tolerance: Tolerance
+) -> list[ImageParity]:
+    """Write ``bundle`` plus its ``runtime`` graph into ``staging``; ExportError unless it matches PyTorch."""
+    reference = Detector.from_bundle(bundle, device="cpu", runtime="pytorch")
+    copied = bundle.copy_to(staging)
+    entry = _export_graph(reference, runtime, staging, images[0][1])
+    _write_metadata(copied, bundle, runtime, entry, parity=None)
+    candidate = Detector.from_bundle(copied, device="cpu", runtime=runtime)
+    parity = compare(reference, candidate, images, tolerance)
+    failures = [p for p in parity if p.problems]
+    if failures:
+        raise ExportError(_parity_message(runtime, failures, tolerance))
+    if not any(p.pytorch for p in parity):
+        raise ExportError(
+            f"the model detects nothing on the {len(parity)} --images given, so parity with PyTorch cannot be "
+            "shown; pass held-out images with objects the model finds (e.g. the dataset's test split)"
+        )
+    measured = {**_parity_summary(parity), "tolerance": asdict(tolerance)}
+    speed = measured_speed(parity)
+    entry["speed"] = speed and {**speed, "threads": candidate.threads, "machine_cpus": machine_cpus()}
+    _record_reference(reference, runtime, staging, images, parity, entry)
+    _write_metadata(copied, bundle, runtime, entry, parity=measured)
+    ModelBundle(staging).verify()
+    return parity
 
 
 def _export_graph(detector: Detector, runtime: str, staging: Path, sample: np.ndarray) -> dict[str, Any]:
@@ -294,6 +293,76 @@ def _write_metadata(
     }
     meta.update(model_version=source.version(), runtimes=runtimes)
     (bundle.path / ModelBundle.METADATA).write_text(jsonio.dumps(meta, indent=2))
+
+
+def _record_reference(
+    reference: Detector,
+    runtime: str,
+    staging: Path,
+    images: Sequence[tuple[str, np.ndarray]],
+    parity: Sequence[ImageParity],
+    entry: dict[str, Any],
+) -> None:
+    """Keep one held-out image the eager model detects something on, and its detections, in ``entry``
+    (``reference``; the image is hashed under ``files``): :func:`check_reference` replays it when a server loads it."""
+    import cv2  # lazy: OpenCV only where images are written
+
+    name, pixels = next((img for img, p in zip(images, parity, strict=True) if p.pytorch), images[0])
+    (detections,) = reference.predict([pixels])
+    image = f"{runtime}-reference.png"  # one per runtime: a later export of another runtime keeps this one
+    encoded, data = cv2.imencode(".png", pixels)  # lossless: the graph sees exactly these pixels again
+    if not encoded:
+        raise ExportError(f"could not encode the held-out image {name} as the {runtime} reference")
+    with atomic_write(staging / image, "wb") as handle:
+        handle.write(data.tobytes())
+    entry["files"] = {**entry["files"], image: sha256_file(staging / image)}
+    entry["reference"] = {
+        "image": image,
+        "source": name,
+        "detections": [
+            {"label": d.label, "class": d.category_index, "score": d.score, "box": d.box} for d in detections
+        ],
+    }
+
+
+def check_reference(detector: Detector, bundle: ModelBundle) -> None:
+    """Run the detector's exported graph on the image its export recorded and compare with the eager model's
+    detections recorded then, within the export's tolerance.
+
+    :class:`ReferenceMismatchError` when they differ: the graph's bytes changed after the export (a recorded
+    sha256 only shows that the file is the one metadata.json names, not that it still is the exported model).
+    A bundle exported before references were recorded has none to check, and passes.
+    """
+    entry = bundle.runtimes().get(detector.runtime_name)
+    recorded = entry.get("reference") if entry is not None else None
+    if not isinstance(recorded, dict):
+        log.debug("%s has no %s reference output to check at load", bundle.path, detector.runtime_name)
+        return
+    import cv2  # lazy: OpenCV only where images are read from disk
+
+    path = bundle.path / str(recorded.get("image"))
+    pixels = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.is_file() else None
+    if pixels is None:
+        raise ReferenceMismatchError(
+            f"{bundle.path}: the {detector.runtime_name} reference image {path.name} is missing or unreadable; "
+            f"re-export the bundle (d2ops export {detector.runtime_name}) or serve it with --runtime pytorch"
+        )
+    expected = [
+        Detection(str(d["label"]), int(d["class"]), float(d["score"]), [float(v) for v in d["box"]])
+        for d in recorded.get("detections", [])
+    ]
+    parity = entry.get("parity") if entry is not None else None
+    tolerance = Tolerance(**parity["tolerance"]) if isinstance(parity, dict) and "tolerance" in parity else Tolerance()
+    (got,) = detector.predict([pixels])
+    floor, top_k = float(detector.cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST), int(detector.cfg.TEST.DETECTIONS_PER_IMAGE)
+    result = _match(path.name, expected, got, floor, tolerance, top_k)
+    if result.problems:
+        raise ReferenceMismatchError(
+            f"{bundle.path}: the {detector.runtime_name} graph ({entry['file'] if entry else '?'}) does not give the "
+            f"detections recorded when it was exported ({len(expected)} vs {len(got)} detections; "
+            f"{'; '.join(result.problems[:2])}): its file changed after the export. Re-export the bundle "
+            f"(d2ops export {detector.runtime_name}) or serve it with --runtime pytorch"
+        )
 
 
 # --------------------------------------------------------------------------------------------- parity

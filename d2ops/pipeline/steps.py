@@ -612,8 +612,9 @@ def _with_exports(ctx: StepContext, bundle: Path, runtimes: Sequence[str], out: 
     images = _parity_images(_eval_images(ctx, dataset_dir(ctx)), f"eval.split {ctx.cfg.eval.split}")
     for i, runtime in enumerate(runtimes):
         target = out if i == len(runtimes) - 1 else ctx.workdir / "exported" / runtime / out.name
+        shutil.rmtree(target, ignore_errors=True)  # this step's own export from an earlier run in its workdir
         try:
-            result = export_bundle(bundle, runtime, target, images=images, force=True)
+            result = export_bundle(bundle, runtime, target, images=images)
         except ExportError as err:
             raise ExportError(
                 f"registry.export {runtime}: {err}. Remove {runtime} from registry.export to register the model "

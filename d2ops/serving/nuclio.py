@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import yaml
 
 import d2ops
 from d2ops.model.bundle import ModelBundle, ModelNotFoundError
+from d2ops.utils.folders import MANIFEST, OutputFolderError, written_folder
 
 __all__ = [
     "DEFAULT_BASE_IMAGE",
@@ -48,6 +48,7 @@ __all__ = [
     "NuclioExport",
     "build_function_config",
     "bundle_shape_type",
+    "check_nuclio_runtime",
     "cvat_label_spec",
     "export_nuclio",
     "function_name",
@@ -61,9 +62,10 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE_IMAGE = "d2ops/detectron2:latest"
 #: nuclio's Python runtime; it must match the base image's ``python3``.
 DEFAULT_RUNTIME = "python:3.11"
+_NUCLIO_RUNTIME = re.compile(r"^python:3\.\d{1,2}$")
 #: CVAT sends whole frames base64-encoded: 32 MiB, as in CVAT's own functions.
 MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
-EXPORT_MANIFEST = "d2ops-export.json"
+EXPORT_MANIFEST = MANIFEST
 VARIANTS = ("cpu", "gpu")
 #: What d2ops.model.detector and d2ops.serving.formats import beyond torch and detectron2. Already in the default
 #: base image (a no-op there); installed when --base-image names a plain detectron2 image.
@@ -173,6 +175,17 @@ def _labels_json(labels: Sequence[str], shape_type: str) -> str:
     return "[\n" + ",\n".join(f"  {line}" for line in lines) + "\n]\n"
 
 
+def check_nuclio_runtime(runtime: str) -> str:
+    """``runtime`` if it names nuclio's Python runtime (``python:3.<minor>``); else ExportError saying what to pass."""
+    if not _NUCLIO_RUNTIME.match(runtime):
+        raise ExportError(
+            f"--runtime {runtime!r} is not a nuclio runtime: d2ops functions run on nuclio's Python runtime, named "
+            f"python:3.<minor> after the base image's python3 (default {DEFAULT_RUNTIME}). The model's own runtime "
+            "(pytorch, onnx, openvino) is picked in the function by D2OPS_RUNTIME (default auto: the fastest exported)"
+        )
+    return runtime
+
+
 def build_function_config(
     *,
     name: str,
@@ -192,6 +205,7 @@ def build_function_config(
     """
     if variant not in VARIANTS:
         raise ExportError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    check_nuclio_runtime(runtime)
     gpu = variant == "gpu"
     pip = "python3 -m pip install --no-cache-dir " + " ".join(f"'{req}'" for req in RUNTIME_REQUIREMENTS)
     spec: dict[str, Any] = {
@@ -284,33 +298,6 @@ def _copy_bundle(bundle_dir: Path, dest: Path, link_from: Path | None = None) ->
         shutil.copy2(src, dest / name)
 
 
-def _is_previous_export(path: Path) -> bool:
-    return (path / EXPORT_MANIFEST).is_file()
-
-
-def _check_destination(out_dir: Path, force: bool) -> None:
-    """Fail before any work if ``out_dir`` holds something that is not an earlier export."""
-    if not out_dir.exists() and not out_dir.is_symlink():
-        return
-    if out_dir.is_dir() and not out_dir.is_symlink() and (_is_previous_export(out_dir) or not any(out_dir.iterdir())):
-        return
-    if not force:
-        raise ExportError(
-            f"{out_dir} exists and is not a d2ops nuclio export; choose another --out, or pass --force to replace it"
-        )
-
-
-def _replace(staging: Path, out_dir: Path) -> None:
-    """Move the finished export into place; an earlier one is moved aside first, then deleted."""
-    if not out_dir.exists() and not out_dir.is_symlink():
-        os.replace(staging, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-    os.replace(out_dir, old / "previous")
-    os.replace(staging, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_variant(
     staging: Path, variant: str, bundle_dir: Path, config: dict[str, Any], header: str, main_py: str
 ) -> None:
@@ -338,8 +325,9 @@ def export_nuclio(
     """Write the CPU and GPU nuclio functions for a bundle folder into ``out_dir``, atomically.
 
     Everything is built in a temporary folder beside ``out_dir`` and renamed into place, so a
-    failed export leaves nothing half-written. An existing ``out_dir`` is replaced only when it is
-    empty or an earlier export (it has ``d2ops-export.json``), or with ``force``.
+    failed export leaves nothing half-written. An existing ``out_dir`` is written only when it is
+    empty, or replaced when it is exactly an earlier export of the same model and ``force`` is given
+    (:mod:`d2ops.utils.folders`).
     """
     # lazy: torch, for the nuclio runtime only (`d2ops export` never loads it)
     from d2ops.serving.payloads import parse_threshold
@@ -351,7 +339,6 @@ def export_nuclio(
         raise ExportError(str(err)) from None
     threshold = parse_threshold(threshold, 0.5)
     fname = function_name(name, bundle_dir)
-    _check_destination(out_dir, force)
     labels = bundle.labels()
     try:
         shape_type = bundle_shape_type(bundle_dir, shape)
@@ -362,40 +349,36 @@ def export_nuclio(
     header = f"# CVAT serverless function for d2ops model {fname}; written by `d2ops export nuclio` at {created}.\n"
     main_py = _MAIN_PY.format(name=fname, threshold=threshold, shape=shape)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    extra = {
+        "format": "cvat-nuclio",
+        "name": fname,
+        "model_ref": model_ref or str(bundle_dir),
+        "labels": labels,
+        "shape_type": shape_type,
+        "threshold": threshold,
+        "base_image": base_image,
+        "runtime": runtime,
+        "variants": list(VARIANTS),
+        "created": created,
+        "d2ops_version": d2ops.__version__,
+        "bundle_metadata": metadata,
+    }
     try:
-        staging.chmod(0o755)  # mkdtemp's 0700 would hide the function from a nuclio builder running as another user
-        for variant in VARIANTS:
-            config = build_function_config(
-                name=fname,
-                labels=labels,
-                shape_type=shape_type,
-                variant=variant,
-                base_image=base_image,
-                runtime=runtime,
-                threshold=threshold,
-            )
-            _write_variant(staging, variant, bundle_dir, config, header, main_py)
-        manifest = {
-            "format": "cvat-nuclio",
-            "name": fname,
-            "model": model_ref or str(bundle_dir),
-            "labels": labels,
-            "shape_type": shape_type,
-            "threshold": threshold,
-            "base_image": base_image,
-            "runtime": runtime,
-            "variants": list(VARIANTS),
-            "created": created,
-            "d2ops_version": d2ops.__version__,
-            "bundle_metadata": metadata,
-        }
-        (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with written_folder(out_dir, kind="nuclio function", model=bundle.version(), sources=[bundle_dir], force=force,
+                            manifest=extra) as staging:  # fmt: skip
+            for variant in VARIANTS:
+                config = build_function_config(
+                    name=fname,
+                    labels=labels,
+                    shape_type=shape_type,
+                    variant=variant,
+                    base_image=base_image,
+                    runtime=runtime,
+                    threshold=threshold,
+                )
+                _write_variant(staging, variant, bundle_dir, config, header, main_py)
+    except OutputFolderError as err:
+        raise ExportError(str(err)) from None
     log.info("nuclio function %s written to %s", fname, out_dir)
     return NuclioExport(out_dir, fname, labels, shape_type)
 
@@ -419,15 +402,15 @@ def init_context(
     anything else fails the function's start rather than silently sending another shape.
     """
     # lazy: torch, for the nuclio runtime only (`d2ops export` never loads it)
-    from d2ops.model.detector import Detector
     from d2ops.serving.replies import cvat_label_type
+    from d2ops.serving.service import load_detector
 
     try:
         cvat_label_type(True, shape)
     except ValueError as err:
         raise ValueError(f"D2OPS_CVAT_SHAPE: {err}") from None
     context.logger.info(f"d2ops: loading model from {model_dir} on {device}")
-    detector = Detector.from_bundle(model_dir, device=device, runtime=runtime)
+    detector = load_detector(model_dir, device=device, runtime=runtime)
     context.user_data.model = detector
     context.user_data.default_threshold = default_threshold
     context.user_data.shape = shape
@@ -440,16 +423,18 @@ def _reply(context: Any, body: Any, status_code: int) -> Any:
 
 
 def handle_event(context: Any, event: Any) -> Any:
-    """Answer one CVAT request: detections in CVAT's format, 400 for bad input, 500 without a traceback."""
+    """Answer one CVAT request: detections in CVAT's format; 400 with the reason for any input the shared
+    validation refuses (:mod:`d2ops.serving.service`); 500 without a traceback for anything else."""
     # lazy: torch, for the nuclio runtime only (`d2ops export` never loads it)
-    from d2ops.serving.formats import BadImageError
-    from d2ops.serving.payloads import BadRequestError, parse_detection_request
+    from d2ops.serving.formats import BadInputError
     from d2ops.serving.replies import to_cvat
+    from d2ops.serving.service import decode_request
 
     try:
-        request = parse_detection_request(event.body, context.user_data.default_threshold, allow_raw_image=False)
-        detections = context.user_data.model.predict([request.image], request.threshold)[0]
-    except (BadRequestError, BadImageError) as err:
+        model = context.user_data.model
+        request = decode_request(model, event.body, context.user_data.default_threshold, allow_raw_image=False)
+        detections = model.predict([request.image], request.threshold)[0]
+    except BadInputError as err:
         context.logger.info(f"d2ops: bad request: {err}")
         return _reply(context, {"error": str(err)}, 400)
     except Exception:  # the serving boundary: log everything, show the client nothing internal

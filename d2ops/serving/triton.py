@@ -44,7 +44,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -54,7 +53,9 @@ import onnx
 import yaml
 from onnx import TensorProto, helper
 
+from d2ops.model.bundle import ModelBundle
 from d2ops.utils.files import atomic_write
+from d2ops.utils.folders import OutputFolderError, written_folder
 
 __all__ = [
     "DETECTION_COLUMNS",
@@ -349,8 +350,12 @@ def write_triton_repository(
     device: Literal["cpu", "gpu"] = "cpu",
     endpoint: str | None = None,
     project: str = "d2ops",
+    force: bool = False,
 ) -> TritonRepository:
-    """Write the Triton model repository of an exported bundle under ``out_dir`` (see the module docstring).
+    """Write the Triton model repository of an exported bundle as ``out_dir`` (see the module docstring).
+
+    ``out_dir`` is a new or empty folder, or (with ``force``) exactly an earlier repository d2ops wrote for
+    the same model (:mod:`d2ops.utils.folders`); it is built beside itself and renamed into place.
 
     ``model_name`` is the Triton model (its directory); for clearml-serving it is the endpoint, and for a
     versioned endpoint ``<endpoint>_<version>``. ``instances``: Triton instances of the model; by default
@@ -373,17 +378,6 @@ def write_triton_repository(
             raise TritonExportError(f"instances must be at least 1, got {instances}")
         threads = max(1, (os.cpu_count() or 1) // instances) if device == "cpu" else None
 
-    model_dir = root / model_name
-    if model_dir.exists():
-        shutil.rmtree(model_dir)  # a stale version folder would be served next to the new one
-    (model_dir / "1").mkdir(parents=True)
-    with atomic_write(model_dir / "1" / "model.onnx", "wb") as handle:
-        handle.write(wrapped.SerializeToString())
-    config = model_dir / "config.pbtxt"
-    _write_text(config, triton_config(model_name, width, instances=instances, device=device, threads=threads))
-    aux = root / AUX_CONFIG
-    _write_text(aux, triton_config(None, width, instances=instances, device=device, threads=threads, with_io=False))
-    preprocess = root / PREPROCESS
     model_settings = {
         **settings,
         "labels": labels,
@@ -392,9 +386,23 @@ def write_triton_repository(
         "output_columns": width,
         "triton_model": model_name,
     }
-    _write_text(preprocess, preprocess_source(model_settings))
+    root = root.absolute()
     commands = clearml_serving_commands(root, model_name, width, endpoint=endpoint, project=project)
-    _write_text(root / COMMANDS, "\n".join(shlex.join(c) for c in commands) + "\n")
+    try:
+        with written_folder(root, kind="Triton repository", model=ModelBundle(bundle_dir).version(),
+                            sources=[bundle_dir], force=force) as staging:  # fmt: skip
+            (staging / model_name / "1").mkdir(parents=True)
+            with atomic_write(staging / model_name / "1" / "model.onnx", "wb") as handle:
+                handle.write(wrapped.SerializeToString())
+            sizing: dict[str, Any] = {"instances": instances, "device": device, "threads": threads}
+            _write_text(staging / model_name / "config.pbtxt", triton_config(model_name, width, **sizing))
+            _write_text(staging / AUX_CONFIG, triton_config(None, width, **sizing, with_io=False))
+            _write_text(staging / PREPROCESS, preprocess_source(model_settings))
+            _write_text(staging / COMMANDS, "\n".join(shlex.join(c) for c in commands) + "\n")
+    except OutputFolderError as err:
+        raise TritonExportError(str(err)) from None
+    model_dir = root / model_name
+    config, aux, preprocess = model_dir / "config.pbtxt", root / AUX_CONFIG, root / PREPROCESS
     return TritonRepository(root, model_name, config, model_dir / "1" / "model.onnx", aux, preprocess, width, commands)
 
 

@@ -142,8 +142,9 @@ def test_an_export_with_no_detections_cannot_show_parity(tiny: Path, tmp_path: P
 def test_the_cli_names_each_mistake(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     images = tmp_path / "images"
     images.mkdir()
-    assert export_main(["onnx", "--model", str(tiny), "--out", str(tmp_path / "a")]) == 2
-    assert "needs --images" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        export_main(["onnx", "--model", str(tiny), "--out", str(tmp_path / "a")])
+    assert exited.value.code == 2 and "required: --images" in capsys.readouterr().err
     assert export_main(["onnx", "--model", str(tiny), "--out", str(tmp_path / "a"), "--images", str(images)]) == 2
     assert "holds no image files" in capsys.readouterr().err
     (images / "broken.jpg").write_bytes(b"not a jpeg")
@@ -156,7 +157,7 @@ def test_the_cli_names_each_mistake(tiny: Path, tmp_path: Path, capsys: pytest.C
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
     assert export_main(["onnx", "--model", str(tiny), "--out", str(taken), "--images", str(images)]) == 2
-    assert "exists and is not a model bundle" in capsys.readouterr().err and (taken / "notes.txt").exists()
+    assert "holds files d2ops did not write" in capsys.readouterr().err and (taken / "notes.txt").exists()
     assert export_main(["onnx", "--model", str(tiny), "--out", str(tmp_path / "a"), "--images", str(images)]) == 0
     out = capsys.readouterr().out
     assert "onnx bundle written to" in out and "--runtime onnx" in out

@@ -209,23 +209,6 @@ def test_instance_segmentation_labels_are_polygons() -> None:
     assert json.loads(config["metadata"]["annotations"]["spec"]) == [{"id": 0, "name": "balloon", "type": "polygon"}]
 
 
-def test_reexport_replaces_an_earlier_export_but_not_other_folders(tiny_bundle: Path, tmp_path: Path) -> None:
-    out = tmp_path / "fn"
-    export_nuclio(tiny_bundle, out, name="first")
-    export_nuclio(tiny_bundle, out, name="second")  # an earlier export: replaced without --force
-    assert yaml.safe_load((out / "cpu" / "function.yaml").read_text())["metadata"]["name"] == "second"
-    assert [p.name for p in tmp_path.iterdir()] == ["fn"]  # no staging or old copies left behind
-
-    occupied = tmp_path / "occupied"
-    occupied.mkdir()
-    (occupied / "notes.txt").write_text("keep me")
-    with pytest.raises(ExportError, match=r"not a d2ops nuclio export.*--force"):
-        export_nuclio(tiny_bundle, occupied)
-    assert (occupied / "notes.txt").read_text() == "keep me"
-    export_nuclio(tiny_bundle, occupied, force=True)
-    assert not (occupied / "notes.txt").exists() and (occupied / "cpu" / "main.py").is_file()
-
-
 def test_bad_names_and_thresholds_fail_before_writing(tiny_bundle: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=r"not a valid nuclio function name.*'my-model'"):
         export_nuclio(tiny_bundle, tmp_path / "a", name="My_Model")
