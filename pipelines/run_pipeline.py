@@ -12,4 +12,4 @@ import sys
 from d2ops.cli.pipeline import pipeline_main
 
 if __name__ == "__main__":
-    sys.exit(pipeline_main())
+    sys.exit(pipeline_main(prog="pipelines/run_pipeline.py"))

@@ -5,7 +5,7 @@
 - :mod:`~d2ops.cli.steps`: ``d2ops step <name>`` and tasks/*.py;
 - :mod:`~d2ops.cli.schedule`: ``d2ops schedule cron|on-data``;
 - :mod:`~d2ops.cli.serve`: ``d2ops serve``;
-- :mod:`~d2ops.cli.export`: ``d2ops export nuclio``;
+- :mod:`~d2ops.cli.export`: ``d2ops export torchscript|onnx|openvino|triton|nuclio``;
 - :mod:`~d2ops.cli.serving`: ``d2ops serving register``;
 - :mod:`~d2ops.cli.common`: the --config/--set arguments and user errors.
 
@@ -17,18 +17,63 @@ training code, and ``d2ops --help`` without torch.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-__all__ = ["main"]
+__all__ = ["COMMANDS", "STEP_NAMES", "main"]
 
 log = logging.getLogger("d2ops")
 
+# Deprecation notices of the pinned stack, raised while it is imported, that a user can do nothing about:
+# detectron2.model_zoo imports pkg_resources (setuptools < 81 is pinned for it), and detectron2 scripts
+# functions with torch.jit.script, which torch 2.14 marks deprecated. Every command imports them.
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 #: The pipeline's steps, in order (d2ops.pipeline.steps.STEPS, which tests keep equal; named here so that
 #: ``d2ops serve`` does not import the step code, and with it S3 transfers and training).
 STEP_NAMES = ("download", "train", "evaluate", "infer", "register")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``d2ops`` command: its name, what it does, and ``module:function`` that runs it on the remaining args."""
+
+    name: str
+    summary: str
+    entry: str
+
+    def run(self, argv: Sequence[str]) -> int:
+        module, function = self.entry.split(":")
+        main: Callable[[Sequence[str]], int] = getattr(importlib.import_module(module), function)
+        return main(argv)
+
+
+#: Every command, in the order ``d2ops --help`` lists them. A command's module is imported only when it runs:
+#: ``d2ops serve`` of a local bundle must start without ClearML, S3 transfers or training code.
+COMMANDS = (
+    Command("demo", "the whole pipeline offline on a synthetic dataset (make demo)", "d2ops.cli.demo:demo_main"),
+    Command(
+        "pipeline",
+        "the training pipeline: --offline, --local (ClearML server, local steps), or steps on ClearML queues",
+        "d2ops.cli.pipeline:pipeline_main",
+    ),
+    Command("step", f"one pipeline step as a ClearML task: {', '.join(STEP_NAMES)}", "d2ops.cli.steps:steps_main"),
+    Command(
+        "serve", "serve a model over HTTP (CVAT, TorchServe-style clients, /metrics)", "d2ops.cli.serve:serve_main"
+    ),
+    Command(
+        "export",
+        "export a model: torchscript, onnx, openvino (checked against PyTorch), triton, nuclio (CVAT)",
+        "d2ops.cli.export:export_main",
+    ),
+    Command("serving", "clearml-serving: register an endpoint for a model", "d2ops.cli.serving:serving_main"),
+    Command("schedule", "retrain on a cron schedule or when a dataset changes", "d2ops.cli.schedule:schedule_main"),
+)
 
 
 def _serves_remote_model(argv: Sequence[str]) -> bool:
@@ -45,56 +90,37 @@ def _serves_remote_model(argv: Sequence[str]) -> bool:
     return bool(known.model) and parse_model_ref(known.model).kind != "path"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``d2ops <command>``: demo | pipeline | step <name> | serve | export nuclio | serving register | schedule."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    steps = ",".join(STEP_NAMES)
-    commands = (
-        f"demo | pipeline | step {{{steps}}} | serve | export nuclio | serving register | schedule {{cron,on-data}}"
+def build_parser() -> argparse.ArgumentParser:
+    """``d2ops``'s own parser: the command; each command parses its own options."""
+    # lazy: the package's version only for --version
+    from d2ops import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="d2ops",
+        description="train, evaluate, export and serve detectron2 detectors, offline or on a ClearML cluster",
+        epilog="d2ops <command> --help shows a command's options",
     )
-    if not argv or argv[0] in {"-h", "--help"}:
-        print(f"usage: d2ops {commands} [options]")
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command != "serve" or _serves_remote_model(rest):
+    parser.add_argument("--version", action="version", version=f"d2ops {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for command in COMMANDS:
+        commands.add_parser(command.name, help=command.summary, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``d2ops <command> [options]``: one of :data:`COMMANDS`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    by_name = {command.name: command for command in COMMANDS}
+    if not argv or argv[0] not in by_name:
+        try:
+            build_parser().parse_args(argv[:1])
+        except SystemExit as exited:  # --help and --version: 0; a missing or unknown command: 2, with the usage
+            return int(exited.code or 0)
+        return 2
+    command, rest = by_name[argv[0]], argv[1:]
+    if command.name != "serve" or _serves_remote_model(rest):
         # lazy: a local `d2ops serve` runs without ClearML
         from d2ops.clearml import install
 
         install()  # ClearML model references (clearml://, model ids) and clearml.conf's S3 credentials
-    if command == "demo":
-        # lazy: start-up time
-        from d2ops.cli.demo import demo_main
-
-        return demo_main(rest)
-    if command == "pipeline":
-        # lazy: start-up time (see the module docstring)
-        from d2ops.cli.pipeline import pipeline_main
-
-        return pipeline_main(rest)
-    if command == "serve":
-        # lazy: start-up time
-        from d2ops.cli.serve import serve_main
-
-        return serve_main(rest)
-    if command == "step" and rest and rest[0] in STEP_NAMES:
-        # lazy: start-up time
-        from d2ops.cli.steps import step_main
-
-        return step_main(rest[0], rest[1:])
-    if command == "export":
-        # lazy: start-up time
-        from d2ops.cli.export import export_main
-
-        return export_main(rest)
-    if command == "schedule":
-        # lazy: start-up time
-        from d2ops.cli.schedule import schedule_main
-
-        return schedule_main(rest)
-    if command == "serving":
-        # lazy: start-up time
-        from d2ops.cli.serving import serving_main
-
-        return serving_main(rest)
-    print(f"unknown command {' '.join(argv[:2])!r}; usage: d2ops {commands}", file=sys.stderr)
-    return 2
+    return command.run(rest)

@@ -24,13 +24,13 @@ log = logging.getLogger("d2ops")
 __all__ = ["pipeline_main"]
 
 
-def pipeline_main(argv: Sequence[str] | None = None) -> int:
+def pipeline_main(argv: Sequence[str] | None = None, *, prog: str = "d2ops pipeline") -> int:
     """Run the whole pipeline: --offline (no server), --local (server, local steps) or on queues."""
 
     # On the services agent the controller script starts with no arguments: the experiment is read
     # back from the controller task (controller_experiment), never from the default --config.
     agent = on_agent()
-    parser = argparse.ArgumentParser(prog="pipelines/run_pipeline.py", description="d2ops training pipeline")
+    parser = argparse.ArgumentParser(prog=prog, description="d2ops training pipeline")
     add_config_args(parser, "configs/demo.yaml")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--offline", action="store_true", help="no ClearML server, no agents (embedded default)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import subprocess
-import sys
 from collections.abc import Sequence
 
 from d2ops.clearml.serving import (
@@ -105,9 +104,8 @@ def serving_main(argv: Sequence[str] | None = None) -> int:
     argv = list(argv or [])
     if argv[:1] == ["register"]:
         return register_main(argv[1:])
-    usage = "usage: d2ops serving register --endpoint NAME (--model-id ID | --project P --name N) [options]"
-    if argv[:1] in (["-h"], ["--help"]):
-        print(usage)
-        return 0
-    print(usage, file=sys.stderr)
+    parser = argparse.ArgumentParser(prog="d2ops serving", description="clearml-serving endpoints for d2ops models")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("register", help="add a clearml-serving endpoint that serves a model with the custom engine")
+    parser.parse_args(argv[:1])  # --help exits 0; a missing or unknown command exits 2
     return 2

@@ -17,15 +17,31 @@ from d2ops.utils.logs import setup_logging
 
 log = logging.getLogger("d2ops")
 
-__all__ = ["step_main"]
+__all__ = ["step_main", "steps_main"]
 
 
-def step_main(step: str, argv: Sequence[str] | None = None) -> int:
-    """Run one pipeline step as a ClearML task (offline, here with a server, or on a queue)."""
+def steps_main(argv: Sequence[str]) -> int:
+    """``d2ops step <name> [options]``: :func:`step_main` for the step named first."""
+    argv = list(argv)
+    if not argv or argv[0] not in STEP_INPUTS:
+        parser = argparse.ArgumentParser(prog="d2ops step", description="run one pipeline step as a ClearML task")
+        parser.add_argument(
+            "step", choices=list(STEP_INPUTS), help="the step; d2ops step <step> --help for its options"
+        )
+        parser.parse_args(argv[:1])  # --help exits 0; a missing or unknown step exits 2 naming the steps
+        return 2
+    return step_main(argv[0], argv[1:], prog=f"d2ops step {argv[0]}")
+
+
+def step_main(step: str, argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Run one pipeline step as a ClearML task (offline, here with a server, or on a queue).
+
+    ``prog``: the program name help shows (``d2ops step <step>``; tasks/<step>.py by default).
+    """
 
     # On a clearml-agent the script runs without arguments; its parameters come from the task.
     agent = on_agent()
-    parser = argparse.ArgumentParser(prog=f"tasks/{step}.py", description=f"d2ops {step} step")
+    parser = argparse.ArgumentParser(prog=prog or f"tasks/{step}.py", description=f"d2ops {step} step")
     add_config_args(parser, required=not agent)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--offline", action="store_true", help="no ClearML server: keep an offline session")

@@ -94,3 +94,56 @@ def test_the_pipeline_reports_every_config_mistake_before_anything_runs(
     err = capsys.readouterr().err
     assert "did you mean SOLVER.BASE_LR" in err and "--set solver.steps=[]" in err
     assert not started
+
+
+#: Run in a fresh interpreter, so that what importing each command prints (third-party warnings) is seen: every
+#: command's --help, and each sub-command's its usage line offers (`{a,b,...}` right after the options).
+_WALK = r"""
+import contextlib, io, json, re, sys
+from d2ops.cli import COMMANDS, main
+
+todo, seen = [[c.name] for c in COMMANDS], []
+while todo:
+    argv = todo.pop(0)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([*argv, "--help"])
+        except SystemExit as exit:
+            code = exit.code
+    usage = out.getvalue().split("\n\n")[0]
+    sub = re.search(r"\]\s+\{([\w,-]+)\}", usage)
+    todo += [[*argv, name] for name in (sub.group(1).split(",") if sub else [])]
+    seen.append({"argv": argv, "code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.slow  # imports every command's code (torch, detectron2, ClearML) in a fresh interpreter
+def test_every_commands_help_exits_0_names_its_program_and_prints_no_warning() -> None:
+    import json
+    import subprocess
+    import sys
+
+    from d2ops.cli import COMMANDS, STEP_NAMES
+    from d2ops.cli.export import RUNTIME_TARGETS
+
+    walked = json.loads(
+        subprocess.run([sys.executable, "-c", _WALK], capture_output=True, text=True, check=True).stdout
+    )
+    helped = {" ".join(entry["argv"]): entry for entry in walked}
+    expected = {
+        *(c.name for c in COMMANDS),
+        *(f"step {s}" for s in STEP_NAMES),
+        *(f"export {t}" for t in (*RUNTIME_TARGETS, "triton", "nuclio")),
+        "schedule cron",
+        "schedule on-data",
+        "serving register",
+    }
+    assert expected <= set(helped), f"help not reached for {sorted(expected - set(helped))}"
+    for command, entry in helped.items():
+        assert entry["code"] == 0, (command, entry["stderr"])
+        assert entry["stdout"].startswith(f"usage: d2ops {command} "), (command, entry["stdout"][:200])
+        assert entry["stderr"] == "", (command, entry["stderr"])
+    top = subprocess.run([sys.executable, "-m", "d2ops", "--help"], capture_output=True, text=True, check=True).stdout
+    assert all(f"    {c.name} " in top for c in COMMANDS), top
