@@ -67,7 +67,7 @@ from d2ops.model.detector import Detector
 from d2ops.model.source import resolve_model
 from d2ops.serving.payloads import DEFAULT_MAX_IMAGES, parse_threshold
 from d2ops.serving.replies import to_cvat
-from d2ops.serving.service import decode_batch
+from d2ops.serving.service import decode_batch, load_detector
 
 if TYPE_CHECKING:
     from d2ops.model.detector import Detection, Detector, Frame
@@ -139,7 +139,7 @@ class Preprocess:
         if not local_file_name:
             raise ValueError("the endpoint has no model: register it with --model-id or --project/--name")
         bundle = find_bundle(Path(local_file_name), self.cache_dir)
-        self.detector = Detector.from_bundle(bundle, device=self.device, runtime=self.runtime)
+        self.detector = load_detector(bundle, device=self.device, runtime=self.runtime)
         engine = getattr(getattr(self, "model_endpoint", None), "engine_type", None)
         if engine == ASYNC_ENGINE:
             # clearml-serving looks the methods up on the instance on every request.

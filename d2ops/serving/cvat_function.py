@@ -35,11 +35,11 @@ import PIL.Image
 from cvat_sdk.masks import encode_mask
 
 from d2ops.model.bundle import ModelBundle
-from d2ops.model.detector import Detection, Detector
+from d2ops.model.detector import Detection
 from d2ops.model.source import resolve_model
 from d2ops.serving.formats import BadInputError
 from d2ops.serving.replies import cvat_label_type
-from d2ops.serving.service import decode_opened_image
+from d2ops.serving.service import decode_opened_image, load_detector
 
 __all__ = ["CvatInputError", "D2opsDetectionFunction", "create"]
 
@@ -77,7 +77,7 @@ class D2opsDetectionFunction:
         folder = ModelBundle.open(resolve_model(bundle, Path(cache_dir)), bundle)
         self.bundle = folder
         self.threshold = float(threshold)
-        self.detector = Detector.from_bundle(folder, device=device)
+        self.detector = load_detector(folder.path, device=device)
         self.segments = folder.segments()
 
     @cached_property

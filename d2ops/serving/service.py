@@ -23,10 +23,12 @@ cvat-sdk native (:mod:`.cvat_function`)  ``CvatInputError``, a ``cvat_sdk.auto_a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from d2ops.model.bundle import ModelBundle
 from d2ops.model.detector import Detector, Frame
 from d2ops.serving.formats import (
     DEFAULT_INFERENCE_PIXELS,
@@ -42,7 +44,24 @@ from d2ops.serving.payloads import (
     parse_detection_request,
 )
 
-__all__ = ["check_frames", "decode_batch", "decode_opened_image", "decode_request"]
+__all__ = ["check_frames", "decode_batch", "decode_opened_image", "decode_request", "load_detector"]
+
+
+def load_detector(
+    bundle: str | Path, *, device: str = "cpu", runtime: str = "auto", threads: int | None = None
+) -> Detector:
+    """The bundle's :class:`~d2ops.model.detector.Detector` on ``runtime``, for every front end that loads one.
+
+    An exported graph must still give the detections its export recorded on its reference image
+    (:func:`~d2ops.model.export.check_reference`): a graph whose bytes changed after the export is refused with
+    :class:`~d2ops.model.bundle.ReferenceMismatchError`, even when its recorded sha256 was updated too.
+    """
+    # lazy: the exporters' module (TracingAdapter), only once a model is loaded
+    from d2ops.model.export import check_reference
+
+    detector = Detector.from_bundle(bundle, device=device, runtime=runtime, threads=threads)
+    check_reference(detector, ModelBundle(Path(bundle)))
+    return detector
 
 
 def check_frames(detector: Detector, frames: Sequence[Frame]) -> None:
