@@ -44,6 +44,7 @@ bench: $(VENV)/.ready
 	$(PY) bench/bench_s3.py --latency-ms 10 --json bench/results.json
 	$(PY) bench/bench_train.py --json bench/results.json
 	$(PY) bench/bench_serve.py --json bench/results.json
+	$(PY) bench/bench_admission.py --json bench/results.json
 	$(PY) bench/bench_runtimes.py --json bench/results.json
 	$(PY) bench/bench_runtimes.py --model r50 --json bench/results.json
 	$(PY) bench/bench_replicas.py --json bench/results.json

@@ -4,6 +4,8 @@
 - :func:`served`: ``concurrency`` closed-loop httpx clients posting every body once (bench_serve.py).
 - :func:`served_for`: the same clients posting for a fixed time instead (bench_peers.py), so that servers of
   different speeds are each measured over the same wall-clock window.
+- :func:`burst`: every body posted at the same moment, one connection each, with each reply's status and latency
+  (bench_admission.py).
 - :class:`Server`: a ``d2ops serve`` process; :class:`ServerProcess`: any server command, ready once a URL
   answers 200. Both are stopped by their process id (never by name), the whole process group if asked.
 """
@@ -26,7 +28,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-__all__ = ["REPO", "Server", "ServerProcess", "free_port", "make_images", "p99", "served", "served_for"]
+__all__ = ["REPO", "Server", "ServerProcess", "burst", "free_port", "make_images", "p99", "served", "served_for"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -142,15 +144,16 @@ def _group_alive(pgid: int) -> bool:
 
 
 class Server(ServerProcess):
-    """``d2ops serve --model bundle`` on a free port of 127.0.0.1, CPU, threshold 0, no access log, ``*args``."""
+    """``d2ops serve --model bundle`` on a free port of 127.0.0.1, CPU, threshold 0, no access log, ``*args``;
+    run from the d2ops tree ``code`` (another checkout, to measure an earlier version side by side)."""
 
-    def __init__(self, bundle: Path, log: Path, *args: str) -> None:
+    def __init__(self, bundle: Path, log: Path, *args: str, code: Path = REPO) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "d2ops", "serve", "--model", str(bundle), "--port", str(self.port),
                    "--device", "cpu", "--threshold", "0", "--no-access-log", *args]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k != "D2OPS_SERVE_TOKEN"}
-        super().__init__(command, log, f"{self.url}/ready", env=env, timeout=120, group_kill=True)
+        super().__init__(command, log, f"{self.url}/ready", env=env, cwd=code, timeout=120, group_kill=True)
 
     def batch_totals(self) -> tuple[float, float]:
         """Images and forward passes so far (the batch-size histogram's sum and count)."""
@@ -229,6 +232,23 @@ def served_for(
     with ThreadPoolExecutor(concurrency) as pool:
         latencies = [lat for shard in pool.map(client, range(concurrency)) for lat in shard]
     return len(latencies) / (max(ends) - start), latencies
+
+
+def burst(
+    url: str, bodies: Sequence[bytes], path: str = "/predict", content_type: str = "application/json"
+) -> list[tuple[int, float]]:
+    """Status and latency (s) of each body, all posted at the same moment on connections of their own."""
+    start = threading.Barrier(len(bodies))
+
+    def one(body: bytes) -> tuple[int, float]:
+        with httpx.Client(base_url=url, timeout=300, headers={"content-type": content_type}) as c:
+            start.wait()
+            tic = time.perf_counter()
+            reply = c.post(path, content=body)
+            return reply.status_code, time.perf_counter() - tic
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(one, bodies))
 
 
 def p99(values: list[float]) -> float:
