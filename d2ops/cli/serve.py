@@ -11,6 +11,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from d2ops.model.source import ModelNotFoundError, parse_model_ref
+from d2ops.serving.connections import (
+    ACCEPT_BACKLOG,
+    FD_RESERVE,
+    LIMITS_ENV,
+    ConnectionLimits,
+    connection_cap,
+    protocol_path,
+    raise_open_files_limit,
+)
 from d2ops.serving.core import (
     TOKEN_ENV,
     ServeSettings,
@@ -61,12 +70,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images in one request (413 beyond)")  # fmt: skip
     p.add_argument("--max-request-pixels", type=int, default=defaults["max_request_pixels"].default,
                    help="pixels of all images of one request, from their headers (413 beyond)")  # fmt: skip
+    p.add_argument("--max-pixels-in-flight", type=int, default=defaults["max_pixels_in_flight"].default,
+                   help="pixels of all images a worker holds at once, from their headers (503 with Retry-After "
+                   "beyond; 413 for a request over it alone)")  # fmt: skip
+    p.add_argument("--decode-threads", type=int, help=defaults["decode_threads"].description)
     p.add_argument("--body-timeout", type=float, default=defaults["body_timeout"].default,
                    help="seconds a client may take to send its request body (408 beyond)")  # fmt: skip
+    p.add_argument("--keep-alive-timeout", type=float, default=defaults["keep_alive_timeout"].default,
+                   help="seconds a connection may stay idle, before its first request or between requests")  # fmt: skip
+    p.add_argument("--header-timeout", type=float, default=defaults["header_timeout"].default,
+                   help="seconds a connection may take to send a request head, from opening or its last "
+                   "response (408 and close beyond)")  # fmt: skip
+    p.add_argument("--max-connections", type=int, default=defaults["max_connections"].default,
+                   help="open connections per worker, kept below the open-files limit; beyond it the one "
+                   "waiting longest for a request head is closed")  # fmt: skip
+    p.add_argument("--http", choices=["auto", "httptools", "h11"], default=defaults["http"].default,
+                   help=defaults["http"].description)  # fmt: skip
     p.add_argument("--cvat-shape", choices=["mask", "polygon"], default="mask",
                    help="a segmenting model's CVAT shapes: masks, or one polygon per object")  # fmt: skip
     p.add_argument("--watch", action="store_true", help="poll the model source and hot-swap new versions")
     p.add_argument("--poll-interval", type=float, default=defaults["poll_interval"].default, help="seconds")
+    p.add_argument("--quiet-period", type=float, default=defaults["quiet_period"].default,
+                   help=defaults["quiet_period"].description)  # fmt: skip
     p.add_argument("--cache-dir", default=str(defaults["cache_dir"].default), help="where remote bundles go")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log line")
     return p
@@ -98,9 +123,8 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         "port": settings.port,
         "access_log": settings.access_log,
         "timeout_graceful_shutdown": int(settings.request_timeout) + 5,
-        "timeout_keep_alive": settings.keep_alive_timeout,
-        "h11_max_incomplete_event_size": settings.max_header_bytes,
         "log_config": None,
+        **_connection_options(settings),
     }
     # uvicorn re-raises SIGTERM after its graceful shutdown; a finished shutdown is a clean exit.
     signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -119,6 +143,24 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     server = uvicorn.Server(uvicorn.Config(create_app(settings, on_fatal=stop), **common))
     server.run()
     return 1 if fatal else 0
+
+
+def _connection_options(settings: ServeSettings) -> dict[str, Any]:
+    """uvicorn's options for the connection limits of :mod:`d2ops.serving.connections`, whose protocol
+    classes read the rest from the environment (in this process and in every worker)."""
+    raise_open_files_limit(settings.max_connections + FD_RESERVE)
+    limits = ConnectionLimits(settings.max_header_bytes, settings.header_timeout, settings.max_connections)
+    os.environ[LIMITS_ENV] = limits.to_env()
+    cap = connection_cap(settings.max_connections)
+    if cap < settings.max_connections:
+        log.warning("--max-connections %d lowered to %d per worker: this process may open only %d files "
+                    "(raise it with ulimit -n)", settings.max_connections, cap, cap + FD_RESERVE)  # fmt: skip
+    return {
+        "http": protocol_path(settings.http),
+        "timeout_keep_alive": settings.keep_alive_timeout,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+        "backlog": ACCEPT_BACKLOG,
+    }
 
 
 def _exit_cleanly(signum: int, frame: Any) -> None:

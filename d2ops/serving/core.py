@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -34,11 +35,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from d2ops.model.bundle import InconsistentBundleError, ModelBundle
+from d2ops.model.bundle import InconsistentBundleError, ModelBundle, ModelNotFoundError
 from d2ops.model.detector import Detector
 from d2ops.model.source import model_registry, parse_model_ref, resolve_model
 from d2ops.serving.formats import base64_bytes, decode_frame
 from d2ops.serving.replies import cvat_label_type, to_cvat, to_torchserve
+from d2ops.serving.service import load_detector
 from d2ops.utils.device import machine_replicas, resolve_device
 
 if TYPE_CHECKING:
@@ -118,12 +120,36 @@ class ServeSettings(BaseModel):
     max_request_pixels: int = Field(
         120_000_000, ge=1, description="pixels of all images of one request (from their headers); beyond it: 413"
     )
+    max_pixels_in_flight: int = Field(
+        120_000_000,
+        ge=1,
+        description="pixels (from the headers) of all images a worker has admitted and not yet answered (about "
+        "10 bytes each at most: 1.2 GB by default); a request beyond it: 503 with Retry-After, one over it alone: 413",
+    )
+    decode_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="threads decoding images, per worker (default: the CPUs this process may use / workers)",
+    )
     body_timeout: float = Field(20.0, gt=0.0, le=3600.0, description="seconds to receive a request body; then 408")
     keep_alive_timeout: float = Field(5.0, gt=0.0, le=600.0, description="seconds an idle connection stays open")
-    max_header_bytes: int = Field(64 * 1024, ge=4096, description="request line and headers; beyond it the "
-                                  "connection is closed")  # fmt: skip
+    max_header_bytes: int = Field(64 * 1024, ge=4096, description="request line and headers; beyond it "
+                                  "431 and the connection closes")  # fmt: skip
+    header_timeout: float = Field(10.0, gt=0.0, le=600.0, description="seconds a connection may take to send "
+                                  "a request head, from opening or its last response; then 408 and close")  # fmt: skip
+    max_connections: int = Field(1000, ge=1, description="open connections per worker; beyond it the connection "
+                                 "waiting longest for a request head is closed")  # fmt: skip
+    http: Literal["auto", "httptools", "h11"] = Field("auto", description="uvicorn's HTTP parser (auto: httptools "
+                                                      "when installed); the limits hold with either")  # fmt: skip
     watch: bool = False
     poll_interval: float = Field(30.0, gt=0.0, description="seconds between polls of the source with watch")
+    quiet_period: float = Field(
+        60.0,
+        ge=0.0,
+        le=86_400.0,
+        description="--watch: seconds a bundle without recorded sha256s must stay unchanged before it is swapped in",
+    )
     cache_dir: Path = Path("outputs/cache/models")
     access_log: bool = True
     token: SecretStr | None = Field(None, description=f"bearer token; set it through {TOKEN_ENV}")
@@ -221,6 +247,10 @@ class LoadedModel:
 
     detector: Detector
     info: ModelInfo
+    #: Whether metadata.json recorded each file's sha256 (and the files matched them); else ``files`` is what
+    #: the files were at load, for the watcher to compare the source with after a quiet period.
+    hashed: bool = True
+    files: Mapping[str, str] = field(default_factory=dict)
 
 
 def bundle_version(bundle_dir: Path) -> str:
@@ -260,7 +290,7 @@ class DetectorAPI:
     def setup(self, bundle_dir: Path) -> Detector:
         """Load the detector from a bundle folder on the asked runtime (imports torch and detectron2 on first use)."""
 
-        return Detector.from_bundle(bundle_dir, device=self.device, runtime=self.runtime, threads=self.threads)
+        return load_detector(bundle_dir, device=self.device, runtime=self.runtime, threads=self.threads)
 
     def payload_bytes(self, payload: bytes | str) -> bytes:
         """The image file's bytes: raw, or from a base64 string (CVAT); raises ``BadImageError``."""
@@ -299,7 +329,14 @@ def load_model(api: DetectorAPI, settings: ServeSettings) -> LoadedModel:
             snapshot.verify()
         except InconsistentBundleError as err:
             raise InconsistentBundleError(str(err).replace(str(snapshot.path), str(bundle))) from None
-        detector = api.setup(snapshot.path)
+        # Without recorded sha256s nothing shows a half-replaced bundle: hash what was copied, so the watcher can
+        # swap it in only once the source's files still match after a quiet period (ServerState.watch).
+        hashed = snapshot.hashed
+        files = {} if hashed else snapshot.hashes()
+        try:
+            detector = api.setup(snapshot.path)  # an exported graph must still give its export's recorded outputs
+        except ModelNotFoundError as err:
+            raise type(err)(str(err).replace(str(snapshot.path), str(bundle))) from None
         info = ModelInfo(
             name=settings.served_name,
             version=snapshot.version(),
@@ -315,7 +352,7 @@ def load_model(api: DetectorAPI, settings: ServeSettings) -> LoadedModel:
         )
     log.info("model %s version %s loaded from %s on %s (%d threads) in %.1f s", info.name, info.version, bundle,
              info.runtime, detector.threads, time.perf_counter() - started)  # fmt: skip
-    return LoadedModel(detector, info)
+    return LoadedModel(detector, info, hashed=hashed, files=files)
 
 
 class ModelHolder:
@@ -342,7 +379,8 @@ class ModelHolder:
 class SourceWatcher:
     """A cheap fingerprint of the model source, to notice a new version without downloading it.
 
-    - bundle folder: the folder's inode and each file's size and mtime (an atomic replace changes the inode);
+    - bundle folder: the folder's inode and each file's inode, size, mtime and ctime (an atomic replace changes the
+      inode; ctime changes on every write, also one that restores the mtime, as ``cp -p`` and ``rsync -t`` do);
     - bundle zip: its inode, size and mtime;
     - ``s3://``: the listed keys, ETags and sizes;
     - ``clearml://project/name[@tag]``: the id of the newest published model with that name and tag;
@@ -371,13 +409,26 @@ class SourceWatcher:
     @staticmethod
     def _path_fingerprint(path: Path) -> str:
         st = path.stat()
-        parts = [f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"]
+        parts = [f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"]
         if path.is_dir():
             for child in sorted(path.iterdir()):
                 if child.is_file():
                     cs = child.stat()
-                    parts.append(f"{child.name}:{cs.st_ino}:{cs.st_size}:{cs.st_mtime_ns}")
+                    parts.append(f"{child.name}:{cs.st_ino}:{cs.st_size}:{cs.st_mtime_ns}:{cs.st_ctime_ns}")
         return "|".join(parts)
+
+    def still_matches(self, loaded: LoadedModel) -> bool:
+        """Whether a bundle folder source still holds the files ``loaded`` was hashed from at load.
+
+        What shows an unhashed bundle complete: after a quiet period its files are still the ones loaded. Other
+        sources are one object (a zip) or listed with their content hashes (S3 ETags): their fingerprint says it.
+        """
+        if self.parsed.kind != "path" or not Path(self.ref).expanduser().is_dir() or not loaded.files:
+            return True
+        try:  # the folder the bundle was found in (the source, or its one bundle subfolder)
+            return ModelBundle(Path(loaded.info.bundle or self.ref)).hashes() == dict(loaded.files)
+        except (OSError, ModelNotFoundError):  # a file vanished or metadata.json is half written: not stable
+            return False
 
     def _s3_fingerprint(self) -> str:
         # lazy: boto3; only an s3:// model source needs it
@@ -419,6 +470,15 @@ class BatchStats:
     images: int = 0
     ewma_batch_seconds: float = 0.0
     sizes: list[int] = field(default_factory=list)  # the last few batch sizes, for tests and logs
+    #: the last few batches' seconds over their sizes, each with the wait since the batch before it when images
+    #: were waiting: the wall time the server takes per image under load
+    image_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def seconds_per_image(self) -> float:
+        """The median of the last few batches' seconds per image (0 before the first): what admission estimates
+        waits from. A median, so the first batch after a load (slow: lazy initialisation) soon stops counting."""
+        return statistics.median(self.image_seconds) if self.image_seconds else 0.0
 
 
 RunBatch = Callable[[list[Any], list[float]], list[Any]]
@@ -465,6 +525,7 @@ class MicroBatcher:
         self._closing = False
         self._collector: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._backlog_since: float | None = None  # when the last batch ended with images still waiting
 
     @property
     def depth(self) -> int:
@@ -554,13 +615,17 @@ class MicroBatcher:
                 continue
             if self._live(item, loop.time()):
                 batch.append(item)
-        if not batch:
+        if not batch:  # only expired or cancelled images were waiting: the next batch starts from idle
             self._idle.set()
+            self._backlog_since = None
         return batch
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         assert self._executor is not None, "start() the batcher before submitting"
         started = time.perf_counter()
+        # With images waiting, the time from the last batch's end to this one's start is part of serving them
+        # (gathering the batch, an event loop busy with other requests): admission's estimate counts it.
+        gap = 0.0 if self._backlog_since is None else started - self._backlog_since
         images, thresholds = [i.image for i in batch], [i.threshold for i in batch]
         try:
             outputs = await loop.run_in_executor(self._executor, self.run_batch, images, thresholds)
@@ -577,7 +642,9 @@ class MicroBatcher:
                 if not item.future.done():
                     item.future.set_result(out)
         finally:
-            self._record(len(batch), time.perf_counter() - started)
+            ended = time.perf_counter()
+            self._record(len(batch), ended - started, gap)
+            self._backlog_since = None if self._queue.empty() else ended
             if self._queue.empty():
                 self._idle.set()
 
@@ -594,11 +661,12 @@ class MicroBatcher:
             if not item.future.done():
                 item.future.set_result(output[0])
 
-    def _record(self, size: int, seconds: float) -> None:
+    def _record(self, size: int, seconds: float, gap: float = 0.0) -> None:
         s = self.stats
         s.batches += 1
         s.images += size
         s.ewma_batch_seconds = seconds if s.batches == 1 else 0.8 * s.ewma_batch_seconds + 0.2 * seconds
         s.sizes = [*s.sizes[-99:], size]
+        s.image_seconds = [*s.image_seconds[-15:], (gap + seconds) / max(size, 1)]
         if self.on_batch is not None:
             self.on_batch(size, seconds)

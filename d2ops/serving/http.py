@@ -13,8 +13,9 @@ With ``D2OPS_SERVE_TOKEN`` set, every route but ``/health``, ``/ready`` and ``/m
 and scrapers call, and which reveal nothing about the model or its inputs) needs
 ``Authorization: Bearer <token>``.
 
-Client mistakes get a 4xx with ``{"error": "<what is wrong>"}``; a full queue a 503 with Retry-After;
-a request past ``--request-timeout`` a 504; anything unexpected is logged with its traceback and
+Client mistakes get a 4xx with ``{"error": "<what is wrong>"}``; a full queue, a full pixel budget or
+work that could not finish before ``--request-timeout`` a 503 with Retry-After, at once; a request past
+``--request-timeout`` a 504; anything unexpected is logged with its traceback and
 answered ``{"error": "internal error"}`` (500).
 """
 
@@ -28,6 +29,7 @@ import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,10 +41,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import d2ops
-from d2ops.model.bundle import InconsistentBundleError
+from d2ops.model.bundle import InconsistentBundleError, ModelNotFoundError
+from d2ops.serving.admission import Admission, NeverFits
 from d2ops.serving.core import (
     MIB,
     DetectorAPI,
@@ -132,7 +136,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         413: "body over --max-body-size",
         415: "unsupported image format",
         422: "malformed request body",
-        503: "model not loaded yet, or queue full (see Retry-After)",
+        503: "model not loaded yet, queue full, pixel budget in use, or no time left to finish (see Retry-After)",
         504: "request timed out",
     }.items()
 }
@@ -175,6 +179,10 @@ class ServeMetrics:
                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128))  # fmt: skip
         self.batch_seconds = Histogram("d2ops_batch_seconds", "seconds per forward pass", registry=r)
         self.queue_depth = Gauge("d2ops_queue_depth", "images waiting for the model", registry=r)
+        self.pixels_in_flight = Gauge("d2ops_pixels_in_flight", "pixels (from image headers) admitted, not yet "
+                                      "answered; at most --max-pixels-in-flight", registry=r)  # fmt: skip
+        self.seconds_per_image = Gauge("d2ops_seconds_per_image", "measured inference seconds per image, which "
+                                       "admission estimates waits from", registry=r)  # fmt: skip
         self.reloads = Counter("d2ops_model_reloads", "model (re)loads by result", ["result"], registry=r)
         self.model_info = Gauge("d2ops_model_info", "the served model (value 1)", ["name", "version"], registry=r)
 
@@ -323,9 +331,14 @@ def _route_of(path: str) -> str:
     return path if path in KNOWN_PATHS else "other"
 
 
+#: The status recorded for a request whose client left before it was answered (nginx's "client closed
+#: request"); nothing is sent, the connection is gone.
+CLIENT_CLOSED = 499
+
+
 def _error_kind(status: int) -> str:
     kinds = {401: "unauthorized", 404: "not_found", 413: "too_large", 415: "unsupported_media", 422: "invalid",
-             503: "unavailable", 504: "timeout"}  # fmt: skip
+             CLIENT_CLOSED: "client_disconnect", 503: "unavailable", 504: "timeout"}  # fmt: skip
     return kinds.get(status, "bad_request" if status < 500 else "internal")
 
 
@@ -353,6 +366,13 @@ class ServerState:
             on_batch=self.metrics.on_batch,
         )
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
+        # Decoding is bounded twice: by threads (CPU) and by the pixels admitted and not yet answered (memory).
+        self.decoder = ThreadPoolExecutor(
+            settings.decode_threads or machine_threads(settings.workers or 1), thread_name_prefix="d2ops-decode"
+        )
+        self.admission = Admission(settings.max_pixels_in_flight, lambda: self.batcher.stats.seconds_per_image)
+        self.metrics.pixels_in_flight.set_function(lambda: self.admission.pixels)
+        self.metrics.seconds_per_image.set_function(lambda: self.batcher.stats.seconds_per_image)
 
     def _run_batch(self, images: list[Any], thresholds: list[float]) -> list[tuple[Any, str]]:
         """In the inference thread: one forward pass on the model current at the start of the batch."""
@@ -385,18 +405,26 @@ class ServerState:
         watcher = SourceWatcher(self.settings.model) if self.settings.watch else None
         fingerprint = await self._fingerprint(watcher) if watcher is not None else None
         try:
-            self.install(await asyncio.to_thread(load_model, self.api, self.settings))
-            loaded = True
+            loaded = await asyncio.to_thread(load_model, self.api, self.settings)
+            self.install(loaded)
         except Exception as err:
             self.metrics.reloads.labels("failure").inc()
             if watcher is None:
-                log.exception("could not load %s; stopping", self.settings.model)
+                if isinstance(err, ModelNotFoundError):  # the user can fix it: one line that says how
+                    log.error("could not load %s; stopping: %s", self.settings.model, err)
+                else:
+                    log.exception("could not load %s; stopping", self.settings.model)
                 self.on_fatal(err)
                 return
             log.exception("could not load %s; still watching it for a loadable version", self.settings.model)
-            loaded = False
+            await self.watch(watcher, None, fingerprint)
+            return
         if watcher is not None:
-            await self.watch(watcher, fingerprint if loaded else None, None if loaded else fingerprint)
+            if not loaded.hashed:
+                log.warning("--watch: %s records no sha256 of its files; a new version is swapped in only after its "
+                            "files have stayed unchanged for --quiet-period %g s (bundles d2ops builds record them)",
+                            watcher.ref, self.settings.quiet_period)  # fmt: skip
+            await self.watch(watcher, fingerprint, None)
 
     async def watch(self, watcher: SourceWatcher, loaded: str | None, rejected: str | None) -> None:
         """Poll the source; once a new fingerprint has held still for one interval, load it and swap."""
@@ -404,18 +432,23 @@ class ServerState:
             log.warning("--watch: %s is a fixed ClearML model id; nothing to watch", watcher.ref)
             return
         previous = loaded or rejected
+        since = time.monotonic()  # when the source last changed, as far as the polls saw
         while True:
             await asyncio.sleep(self.settings.poll_interval)
             current = await self._fingerprint(watcher)
             settled = current is not None and current == previous
+            if not settled:
+                since = time.monotonic()
             previous = current
             if not settled or current in (loaded, rejected):
                 continue
-            outcome = await self._reload(watcher, current)
+            outcome = await self._reload(watcher, current, since)
             if outcome == "loaded":
                 loaded = current
             elif outcome == "rejected":
                 rejected = current
+            else:  # changed while loading or waiting: the quiet period starts again
+                since = time.monotonic()
 
     async def _fingerprint(self, watcher: SourceWatcher) -> str | None:
         try:
@@ -424,7 +457,9 @@ class ServerState:
             log.warning("--watch: cannot poll %s: %s", watcher.ref, err)
             return None
 
-    async def _reload(self, watcher: SourceWatcher, fingerprint: str | None) -> Literal["loaded", "rejected", "retry"]:
+    async def _reload(
+        self, watcher: SourceWatcher, fingerprint: str | None, since: float
+    ) -> Literal["loaded", "rejected", "retry"]:
         log.info("--watch: %s changed; loading the new version", watcher.ref)
 
         try:
@@ -432,10 +467,25 @@ class ServerState:
         except InconsistentBundleError as err:  # mid-replacement: the next change will complete it
             log.warning("--watch: %s; the old version keeps serving", err)
             return "rejected"
+        except ModelNotFoundError as err:  # the new version is refused (e.g. its graph fails the load check)
+            self.metrics.reloads.labels("failure").inc()
+            log.error("--watch: the new version of %s is refused; the old one keeps serving: %s", watcher.ref, err)
+            return "rejected"
         except Exception:
             self.metrics.reloads.labels("failure").inc()
             log.exception("--watch: the new version of %s does not load; the old one keeps serving", watcher.ref)
             return "rejected"
+        if not loaded.hashed:
+            # Nothing records what the complete bundle is: only files that stay unchanged for the quiet period,
+            # and are still the ones hashed at load, show that a file-by-file replacement has finished.
+            wait = self.settings.quiet_period - (time.monotonic() - since)
+            if wait > 0:
+                log.info("--watch: %s records no sha256s; swapping it in if its files stay unchanged %.1f s more",
+                         watcher.ref, wait)  # fmt: skip
+                await asyncio.sleep(wait)
+            if not await asyncio.to_thread(watcher.still_matches, loaded):
+                log.info("--watch: %s changed since it was loaded; retrying at the next poll", watcher.ref)
+                return "retry"
         if await self._fingerprint(watcher) != fingerprint:
             log.info("--watch: %s changed again while loading; retrying at the next poll", watcher.ref)
             return "retry"
@@ -473,6 +523,7 @@ def create_app(
         state.closing = True
         loader.cancel()
         await state.batcher.stop(drain_timeout=settings.request_timeout)
+        state.decoder.shutdown(wait=False, cancel_futures=True)
         log.info("batcher drained; shut down")
 
     app = FastAPI(
@@ -510,7 +561,13 @@ def _package_version() -> str:
 def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
+        if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's 400 for a JSON body cut short
+            return await client_left(request, exc.__cause__)
         return _json_reply(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+    async def client_left(request: Request, exc: Exception) -> Response:
+        log.info("the client left %s %s before its request body arrived", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED)  # uvicorn drops it: only the metrics see it
 
     async def invalid_request(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -524,6 +581,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _json_reply(500, "internal error")
 
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(ClientDisconnect, client_left)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(Exception, unexpected)
 
@@ -550,8 +608,8 @@ def _check_ready(state: ServerState) -> LoadedModel:
     return loaded
 
 
-def _check_request_bounds(state: ServerState, data: Sequence[bytes]) -> None:
-    """Before any pixel is decoded: the request's image count and its pixels (from the headers).
+def _check_request_bounds(state: ServerState, data: Sequence[bytes]) -> list[int]:
+    """Before any pixel is decoded: the request's image count and its pixels (from the headers), which it returns.
 
     A request that can never fit gets 413 with what to change; one that only has to wait gets 503.
     """
@@ -561,8 +619,8 @@ def _check_request_bounds(state: ServerState, data: Sequence[bytes]) -> None:
     if len(data) > limit:
         raise HTTPException(413, f"{len(data)} images in one request; this server takes at most {limit} "
                                  "(--max-request-images, --max-queue-depth): split the request")  # fmt: skip
-    headers = [read_header(d, max_pixels=s.max_pixels) for d in data]
-    total = sum(h.pixels for h in headers)
+    pixels = [read_header(d, max_pixels=s.max_pixels).pixels for d in data]
+    total = sum(pixels)
     if total > s.max_request_pixels:
         raise HTTPException(413, f"the request's images hold {total} pixels; this server takes at most "
                                  f"{s.max_request_pixels} per request (--max-request-pixels): send fewer or "
@@ -572,19 +630,25 @@ def _check_request_bounds(state: ServerState, data: Sequence[bytes]) -> None:
             f"server overloaded: {state.batcher.depth} images already waiting (queue depth {s.max_queue_depth})",
             retry_after=state.batcher.retry_after(),
         )
+    return pixels
 
 
 async def _infer(state: ServerState, payloads: Sequence[bytes | str], threshold: float | None) -> list[tuple[Any, str]]:
-    """Bound, decode, queue for the batcher and wait: 400/415 bad image, 413 too much, 503 overloaded, 504 late."""
+    """Bound, admit, decode, queue for the batcher and wait: 400/415 bad image, 413 too much, 503 overloaded or
+    no time left, 504 late. Headers are read in a thread, admission (the pixel budget and the deadline estimate,
+    :class:`~d2ops.serving.admission.Admission`) runs on the loop, and only admitted images are decoded, on the
+    bounded decode pool."""
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + state.settings.request_timeout
     loaded = _check_ready(state)
     which = "" if len(payloads) == 1 else " (one of the images)"
 
-    def decode() -> list[Any]:
+    def read() -> tuple[list[bytes], list[int]]:
         data = [state.api.payload_bytes(p) for p in payloads]
-        _check_request_bounds(state, data)
+        return data, _check_request_bounds(state, data)
+
+    def decode(data: list[bytes]) -> list[Any]:
         frames = [state.api.decode_request(d) for d in data]
         for frame in frames:
             problem = loaded.detector.input_problem(frame)
@@ -593,12 +657,27 @@ async def _infer(state: ServerState, payloads: Sequence[bytes | str], threshold:
         return frames
 
     try:
-        images = await asyncio.to_thread(decode)
+        data, pixels = await asyncio.to_thread(read)  # not behind decodes: a refusal comes at once
+        ticket = state.admission.admit(pixels, deadline - loop.time())
+        try:
+            images = await loop.run_in_executor(state.decoder, decode, data)
+            del data
+            return await _predict(state, images, threshold, deadline, which)
+        finally:
+            state.admission.release(ticket)
     except BadImageError as err:
         status = 415 if isinstance(err, UnsupportedFormatError) else 400
         raise HTTPException(status, f"{err}{which}") from None
+    except NeverFits as err:
+        raise HTTPException(413, str(err)) from None
     except Overloaded as err:
         raise HTTPException(503, str(err), {"Retry-After": str(err.retry_after)}) from None
+
+
+async def _predict(
+    state: ServerState, images: list[Any], threshold: float | None, deadline: float, which: str
+) -> list[tuple[Any, str]]:
+    """Queue decoded images for the batcher and wait for their results; every failure becomes an HTTP error."""
     threshold = state.settings.threshold if threshold is None else threshold
     try:
         return await state.batcher.submit(images, [threshold] * len(images), deadline)
