@@ -44,13 +44,8 @@ GOOD_IMAGE = base64.b64encode(_png(5)).decode()
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tiny_bundle, tmp_path_factory.mktemp("hostile-logs"))
-    try:
-        proc.wait_listening()
-        proc.wait_ready()
+    with ServerProcess.ready(tiny_bundle, tmp_path_factory.mktemp("hostile-logs")) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -37,13 +37,8 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle: Path, logs: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tiny_bundle, logs, "--body-timeout", "2", "--max-batch-size", "8")
-    try:
-        proc.wait_listening()
-        proc.wait_ready()
+    with ServerProcess.ready(tiny_bundle, logs, "--body-timeout", "2", "--max-batch-size", "8") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

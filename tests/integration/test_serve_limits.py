@@ -30,17 +30,12 @@ TIMEOUT_S = 2.0
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(
+    with ServerProcess.ready(
         tiny_bundle, tmp_path_factory.mktemp("limits-logs"),
         "--max-pixels-in-flight", str(BUDGET), "--max-request-pixels", str(2 * BUDGET),
         "--request-timeout", str(TIMEOUT_S), "--max-batch-size", "1",
-    )  # fmt: skip
-    try:
-        proc.wait_listening()
-        proc.wait_ready()
+    ) as proc:  # fmt: skip
         yield proc
-    finally:
-        proc.stop()
 
 
 def _burst(url: str, bodies: Sequence[Mapping[str, object]]) -> list[httpx.Response]:

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,18 @@ class ServerProcess:
                 pass
             time.sleep(0.05)
         raise AssertionError(f"model not ready within {timeout} s:\n{self.tail()}")
+
+    @classmethod
+    @contextmanager
+    def ready(cls, bundle: Path, log_dir: Path, *args: str, **kwargs: Any) -> Iterator[ServerProcess]:
+        """A server started, listening and with its model loaded for the block; stopped after it."""
+        server = cls(bundle, log_dir, *args, **kwargs)
+        try:
+            server.wait_listening()
+            server.wait_ready()
+            yield server
+        finally:
+            server.stop()
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -491,13 +504,10 @@ def test_no_generated_request_gets_a_5xx(server: ServerProcess) -> None:
 @pytest.fixture(scope="module")
 def guarded(tiny_bundle: Path, logs: Path) -> Iterator[ServerProcess]:
     """Token required; one image at a time and one waiting: the smallest server that can be overloaded."""
-    srv = ServerProcess(tiny_bundle, logs, "--max-queue-depth", "1", "--max-batch-size", "1", env={TOKEN_ENV: TOKEN})
-    try:
-        srv.wait_listening()
-        srv.wait_ready()
+    with ServerProcess.ready(
+        tiny_bundle, logs, "--max-queue-depth", "1", "--max-batch-size", "1", env={TOKEN_ENV: TOKEN}
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_token_is_required_except_on_probes(guarded: ServerProcess, tiny_bundle: Path) -> None:
