@@ -28,7 +28,7 @@ from d2ops.utils.files import atomic_write
 from d2ops.utils.folders import OutputFolderError
 from d2ops.utils.logs import setup_logging
 
-__all__ = ["demo_main", "run_demo"]
+__all__ = ["DEMO_MARKER", "claim_demo_folder", "demo_main", "run_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def run_demo(out_dir: Path, config: str, overrides: Sequence[str] = ()) -> dict[
 
     tic = time.perf_counter()
     out_dir = out_dir.resolve()
-    _claim(out_dir)
+    claim_demo_folder(out_dir)
     for stale in ("run", "cache", "clearml", "registry"):  # the demo's own folders, from its earlier run
         shutil.rmtree(out_dir / stale, ignore_errors=True)
     enable_offline(out_dir / "clearml")
@@ -65,7 +65,7 @@ def run_demo(out_dir: Path, config: str, overrides: Sequence[str] = ()) -> dict[
     return summary
 
 
-def _claim(out_dir: Path) -> None:
+def claim_demo_folder(out_dir: Path) -> None:
     """The demo writes a new or empty folder, or its own earlier output (marked by DEMO_MARKER), never a user's."""
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise OutputFolderError(f"--out {out_dir} is not a folder; name a new folder for the demo's output")

@@ -200,3 +200,14 @@ def test_the_demo_never_writes_over_a_users_folder(tmp_path: Path, capsys: pytes
     assert cli_main(["demo", "--out", str(mine)]) == 2
     assert "holds files the demo did not write" in capsys.readouterr().err
     assert _snapshot(mine) == before
+
+
+def test_the_demo_reruns_in_its_own_folder(tmp_path: Path) -> None:
+    from d2ops.cli.demo import DEMO_MARKER, claim_demo_folder
+
+    out = tmp_path / "demo"
+    claim_demo_folder(out)  # a new folder
+    (out / "run").mkdir()
+    (out / "summary.json").write_text("{}")
+    claim_demo_folder(out)  # its own earlier output, marked: accepted again
+    assert (out / DEMO_MARKER).is_file() and (out / "summary.json").exists()
