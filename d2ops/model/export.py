@@ -194,19 +194,20 @@ def _export_checked(
 ) -> list[ImageParity]:
     """Write ``bundle`` plus its ``runtime`` graph into ``staging``; ExportError unless it matches PyTorch."""
     reference = Detector.from_bundle(bundle, device="cpu", runtime="pytorch")
+    refs = [_timed(reference, pixels) for _, pixels in images]  # before any tracing: nothing found, nothing to show
+    if not any(detections for detections, _ in refs):
+        raise ExportError(
+            f"the model detects nothing on the {len(images)} --images given, so parity with PyTorch cannot be "
+            "shown; pass held-out images with objects the model finds (e.g. the dataset's test split)"
+        )
     copied = bundle.copy_to(staging)
     entry = _export_graph(reference, runtime, staging, images[0][1])
     _write_metadata(copied, bundle, runtime, entry, parity=None)
     candidate = Detector.from_bundle(copied, device="cpu", runtime=runtime)
-    parity = compare(reference, candidate, images, tolerance)
+    parity = compare(reference, candidate, images, tolerance, refs=refs)
     failures = [p for p in parity if p.problems]
     if failures:
         raise ExportError(_parity_message(runtime, failures, tolerance))
-    if not any(p.pytorch for p in parity):
-        raise ExportError(
-            f"the model detects nothing on the {len(parity)} --images given, so parity with PyTorch cannot be "
-            "shown; pass held-out images with objects the model finds (e.g. the dataset's test split)"
-        )
     measured = {**_parity_summary(parity), "tolerance": asdict(tolerance)}
     speed = measured_speed(parity)
     entry["speed"] = speed and {**speed, "threads": candidate.threads, "machine_cpus": machine_cpus()}
@@ -369,16 +370,23 @@ def check_reference(detector: Detector, bundle: ModelBundle) -> None:
 
 
 def compare(
-    reference: Detector, candidate: Detector, images: Iterable[tuple[str, np.ndarray]], tolerance: Tolerance
+    reference: Detector,
+    candidate: Detector,
+    images: Iterable[tuple[str, np.ndarray]],
+    tolerance: Tolerance,
+    *,
+    refs: Sequence[tuple[list[Detection], float]] | None = None,
 ) -> list[ImageParity]:
-    """Each image through both detectors (all detections the graph keeps), matched within ``tolerance``."""
+    """Each image through both detectors (all detections the graph keeps), matched within ``tolerance``.
+
+    ``refs``: the reference's detections and seconds on ``images``, when they were already run."""
     floor = float(reference.cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)
     top_k = int(reference.cfg.TEST.DETECTIONS_PER_IMAGE)
     report = []
     images = list(images)
     # Each side over all the images in turn, not image by image: a runtime's worker threads keep spinning for a
     # while after a call (ONNX Runtime's do), which slows whatever runs next and would skew the timings.
-    refs = [_timed(reference, pixels) for _, pixels in images]
+    refs = list(refs) if refs is not None else [_timed(reference, pixels) for _, pixels in images]
     gots = [_timed(candidate, pixels) for _, pixels in images]
     for (name, _), (ref, ref_s), (got, got_s) in zip(images, refs, gots, strict=True):
         parity = _match(name, ref, got, floor, tolerance, top_k)
