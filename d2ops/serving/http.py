@@ -61,6 +61,7 @@ from d2ops.serving.core import (
     load_settings,
 )
 from d2ops.serving.formats import BadImageError, UnsupportedFormatError, read_header
+from d2ops.serving.service import check_frames
 from d2ops.utils.device import machine_threads
 from d2ops.utils.logs import setup_logging
 
@@ -650,10 +651,7 @@ async def _infer(state: ServerState, payloads: Sequence[bytes | str], threshold:
 
     def decode(data: list[bytes]) -> list[Any]:
         frames = [state.api.decode_request(d) for d in data]
-        for frame in frames:
-            problem = loaded.detector.input_problem(frame)
-            if problem:
-                raise BadImageError(problem)
+        check_frames(loaded.detector, frames)  # the model's own limits, as every front end checks them
         return frames
 
     try:
